@@ -1,0 +1,68 @@
+"""Conditional backends: each answers, batched over masks, what
+:math:`\\log p(x_j \\mid x_O)` is for the scored tokens :math:`j`.
+
+Backends are looked up by name in :data:`CONDITIONALS`; ``"auto"`` chooses by the model's
+latents (:func:`choose_conditionals`).
+"""
+
+from .base import Conditionals, ParticleScorer, Scorer
+from .enumerate import EnumerateConditionals
+from .gaussian import GaussianConditionals
+from .importance import ImportanceConditionals
+from .quadrature import QuadratureConditionals
+
+__all__ = [
+    "CONDITIONALS",
+    "Conditionals",
+    "EnumerateConditionals",
+    "GaussianConditionals",
+    "ImportanceConditionals",
+    "ParticleScorer",
+    "QuadratureConditionals",
+    "Scorer",
+    "choose_conditionals",
+    "get_conditionals",
+]
+
+#: The conditional backends by name.
+CONDITIONALS = {
+    cls.name: cls
+    for cls in (
+        GaussianConditionals,
+        EnumerateConditionals,
+        ImportanceConditionals,
+        QuadratureConditionals,
+    )
+}
+
+
+def choose_conditionals(layout, num_particles=256, **options):
+    """The ``"auto"`` rule: no latents -> ``"gaussian"`` (exact); only enumerated latents ->
+    ``"enumerate"`` (exact); otherwise ``"importance"`` with ``num_particles`` prior draws."""
+    if not layout.latents:
+        return GaussianConditionals()
+    if all(n in layout.enumerated for n in layout.latents):
+        return EnumerateConditionals()
+    return ImportanceConditionals(num_particles)
+
+
+def get_conditionals(conditionals, layout, num_particles=256, quadrature_points=20,
+                     quadrature_bounds=(-5.0, 5.0)):
+    """Looks a backend up by name (or passes a :class:`Conditionals` instance through).
+
+    :param conditionals: ``"auto"``, a name in :data:`CONDITIONALS`, or an instance.
+    """
+    if isinstance(conditionals, Conditionals):
+        return conditionals
+    if conditionals == "auto":
+        return choose_conditionals(layout, num_particles)
+    if conditionals == "importance":
+        return ImportanceConditionals(num_particles)
+    if conditionals == "quadrature":
+        return QuadratureConditionals(quadrature_points, quadrature_bounds)
+    if isinstance(conditionals, str) and conditionals in CONDITIONALS:
+        return CONDITIONALS[conditionals]()
+    raise ValueError(
+        f"unknown conditionals {conditionals!r}; valid names are "
+        f"{['auto'] + sorted(CONDITIONALS)}"
+    )

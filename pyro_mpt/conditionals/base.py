@@ -1,0 +1,275 @@
+r"""The interface between mask estimators and conditional backends.
+
+A backend answers one batched question: given the conditioning tokens :math:`O` of every
+mask row, what is :math:`\log p(x_j \mid x_O)` for the scored tokens :math:`j`? It does so
+through a :class:`Scorer` built once per step from the model's trace, so that all masks of a
+step reuse one particle table.
+
+With weighted particles :math:`(z_s, \log w^0_s)` (prior draws, an enumerated support or a
+quadrature grid) and tokens conditionally independent given :math:`z` (THEORY.md, 2):
+
+.. math::
+    a_s = \log w^0_s + \log p(x_O \mid z_s), \qquad
+    \log p(x_j \mid x_O) \approx \operatorname{logsumexp}_s\big(a_s + \log p(x_j \mid x_O, z_s)\big)
+    - \operatorname{logsumexp}_s a_s .
+"""
+
+import pyro
+import pyro.poutine as poutine
+import torch
+
+from ..tokens import PARTICLE_PLATE
+from .kernels import DenseGaussianKernel, FactorizedKernel, LowRankGaussianKernel
+
+__all__ = ["Conditionals", "Scorer", "ParticleScorer"]
+
+
+class Scorer:
+    """Scores mask rows for one step. Subclasses implement :meth:`__call__`."""
+
+    def row_cost(self):
+        """Tensor elements one mask row needs (for chunking under a memory budget)."""
+        raise NotImplementedError
+
+    def __call__(self, observed, scored):
+        """:param observed: bool ``(R, N, T)``; :param scored: bool ``(R, N, T)``.
+        :returns: ``(R, N, T)`` with :math:`\\log p(x_{n,t} \\mid x_{n,O_r})` where
+            ``scored`` and 0 elsewhere."""
+        raise NotImplementedError
+
+
+class Conditionals:
+    """A conditional backend, looked up by :attr:`name` in
+    :data:`pyro_mpt.conditionals.CONDITIONALS`.
+
+    :meth:`scorer` runs the model as the backend needs (with particles, enumerated, on a
+    grid) and returns a :class:`Scorer`.
+    """
+
+    name = None
+
+    def check(self, layout, trace):
+        """Raises ``ValueError`` naming the site if this backend cannot score the model."""
+
+    def scorer(self, model, args, kwargs, layout, trace):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class ParticleScorer(Scorer):
+    r"""Mixes per-site token kernels over weighted particles (see the module docstring).
+    Without particles (``log_w0 is None``) the kernels' conditionals are returned as they
+    are: exact for a model without latents."""
+
+    def __init__(self, kernels, layout, log_w0=None):
+        self.kernels = kernels  # list of (slice, kernel)
+        self.layout = layout
+        self.log_w0 = log_w0  # (S, N) or None
+
+    def row_cost(self):
+        return sum(k.row_cost() for _, k in self.kernels) * 2
+
+    def __call__(self, observed, scored):
+        need_marginal = self.log_w0 is not None
+        marginals, conds = [], []
+        for sl, kernel in self.kernels:
+            marginal, cond = kernel(observed[..., sl], scored[..., sl], need_marginal)
+            marginals.append(marginal)
+            conds.append(cond)
+        R = observed.shape[0]
+        conds = [c.expand(R, *c.shape[1:]) for c in torch.broadcast_tensors(*conds)] if len(
+            conds
+        ) > 1 else conds
+        cond = torch.cat(conds, -1) if len(conds) > 1 else conds[0]  # (R|1, S, N, T)
+        if need_marginal:
+            a = self.log_w0 + sum(marginals)  # (R, S, N)
+            log_num = torch.logsumexp(a.unsqueeze(-1) + cond, dim=1)
+            out = log_num - torch.logsumexp(a, dim=1).unsqueeze(-1)
+        else:
+            out = cond[:, 0].expand(R, -1, -1)
+        return torch.where(scored, out, out.new_zeros(()))
+
+
+# ----------------------------------------------------------------------------------------
+# From a trace with leading particle dims to (S, N, ...) tensors
+# ----------------------------------------------------------------------------------------
+
+
+def _lead_shape(t, P, extra):
+    return tuple(t.shape[: max(0, t.dim() - P - extra)])
+
+
+def _align(t, P, extra, lead_ndim):
+    """Left-pads ``t`` with singleton dims to ``lead_ndim + P + extra`` dims."""
+    want = lead_ndim + P + extra
+    return t.reshape((1,) * (want - t.dim()) + tuple(t.shape)) if t.dim() < want else t
+
+
+def particle_shape(tensors_with_extra, P):
+    """The broadcast shape of the leading (particle and enumeration) dims."""
+    leads = [_lead_shape(t, P, extra) for t, extra in tensors_with_extra]
+    return tuple(torch.broadcast_shapes(*leads)) if leads else ()
+
+
+def flatten_particles(t, layout, lead, extra):
+    """Reshapes ``t`` of shape ``(*lead', *P dims, *extra)`` to ``(S, N, *extra)``.
+
+    With a token plate, ``extra`` counts the token dim that was moved to the end."""
+    P = layout.max_plate_nesting - (1 if layout.token_plate is not None else 0)
+    t = _align(t, P, extra, len(lead))
+    extra_shape = tuple(t.shape[t.dim() - extra :]) if extra else ()
+    t = t.expand(*lead, *layout.seq_shape, *extra_shape)
+    S = 1
+    for d in lead:
+        S *= d
+    return t.reshape(S, layout.num_sequences, *extra_shape)
+
+
+def site_token_log_probs(site, layout):
+    """Per-token log-probabilities of a factorized observed site, with the token axis last:
+    ``(*lead, *seq dims, T_site)``."""
+    fn, value = site["fn"], site["value"]
+    if layout.token_plate is not None:
+        lp = fn.log_prob(value)
+        P = layout.max_plate_nesting
+        lp = lp.reshape((1,) * max(0, P - lp.dim()) + tuple(lp.shape))
+        return lp.movedim(layout.token_dim, -1)
+    if fn.event_dim == 0:
+        return fn.log_prob(value).unsqueeze(-1)
+    base = fn.base_dist
+    lp = base.log_prob(value)
+    n_tok = len(fn.event_shape) - len(base.event_shape)
+    return lp.reshape(*lp.shape[: lp.dim() - n_tok], -1)
+
+
+def _unbroadcast(t, core_ndim):
+    """Drops leading batch dims that are pure expansions (stride 0) of a parameter."""
+    while t.dim() > core_ndim and (t.shape[0] == 1 or t.stride(0) == 0):
+        t = t[0]
+    return t
+
+
+def build_kernels(trace, layout, extra_tensors=()):
+    """Token kernels for every observed site of ``trace``, flattened to ``(S, N, ...)``.
+
+    :param extra_tensors: ``(tensor, extra_ndim)`` pairs (latent log-weights) whose leading
+        dims take part in the particle shape.
+    :returns: ``(kernels, lead)``: a list of ``(token slice, kernel)`` and the particle shape.
+    """
+    P = layout.max_plate_nesting
+    P_seq = P - (1 if layout.token_plate is not None else 0)
+    per_site = []
+    for site_info in layout.sites:
+        site = trace.nodes[site_info.name]
+        if site_info.kind == "factorized":
+            lp = site_token_log_probs(site, layout)
+            per_site.append((site_info, "factorized", lp))
+        else:
+            per_site.append((site_info, site_info.kind, site["fn"]))
+    shapes = []
+    for info, kind, obj in per_site:
+        if kind == "factorized":
+            shapes.append((obj, 1))
+        else:
+            shapes.append((obj.loc, 1))
+    shapes.extend(extra_tensors)
+    lead = particle_shape(shapes, P_seq)
+
+    kernels = []
+    for info, kind, obj in per_site:
+        sl = layout.site_slice(info)
+        if kind == "factorized":
+            kernels.append((sl, FactorizedKernel(flatten_particles(obj, layout, lead, 1))))
+            continue
+        fn = obj
+        value = trace.nodes[info.name]["value"]
+        x = flatten_particles(value, layout, (), 1)[0]  # observations: (N, T)
+        loc = flatten_particles(fn.loc, layout, lead, 1)
+        if kind == "lowrank":
+            W = _unbroadcast(fn._unbroadcasted_cov_factor, 2)
+            D = _unbroadcast(fn._unbroadcasted_cov_diag, 1)
+            if W.dim() > 2 or D.dim() > 1:
+                W = flatten_particles(fn.cov_factor, layout, lead, 2)
+                D = flatten_particles(fn.cov_diag, layout, lead, 1)
+            kernels.append((sl, LowRankGaussianKernel(x, loc, W, D)))
+        else:
+            tril = _unbroadcast(fn._unbroadcasted_scale_tril, 2)
+            if tril.dim() > 2:
+                tril = flatten_particles(fn.scale_tril, layout, lead, 2)
+            kernels.append((sl, DenseGaussianKernel(x, loc, tril @ tril.mT)))
+    return kernels, lead
+
+
+def enumerated_dims(trace):
+    """The enumeration dim of every enumerated latent site."""
+    return {
+        name: site["infer"]["_enumerate_dim"]
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and "_enumerate_dim" in site["infer"]
+    }
+
+
+def particle_trace(model, args, kwargs, layout, num_particles=None, values=None):
+    """Traces the model with ``num_particles`` prior draws in a particle plate left of the
+    model's plates, enumerated sites enumerated left of that, and the latent sites in
+    ``values`` (a dict of tensors shaped ``(S, *event)``) set to those values."""
+    P = layout.max_plate_nesting
+    first_enum_dim = -P - 1 - (1 if num_particles else 0)
+
+    def particle_model(*args, **kwargs):
+        if not num_particles:
+            return model(*args, **kwargs)
+        with pyro.plate(PARTICLE_PLATE, num_particles, dim=-P - 1):
+            if values is None:
+                return model(*args, **kwargs)
+            with _SetValues(values, P):
+                return model(*args, **kwargs)
+
+    enum_model = poutine.enum(particle_model, first_available_dim=first_enum_dim)
+    return poutine.trace(enum_model).get_trace(*args, **kwargs)
+
+
+class _SetValues(pyro.poutine.messenger.Messenger):
+    """Sets latent sites to given particle values (the quadrature grid), like replay does."""
+
+    def __init__(self, values, max_plate_nesting):
+        super().__init__()
+        self.values = values
+        self.P = max_plate_nesting
+
+    def _pyro_sample(self, msg):
+        name = msg["name"]
+        if name not in self.values or msg["is_observed"]:
+            return
+        v = self.values[name]  # (S, *event)
+        # The particle plate is outside the model's plates, so it has not yet broadcast
+        # ``fn`` here: put the particle dim left of the model's P plate dims.
+        batch = tuple(msg["fn"].batch_shape)[-self.P :] if self.P else ()
+        batch = (1,) * (self.P - len(batch)) + batch
+        S, event = v.shape[0], tuple(v.shape[1:])
+        v = v.reshape((S,) + (1,) * self.P + event).expand((S,) + batch + event)
+        msg["value"] = v
+        msg["done"] = True
+
+
+def latent_log_prob(trace, names):
+    """The sum of the log-densities of the named latent sites, each of shape
+    ``(*lead, *batch)`` (broadcast against each other by the caller)."""
+    out = []
+    for name in names:
+        site = trace.nodes[name]
+        out.append(site["fn"].log_prob(site["value"]))
+    return out
+
+
+def combine_log_weights(parts, layout, lead, base=0.0):
+    """Sums ``(tensor, 0)`` log-weight pieces, broadcast and flattened to ``(S, N)``."""
+    S = 1
+    for d in lead:
+        S *= d
+    total = torch.zeros(S, layout.num_sequences, dtype=layout.dtype, device=layout.device)
+    for t, _ in parts:
+        total = total + flatten_particles(t, layout, lead, 0)
+    return total + base

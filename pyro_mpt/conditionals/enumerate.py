@@ -1,0 +1,58 @@
+r"""Exact conditionals for discrete latents enumerated in parallel.
+
+Sites marked ``infer={"enumerate": "parallel"}`` are enumerated by
+:func:`pyro.poutine.enum`. When every enumerated site has a dim of its own, their joint
+support is a set of particles with weights :math:`w^0_c = p(z = c)` and the mixture formula
+of :mod:`pyro_mpt.conditionals.base` is exact. Markov chains (:func:`pyro.markov` recycles
+enumeration dims, so the joint support grows as :math:`C^T`) are scored by variable
+elimination with the masked tokens' evidence removed (THEORY.md, 2b), see
+:mod:`pyro_mpt.conditionals.elimination`.
+"""
+
+from .base import (
+    Conditionals,
+    ParticleScorer,
+    build_kernels,
+    combine_log_weights,
+    enumerated_dims,
+    latent_log_prob,
+    particle_trace,
+)
+
+__all__ = ["EnumerateConditionals"]
+
+#: Joint supports larger than this are scored by variable elimination instead.
+MAX_JOINT_SUPPORT = 2**14
+
+
+class EnumerateConditionals(Conditionals):
+    """Enumeration of discrete latents; exact."""
+
+    name = "enumerate"
+
+    def check(self, layout, trace):
+        missing = [n for n in layout.latents if n not in layout.enumerated]
+        if missing:
+            raise ValueError(
+                f"conditionals='enumerate' needs every latent enumerated, but {missing} are "
+                "not marked infer={'enumerate': 'parallel'}; mark discrete latents so, and use "
+                "conditionals='importance' or 'quadrature' for continuous ones"
+            )
+
+    def scorer(self, model, args, kwargs, layout, trace):
+        self.check(layout, trace)
+        tr = particle_trace(model, args, kwargs, layout)
+        dims = list(enumerated_dims(tr).values())
+        support = 1
+        for name in layout.enumerated:
+            support *= tr.nodes[name]["value"].shape[0] if tr.nodes[name]["value"].dim() else 1
+        if len(set(dims)) < len(dims) or support > MAX_JOINT_SUPPORT:
+            from .elimination import EliminationScorer
+
+            return EliminationScorer(model, args, kwargs, layout, tr)
+        parts = [(lp, 0) for lp in latent_log_prob(tr, layout.enumerated)]
+        kernels, lead = build_kernels(tr, layout, parts)
+        log_w0 = combine_log_weights(parts, layout, lead)
+        if not layout.enumerated:
+            log_w0 = None
+        return ParticleScorer(kernels, layout, log_w0)

@@ -1,0 +1,172 @@
+r"""Token kernels: for one observed site and a batch of masks, the log-density of the
+conditioning tokens and the conditional log-densities of the others, per particle.
+
+Given a particle :math:`z_s` (or none), a kernel returns, for mask rows ``r``:
+
+- ``log_marginal[r, s, n]`` :math:`= \log p(x_{n,O} \mid z_s)` (only when asked), and
+- ``log_cond[r, s, n, t]`` :math:`= \log p(x_{n,t} \mid x_{n,O}, z_s)`.
+
+Kernels work on tensors laid out as ``(S, N, ...)``: ``S`` flattened particles (1 without
+latents), ``N`` flattened sequences.
+"""
+
+import math
+
+import torch
+
+__all__ = ["DenseGaussianKernel", "FactorizedKernel", "LowRankGaussianKernel"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class FactorizedKernel:
+    r"""Tokens independent given the particle: a table ``l[s, n, t]`` of
+    :math:`\log p(x_{n,t} \mid z_s)`. Then :math:`\log p(x_O \mid z_s) = \sum_{t\in O} l` and
+    :math:`\log p(x_j \mid x_O, z_s) = l[s, n, j]` (no dependence on the mask)."""
+
+    def __init__(self, table):
+        self.table = table  # (S, N, T)
+
+    def row_cost(self):
+        S, N, T = self.table.shape
+        return S * N * T
+
+    def __call__(self, observed, scored, need_marginal):
+        marginal = None
+        if need_marginal:
+            marginal = torch.einsum("rnt,snt->rsn", observed.to(self.table.dtype), self.table)
+        return marginal, self.table.unsqueeze(0)
+
+
+def _normal_log_prob(x, mean, var):
+    return -0.5 * (_LOG_2PI + var.log() + (x - mean) ** 2 / var)
+
+
+class LowRankGaussianKernel:
+    r"""Exact conditionals of :math:`x \sim \mathcal N(\mu, W W^\top + D)` by Woodbury: with
+    :math:`A = I + W_O^\top D_O^{-1} W_O` (``K x K``) and
+    :math:`b = W_O^\top D_O^{-1}(x_O - \mu_O)`,
+
+    .. math::
+        \mathbb E[x_j \mid x_O] = \mu_j + W_j^\top A^{-1} b, \qquad
+        \mathrm{Var}[x_j \mid x_O] = D_j + W_j^\top A^{-1} W_j,
+
+    and :math:`\log p(x_O) = -\tfrac12\big(|O|\log 2\pi + \sum_O \log D + \log|A|
+    + \sum_O r^2/D - b^\top A^{-1} b\big)`. Cost :math:`O(TK^2 + K^3)` per mask; no
+    ``T x T`` solve.
+
+    :param x: ``(N, T)`` or ``(S, N, T)`` observations.
+    :param loc: ``(S, N, T)``.
+    :param W: ``(T, K)`` (shared) or ``(S, N, T, K)``.
+    :param D: ``(T,)`` (shared) or ``(S, N, T)``.
+    """
+
+    def __init__(self, x, loc, W, D):
+        self.x, self.loc, self.W, self.D = x, loc, W, D
+        self.shared = W.dim() == 2 and D.dim() == 1
+        self.resid = x - loc  # (S, N, T)
+        K = W.shape[-1]
+        if self.shared:
+            outer = (W.unsqueeze(-1) * W.unsqueeze(-2)).reshape(W.shape[0], K * K)  # (T, K^2)
+            self.outer = outer
+            self.outer_over_D = outer / D.unsqueeze(-1)
+
+    def row_cost(self):
+        S, N, T = self.resid.shape
+        K = self.W.shape[-1]
+        return S * N * (T * (K + 4) + K * K)
+
+    def __call__(self, observed, scored, need_marginal):
+        W, D, r = self.W, self.D, self.resid
+        o = observed.to(r.dtype)  # (R, N, T)
+        R, N, T = o.shape
+        K = W.shape[-1]
+        eye = torch.eye(K, dtype=r.dtype, device=r.device)
+        if self.shared:
+            A = eye + (o.reshape(R * N, T) @ self.outer_over_D).reshape(R, N, K, K)
+            A = A.unsqueeze(1)  # (R, 1, N, K, K): the same for every particle
+            b = ((o.unsqueeze(1) * (r / D).unsqueeze(0)) @ W)  # (R, S, N, K)
+        else:
+            Wd = W / D.unsqueeze(-1)  # (S, N, T, K)
+            A = eye + torch.einsum("rnt,sntk,sntl->rsnkl", o, Wd, W)
+            b = torch.einsum("rnt,snt,sntk->rsnk", o, r, Wd)
+        L = torch.linalg.cholesky(A)
+        c = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)  # (R, S, N, K)
+        if self.shared:
+            mean = self.loc + c @ W.T
+            Ainv = torch.cholesky_inverse(L)  # (R, 1, N, K, K)
+            quad = (Ainv.reshape(R, N, K * K) @ self.outer.T).unsqueeze(1)  # (R, 1, N, T)
+            var = D + quad
+        else:
+            mean = self.loc + torch.einsum("rsnk,sntk->rsnt", c, W)
+            Ainv = torch.cholesky_inverse(L)
+            var = D + torch.einsum("sntk,rsnkl,sntl->rsnt", W, Ainv, W)
+        x = self.x
+        log_cond = _normal_log_prob(x, mean, var)
+        marginal = None
+        if need_marginal:
+            logdet_A = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (R, S|1, N)
+            if self.shared:
+                o_s = o.unsqueeze(1)
+                logdet_D = (o @ D.log()).unsqueeze(1)
+                maha = o_s * (r**2 / D).unsqueeze(0)
+            else:
+                o_s = o.unsqueeze(1)
+                logdet_D = (o_s * D.log()).sum(-1)
+                maha = o_s * (r**2 / D)
+            maha = maha.sum(-1) - (b * c).sum(-1)
+            n_obs = o.sum(-1).unsqueeze(1)
+            marginal = -0.5 * (n_obs * _LOG_2PI + logdet_D + logdet_A + maha)
+        return marginal, log_cond
+
+
+class DenseGaussianKernel:
+    r"""Exact conditionals of :math:`x \sim \mathcal N(\mu, \Sigma)` with a dense covariance:
+
+    .. math::
+        \mathbb E[x_j \mid x_O] = \mu_j + \Sigma_{jO}\Sigma_{OO}^{-1}(x_O - \mu_O), \qquad
+        \mathrm{Var}[x_j \mid x_O] = \Sigma_{jj} - \Sigma_{jO}\Sigma_{OO}^{-1}\Sigma_{Oj}.
+
+    Masking is done by the Cholesky factor of
+    :math:`\tilde\Sigma = \Sigma \odot o o^\top + \mathrm{diag}(1 - o)` (block-diagonal in
+    :math:`O` and the rest), so one batched ``T x T`` factorisation serves every mask. Tokens
+    neither observed nor scored are marginalised (dropped), as the chain estimator needs.
+
+    :param x: ``(N, T)`` or ``(S, N, T)``; ``loc``: ``(S, N, T)``; ``cov``: ``(T, T)`` or
+        ``(S, N, T, T)``.
+    """
+
+    def __init__(self, x, loc, cov):
+        self.x, self.loc, self.cov = x, loc, cov
+        self.resid = x - loc
+
+    def row_cost(self):
+        S, N, T = self.resid.shape
+        return S * N * T * T * 3
+
+    def __call__(self, observed, scored, need_marginal):
+        r, cov = self.resid, self.cov
+        o = observed.to(r.dtype)  # (R, N, T)
+        if cov.dim() == 2:
+            o_s = o  # (R, N, T): covariance shared over particles
+        else:
+            o_s = o.unsqueeze(1)  # (R, 1, N, T)
+        oo = o_s.unsqueeze(-1) * o_s.unsqueeze(-2)
+        masked = cov * oo + torch.diag_embed(1 - o_s)
+        L = torch.linalg.cholesky(masked)
+        if cov.dim() == 2:
+            L = L.unsqueeze(1)  # (R, 1, N, T, T)
+            o_s = o.unsqueeze(1)
+        r_o = o_s * r  # (R, S, N, T)
+        alpha = torch.cholesky_solve(r_o.unsqueeze(-1), L).squeeze(-1)  # zero outside O
+        mean = self.loc + (alpha.unsqueeze(-2) @ cov).squeeze(-2)
+        cov_rows_o = cov * o_s.unsqueeze(-1)  # rows of O only
+        Z = torch.linalg.solve_triangular(L, cov_rows_o, upper=False)
+        var = cov.diagonal(dim1=-2, dim2=-1) - (Z**2).sum(-2)
+        log_cond = _normal_log_prob(self.x, mean, var)
+        marginal = None
+        if need_marginal:
+            logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+            n_obs = o.sum(-1).unsqueeze(1)
+            marginal = -0.5 * (n_obs * _LOG_2PI + logdet + (r_o * alpha).sum(-1))
+        return marginal, log_cond

@@ -1,0 +1,278 @@
+r"""Reading a Pyro model's trace into a token layout.
+
+A *sequence* is the unit whose tokens are masked; sequences are independent given the
+parameters, so :math:`\log p(X) = \sum_n \log p(x_n)`. By default the tokens of a sequence are
+the event elements of its observed sites (the ``T`` pixels of an image, the ``T`` features of
+a row) and the sequences are the elements of the plates those sites sit in. Several observed
+sites in the same plates pool their tokens (the ``T`` emission sites of an HMM).
+
+With ``token_plate="data"`` the elements of that plate are the tokens instead, and the
+remaining plates (often none) index the sequences: use it when a global latent couples the
+data points (Bayesian linear regression with a latent weight vector).
+"""
+
+from dataclasses import dataclass, field
+
+import pyro.poutine as poutine
+from pyro.poutine.util import site_is_subsample
+import torch
+from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal
+
+__all__ = ["ObservedSite", "TokenLayout", "read_layout"]
+
+#: Name of the plate pyro_mpt adds around a model to draw particles.
+PARTICLE_PLATE = "_mpt_particles"
+
+
+@dataclass
+class ObservedSite:
+    """One observed sample site and where its tokens sit in the pooled token axis.
+
+    :ivar str name: the site name.
+    :ivar int offset: index of its first token in the pooled token axis.
+    :ivar int num_tokens: its number of tokens per sequence.
+    :ivar str kind: ``"factorized"`` (per-token log-probabilities exist given the latents),
+        ``"lowrank"`` or ``"dense"`` (Gaussian, conditioned in closed form).
+    """
+
+    name: str
+    offset: int
+    num_tokens: int
+    kind: str
+    event_shape: tuple
+    frames: frozenset
+
+
+@dataclass
+class TokenLayout:
+    """Where the sequences and tokens of a model are.
+
+    :ivar list sites: the :class:`ObservedSite` s, in trace order.
+    :ivar list latents: names of the latent sample sites.
+    :ivar tuple seq_shape: the batch shape (``max_plate_nesting`` dims, token plate removed)
+        indexing sequences; ``num_sequences`` is its product.
+    :ivar int num_tokens: ``T``, tokens per sequence, pooled over sites.
+    :ivar int max_plate_nesting: the number of plate dims the model uses.
+    :ivar token_dim: the batch dim of ``token_plate`` (negative), or ``None``.
+    :ivar torch.Tensor scale: ``(N,)`` the subsampling scale of each sequence.
+    """
+
+    sites: list
+    latents: list
+    seq_shape: tuple
+    num_tokens: int
+    max_plate_nesting: int
+    token_plate: str = None
+    token_dim: int = None
+    scale: torch.Tensor = None
+    dtype: torch.dtype = torch.float64
+    device: torch.device = None
+    enumerated: list = field(default_factory=list)
+
+    @property
+    def num_sequences(self):
+        n = 1
+        for s in self.seq_shape:
+            n *= s
+        return n
+
+    def site_slice(self, site):
+        return slice(site.offset, site.offset + site.num_tokens)
+
+
+def _plate_frames(site):
+    return frozenset(
+        f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE
+    )
+
+
+def _gaussian_kind(fn):
+    if isinstance(fn, LowRankMultivariateNormal):
+        return "lowrank"
+    if isinstance(fn, MultivariateNormal):
+        return "dense"
+    return None
+
+
+def _token_event_shape(fn, site_name):
+    """The shape of the token grid inside one event of ``fn`` (default tokens)."""
+    if fn.event_dim == 0:
+        return ()
+    kind = _gaussian_kind(fn)
+    if kind is not None:
+        return tuple(fn.event_shape)
+    if isinstance(fn, Independent):
+        r = fn.reinterpreted_batch_ndims
+        base_event = len(fn.base_dist.event_shape)
+        if base_event == 0 or _gaussian_kind(fn.base_dist) is None:
+            return tuple(fn.event_shape[: len(fn.event_shape) - base_event][:r])
+    raise ValueError(
+        f"observed site {site_name!r} has a {type(fn).__name__} whose event of shape "
+        f"{tuple(fn.event_shape)} is not a product of tokens; pyro_mpt masks the elements of "
+        "Independent (.to_event) events, of MultivariateNormal and of "
+        "LowRankMultivariateNormal events. Mask along a plate instead with token_plate=..."
+    )
+
+
+def _max_plate_nesting(trace):
+    dims = [
+        -f.dim
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for f in site["cond_indep_stack"]
+        if f.vectorized
+    ]
+    return max(dims, default=0)
+
+
+def _check_finite(name, value):
+    if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+        bad = (~torch.isfinite(value)).sum().item()
+        raise ValueError(
+            f"observed site {name!r} holds {bad} NaN or infinite value(s); "
+            "remove or impute them before scoring the model"
+        )
+
+
+def read_layout(trace, *, token_plate=None, max_plate_nesting=None):
+    """Reads the token layout off a trace of the model (run once, without particles).
+
+    :param trace: a :class:`pyro.poutine.Trace` of the model.
+    :param str token_plate: mask along this plate instead of along event elements.
+    :param int max_plate_nesting: the model's plate depth; found from the trace if ``None``.
+    :raises ValueError: for a model without observed sites, non-finite observations, an
+        unknown ``token_plate``, observed sites in different plates, or latents that couple
+        sequences without a ``token_plate``.
+    """
+    observed = [
+        s for s in trace.nodes.values()
+        if s["type"] == "sample" and s["is_observed"] and not s["infer"].get("is_auxiliary")
+    ]
+    latents = [
+        s for s in trace.nodes.values()
+        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+    ]
+    if not observed:
+        raise ValueError(
+            "the model has no observed sample site: pass data with pyro.sample(..., obs=data)"
+        )
+    P = _max_plate_nesting(trace)
+    if max_plate_nesting is not None and max_plate_nesting != float("inf"):
+        P = max(P, int(max_plate_nesting))
+
+    token_dim = None
+    if token_plate is not None:
+        plates = {f.name: f for s in observed for f in _plate_frames(s)}
+        if token_plate not in plates:
+            raise ValueError(
+                f"token_plate {token_plate!r} not found around any observed site; the observed "
+                f"sites sit in the plates {sorted(plates) or '(none)'}"
+            )
+        frame = plates[token_plate]
+        token_dim = frame.dim
+        if frame.full_size is not None and frame.full_size != frame.size:
+            raise ValueError(
+                f"token_plate {token_plate!r} is subsampled ({frame.size} of {frame.full_size}); "
+                "the masked identity needs every token of a sequence: do not subsample it"
+            )
+
+    sites, offset, batch_shapes, scales = [], 0, [], []
+    dtype, device = None, None
+    for s in observed:
+        name, fn, value = s["name"], s["fn"], s["value"]
+        _check_finite(name, value)
+        if dtype is None and torch.is_tensor(value):
+            dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
+            device = value.device
+        event_ndim = fn.event_dim
+        batch = torch.broadcast_shapes(
+            tuple(fn.batch_shape), tuple(value.shape[: value.dim() - event_ndim])
+        )
+        batch = (1,) * (P - len(batch)) + tuple(batch)
+        if len(batch) > P:
+            raise ValueError(
+                f"observed site {name!r} has batch shape {batch} with more dims than the "
+                f"{P} plates around it: declare the batch dims with pyro.plate"
+            )
+        if token_plate is None:
+            token_shape = _token_event_shape(fn, name)
+            num = 1
+            for d in token_shape:
+                num *= d
+            kind = _gaussian_kind(fn) or "factorized"
+        else:
+            if token_plate not in {f.name for f in _plate_frames(s)}:
+                raise ValueError(
+                    f"observed site {name!r} is not inside token_plate {token_plate!r}"
+                )
+            i = P + token_dim
+            num = batch[i]
+            batch = batch[:i] + batch[i + 1 :]
+            token_shape = (num,)
+            kind = "factorized"
+        sites.append(ObservedSite(name, offset, num, kind, token_shape, _plate_frames(s)))
+        offset += num
+        batch_shapes.append(batch)
+        scales.append(s["scale"])
+
+    try:
+        seq_shape = torch.broadcast_shapes(*batch_shapes)
+    except RuntimeError:
+        raise ValueError(
+            "observed sites " + ", ".join(f"{s.name!r} (batch {b})" for s, b in zip(sites, batch_shapes))
+            + " sit in different plates; their tokens can only be pooled within one sequence"
+            " batch"
+        ) from None
+
+    seq_frames = frozenset(
+        f for s in sites for f in s.frames if f.name != token_plate and f.size > 1
+    )
+    for lat in latents:
+        frames = _plate_frames(lat)
+        missing = [f.name for f in seq_frames if f not in frames]
+        if missing:
+            hint = (
+                f"mask along a plate with token_plate={sorted(missing)[0]!r} (the data points "
+                "become the tokens of one sequence)"
+                if token_plate is None
+                else "move the latent inside those plates or choose another token_plate"
+            )
+            raise ValueError(
+                f"latent site {lat['name']!r} is shared by the sequences of plate(s) "
+                f"{sorted(missing)}, so they are not independent given the parameters: {hint}"
+            )
+
+    for s in scales[1:]:
+        if torch.is_tensor(s) or torch.is_tensor(scales[0]):
+            continue
+        if s != scales[0]:
+            raise ValueError(
+                "observed sites have different subsampling scales; pooled tokens must share one"
+            )
+    N = 1
+    for d in seq_shape:
+        N *= d
+    scale = scales[0]
+    if torch.is_tensor(scale):
+        scale = scale.expand(seq_shape).reshape(N)
+    else:
+        scale = torch.full((N,), float(scale), dtype=dtype, device=device)
+
+    return TokenLayout(
+        sites=sites,
+        latents=[s["name"] for s in latents],
+        seq_shape=tuple(seq_shape),
+        num_tokens=offset,
+        max_plate_nesting=P,
+        token_plate=token_plate,
+        token_dim=token_dim,
+        scale=scale,
+        dtype=dtype,
+        device=device,
+        enumerated=[s["name"] for s in latents if s["infer"].get("enumerate") == "parallel"],
+    )
+
+
+def run_layout_trace(model, args, kwargs):
+    """Runs the model once and returns its trace (latents drawn from the prior)."""
+    return poutine.trace(model).get_trace(*args, **kwargs)
