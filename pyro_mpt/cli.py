@@ -12,6 +12,7 @@ Heavy imports (torch, pyro) happen inside the subcommand so ``pyro-mpt --help`` 
 """
 
 import argparse
+import math
 import sys
 import warnings
 
@@ -174,7 +175,7 @@ def demo(
         ml = ppca_maximum_likelihood(X, K)
         results = {
             "mpt": float(curve.area),
-            "mpt_stderr": None if curve.stderr is None else float(curve.stderr),
+            "mpt_stderr": _area_stderr(curve),
             "trained": float(ppca_log_marginal(X, **trained)),
             "ml": float(ppca_log_marginal(X, **ml)),
             "truth": float(ppca_log_marginal(X, **truth)),
@@ -186,6 +187,17 @@ def demo(
         _save_curve(curve, results, plot)
         print(f"MPT curve saved to {plot}", file=file)
     return results
+
+
+def _area_stderr(curve):
+    """The standard error of the curve's area (None when unknown)."""
+    se = getattr(curve, "area_stderr", None)
+    if se is None:  # older results carried a scalar ``stderr`` only
+        se = getattr(curve, "stderr", None)
+        if se is None or getattr(se, "numel", lambda: 1)() != 1:
+            return None
+    se = float(se)
+    return None if math.isnan(se) else se
 
 
 def _print_table(r, *, N, T, K, steps, seed, device, file):
