@@ -107,7 +107,7 @@ def mpt_curve(
         draws, bins = score(
             layout, scorer, estimator, options.num_masks, max_elements=max_elements, by_size=True
         )
-    K, N, T = draws.shape[0], layout.num_sequences, layout.num_tokens
+    K, T = draws.shape[0], layout.num_tokens
     scale = layout.scale
     bins = bins[..., 1:]  # (K, N, T): sizes 1..T
     per_sequence = bins.mean(0)

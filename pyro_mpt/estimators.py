@@ -254,9 +254,7 @@ def get_estimator(estimator, mask_rate=None):
     if isinstance(estimator, MaskEstimator):
         return estimator
     if not isinstance(estimator, str) or estimator not in ESTIMATORS:
-        raise ValueError(
-            f"unknown estimator {estimator!r}; valid names are {sorted(ESTIMATORS)}"
-        )
+        raise ValueError(f"unknown estimator {estimator!r}; valid names are {sorted(ESTIMATORS)}")
     if estimator == "fixed":
         return FixedRateEstimator(0.15 if mask_rate is None else mask_rate)
     return ESTIMATORS[estimator]()

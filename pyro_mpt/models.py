@@ -88,7 +88,9 @@ def ppca_collapsed(data, latent_dim, W=None, loc=None, noise_scale=None):
     ``"noise_scale"`` (positive scalar).
     """
     N, T = data.shape
-    W = _param("W", W, lambda: 0.1 * torch.randn(T, latent_dim, dtype=data.dtype, device=data.device))
+    W = _param(
+        "W", W, lambda: 0.1 * torch.randn(T, latent_dim, dtype=data.dtype, device=data.device)
+    )
     loc = _param("loc", loc, lambda: torch.zeros(T, dtype=data.dtype, device=data.device))
     sigma = _positive_param(
         "noise_scale", noise_scale, lambda: torch.ones((), dtype=data.dtype, device=data.device)
@@ -105,7 +107,9 @@ def ppca_latent(data, latent_dim, W=None, loc=None, noise_scale=None):
     Same parameters and the same marginal as :func:`ppca_collapsed`.
     """
     N, T = data.shape
-    W = _param("W", W, lambda: 0.1 * torch.randn(T, latent_dim, dtype=data.dtype, device=data.device))
+    W = _param(
+        "W", W, lambda: 0.1 * torch.randn(T, latent_dim, dtype=data.dtype, device=data.device)
+    )
     loc = _param("loc", loc, lambda: torch.zeros(T, dtype=data.dtype, device=data.device))
     sigma = _positive_param(
         "noise_scale", noise_scale, lambda: torch.ones((), dtype=data.dtype, device=data.device)
@@ -170,7 +174,9 @@ def bernoulli_latent_linear(data, latent_dim=2, W=None, bias=None):
     Learnable parameters: ``"W"`` (T, K), ``"bias"`` (T,).
     """
     N, T = data.shape
-    W = _param("W", W, lambda: 0.1 * torch.randn(T, latent_dim, dtype=data.dtype, device=data.device))
+    W = _param(
+        "W", W, lambda: 0.1 * torch.randn(T, latent_dim, dtype=data.dtype, device=data.device)
+    )
     bias = _param("bias", bias, lambda: torch.zeros(T, dtype=data.dtype, device=data.device))
     zero = torch.zeros(latent_dim, dtype=data.dtype, device=data.device)
     with pyro.plate("data", N):
@@ -301,4 +307,3 @@ def sample_hmm(num_data, num_tokens, initial, transition, emission, *, generator
             z = torch.multinomial(transition[z], 1, generator=generator).squeeze(-1)
         xs.append(torch.multinomial(emission[z], 1, generator=generator).squeeze(-1))
     return torch.stack(xs, -1)
-

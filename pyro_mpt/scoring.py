@@ -8,13 +8,11 @@ import pyro.poutine as poutine
 import torch
 
 from .conditionals import CONDITIONALS, get_conditionals
-from .estimators import ESTIMATORS, check_mask_rate, get_estimator
+from .conditionals.base import DEFAULT_MAX_ELEMENTS
+from .estimators import check_mask_rate, get_estimator
 from .tokens import read_layout
 
 __all__ = ["MPTEstimate", "MPTOptions", "prepare", "score"]
-
-#: Default memory budget: tensor elements one chunk of mask rows may use.
-DEFAULT_MAX_ELEMENTS = 2**24
 
 
 @dataclass
@@ -32,6 +30,7 @@ class MPTOptions:
     quadrature_points: int = 20
     quadrature_bounds: tuple = (-5.0, 5.0)
     max_elements: int = DEFAULT_MAX_ELEMENTS
+    share_masks: bool = False
 
     def __post_init__(self):
         self.mask_rate = check_mask_rate(self.mask_rate)
@@ -84,13 +83,18 @@ def prepare(model, args, kwargs, options):
         num_particles=options.num_particles,
         quadrature_points=options.quadrature_points,
         quadrature_bounds=options.quadrature_bounds,
+        max_elements=options.max_elements,
     )
     scorer = backend.scorer(model, args, kwargs, layout, trace)
     return layout, scorer, backend
 
 
-def score(layout, scorer, estimator, num_draws, *, max_elements, by_size=False):
+def score(layout, scorer, estimator, num_draws, *, max_elements, by_size=False, share_masks=False):
     r"""Scores ``num_draws`` independent draws of ``estimator``'s masks.
+
+    With ``share_masks`` every sequence of a draw gets the same masks (still uniform for
+    each sequence, so still unbiased, but the sequences' errors are then correlated); some
+    backends (low-rank Gaussian) are much faster so.
 
     :returns: ``(draws, bins)``: ``draws`` ``(num_draws, N)`` the per-sequence estimates;
         ``bins`` ``(num_draws, N, T + 1)`` the weighted scores binned by mask size (entry
@@ -98,31 +102,35 @@ def score(layout, scorer, estimator, num_draws, *, max_elements, by_size=False):
     """
     N, T = layout.num_sequences, layout.num_tokens
     dtype, device = layout.dtype, layout.device
-    max_rows = max(1, max_elements // max(1, scorer.row_cost()))
+    max_rows = max(1, max_elements // max(1, scorer.row_cost(share_masks)))
     draws = torch.zeros(num_draws, N, dtype=dtype, device=device)
     bins = torch.zeros(num_draws * N * (T + 1), dtype=dtype, device=device) if by_size else None
     seq = torch.arange(N, device=device)
     for batch in estimator.batches(
-        N, T, num_draws, device=device, dtype=dtype, max_rows=max_rows
+        1 if share_masks else N, T, num_draws, device=device, dtype=dtype, max_rows=max_rows
     ):
-        log_cond = scorer(batch.observed, batch.scored)  # (R, N, T)
-        rows = log_cond.sum(-1) * batch.weight  # (R, N)
+        rows = scorer.row_scores(batch.observed, batch.scored) * batch.weight  # (R, N)
         draws = draws.index_add(0, batch.draw, rows)
         if by_size:
-            index = (batch.draw.unsqueeze(-1) * N + seq) * (T + 1) + batch.size
+            size = batch.size.expand(rows.shape)
+            index = (batch.draw.unsqueeze(-1) * N + seq) * (T + 1) + size
             bins = bins.index_add(0, index.reshape(-1), rows.reshape(-1))
     if by_size:
         bins = bins.reshape(num_draws, N, T + 1)
     return draws, bins
 
 
-def summarize(draws, layout, estimator, backend):
+def summarize(draws, layout, estimator, backend, share_masks=False):
     """Turns ``(K, N)`` draws into an :class:`MPTEstimate`."""
     K = draws.shape[0]
     scale = layout.scale
     per_sequence = draws.mean(0)
     total = (scale * per_sequence).sum()
-    if K > 1:
+    if K > 1 and share_masks:
+        # shared masks correlate the sequences: use the spread of the draws' totals
+        var = (draws.detach() * scale).sum(-1).var() / K
+        stderr = math.sqrt(float(var))
+    elif K > 1:
         var = (scale**2 * draws.detach().var(0)).sum() / K
         stderr = math.sqrt(float(var))
     else:

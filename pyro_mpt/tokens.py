@@ -14,8 +14,8 @@ data points (Bayesian linear regression with a latent weight vector).
 from dataclasses import dataclass, field
 
 import pyro.poutine as poutine
-from pyro.poutine.util import site_is_subsample
 import torch
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal
 
 __all__ = ["ObservedSite", "TokenLayout", "read_layout"]
@@ -145,11 +145,13 @@ def read_layout(trace, *, token_plate=None, max_plate_nesting=None):
         sequences without a ``token_plate``.
     """
     observed = [
-        s for s in trace.nodes.values()
+        s
+        for s in trace.nodes.values()
         if s["type"] == "sample" and s["is_observed"] and not s["infer"].get("is_auxiliary")
     ]
     latents = [
-        s for s in trace.nodes.values()
+        s
+        for s in trace.nodes.values()
         if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
     ]
     if not observed:
@@ -219,7 +221,8 @@ def read_layout(trace, *, token_plate=None, max_plate_nesting=None):
         seq_shape = torch.broadcast_shapes(*batch_shapes)
     except RuntimeError:
         raise ValueError(
-            "observed sites " + ", ".join(f"{s.name!r} (batch {b})" for s, b in zip(sites, batch_shapes))
+            "observed sites "
+            + ", ".join(f"{s.name!r} (batch {b})" for s, b in zip(sites, batch_shapes))
             + " sit in different plates; their tokens can only be pooled within one sequence"
             " batch"
         ) from None

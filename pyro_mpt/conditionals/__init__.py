@@ -5,7 +5,7 @@ Backends are looked up by name in :data:`CONDITIONALS`; ``"auto"`` chooses by th
 latents (:func:`choose_conditionals`).
 """
 
-from .base import Conditionals, ParticleScorer, Scorer
+from .base import DEFAULT_MAX_ELEMENTS, Conditionals, ParticleScorer, Scorer
 from .enumerate import EnumerateConditionals
 from .gaussian import GaussianConditionals
 from .importance import ImportanceConditionals
@@ -36,18 +36,24 @@ CONDITIONALS = {
 }
 
 
-def choose_conditionals(layout, num_particles=256, **options):
+def choose_conditionals(layout, num_particles=256, max_elements=DEFAULT_MAX_ELEMENTS):
     """The ``"auto"`` rule: no latents -> ``"gaussian"`` (exact); only enumerated latents ->
     ``"enumerate"`` (exact); otherwise ``"importance"`` with ``num_particles`` prior draws."""
     if not layout.latents:
         return GaussianConditionals()
     if all(n in layout.enumerated for n in layout.latents):
-        return EnumerateConditionals()
+        return EnumerateConditionals(max_elements)
     return ImportanceConditionals(num_particles)
 
 
-def get_conditionals(conditionals, layout, num_particles=256, quadrature_points=20,
-                     quadrature_bounds=(-5.0, 5.0)):
+def get_conditionals(
+    conditionals,
+    layout,
+    num_particles=256,
+    quadrature_points=20,
+    quadrature_bounds=(-5.0, 5.0),
+    max_elements=DEFAULT_MAX_ELEMENTS,
+):
     """Looks a backend up by name (or passes a :class:`Conditionals` instance through).
 
     :param conditionals: ``"auto"``, a name in :data:`CONDITIONALS`, or an instance.
@@ -55,14 +61,15 @@ def get_conditionals(conditionals, layout, num_particles=256, quadrature_points=
     if isinstance(conditionals, Conditionals):
         return conditionals
     if conditionals == "auto":
-        return choose_conditionals(layout, num_particles)
+        return choose_conditionals(layout, num_particles, max_elements)
     if conditionals == "importance":
         return ImportanceConditionals(num_particles)
+    if conditionals == "enumerate":
+        return EnumerateConditionals(max_elements)
     if conditionals == "quadrature":
         return QuadratureConditionals(quadrature_points, quadrature_bounds)
     if isinstance(conditionals, str) and conditionals in CONDITIONALS:
         return CONDITIONALS[conditionals]()
     raise ValueError(
-        f"unknown conditionals {conditionals!r}; valid names are "
-        f"{['auto'] + sorted(CONDITIONALS)}"
+        f"unknown conditionals {conditionals!r}; valid names are {['auto'] + sorted(CONDITIONALS)}"
     )

@@ -23,12 +23,16 @@ from .kernels import DenseGaussianKernel, FactorizedKernel, LowRankGaussianKerne
 
 __all__ = ["Conditionals", "Scorer", "ParticleScorer"]
 
+#: Default memory budget: tensor elements one chunk of mask rows may use.
+DEFAULT_MAX_ELEMENTS = 2**24
+
 
 class Scorer:
     """Scores mask rows for one step. Subclasses implement :meth:`__call__`."""
 
-    def row_cost(self):
-        """Tensor elements one mask row needs (for chunking under a memory budget)."""
+    def row_cost(self, shared=False):
+        """Tensor elements one mask row needs (for chunking under a memory budget);
+        ``shared``: the row's mask is shared by all sequences."""
         raise NotImplementedError
 
     def __call__(self, observed, scored):
@@ -36,6 +40,14 @@ class Scorer:
         :returns: ``(R, N, T)`` with :math:`\\log p(x_{n,t} \\mid x_{n,O_r})` where
             ``scored`` and 0 elsewhere."""
         raise NotImplementedError
+
+    def row_scores(self, observed, scored):
+        """``(R, N)``: the sum over scored tokens of each row's conditionals. Masks may be
+        shared by all sequences (``(R, 1, T)``); backends override this where the sum is
+        cheaper than the per-token conditionals."""
+        R, _, T = observed.shape
+        N = self.layout.num_sequences
+        return self(observed.expand(R, N, T), scored.expand(R, N, T)).sum(-1)
 
 
 class Conditionals:
@@ -68,8 +80,15 @@ class ParticleScorer(Scorer):
         self.layout = layout
         self.log_w0 = log_w0  # (S, N) or None
 
-    def row_cost(self):
-        return sum(k.row_cost() for _, k in self.kernels) * 2
+    def row_cost(self, shared=False):
+        shared = shared and self.log_w0 is None
+        return sum(k.row_cost(shared) for _, k in self.kernels) * 2
+
+    def row_scores(self, observed, scored):
+        if self.log_w0 is None and all(hasattr(k, "row_scores") for _, k in self.kernels):
+            # Without particles the sites' tokens are independent across sites: add them up.
+            return sum(k.row_scores(observed[..., sl], scored[..., sl]) for sl, k in self.kernels)
+        return super().row_scores(observed, scored)
 
     def __call__(self, observed, scored):
         need_marginal = self.log_w0 is not None
@@ -79,9 +98,11 @@ class ParticleScorer(Scorer):
             marginals.append(marginal)
             conds.append(cond)
         R = observed.shape[0]
-        conds = [c.expand(R, *c.shape[1:]) for c in torch.broadcast_tensors(*conds)] if len(
-            conds
-        ) > 1 else conds
+        conds = (
+            [c.expand(R, *c.shape[1:]) for c in torch.broadcast_tensors(*conds)]
+            if len(conds) > 1
+            else conds
+        )
         cond = torch.cat(conds, -1) if len(conds) > 1 else conds[0]  # (R|1, S, N, T)
         if need_marginal:
             a = self.log_w0 + sum(marginals)  # (R, S, N)
@@ -168,12 +189,7 @@ def build_kernels(trace, layout, extra_tensors=()):
             per_site.append((site_info, "factorized", lp))
         else:
             per_site.append((site_info, site_info.kind, site["fn"]))
-    shapes = []
-    for info, kind, obj in per_site:
-        if kind == "factorized":
-            shapes.append((obj, 1))
-        else:
-            shapes.append((obj.loc, 1))
+    shapes = [(obj if kind == "factorized" else obj.loc, 1) for _, kind, obj in per_site]
     shapes.extend(extra_tensors)
     lead = particle_shape(shapes, P_seq)
 
@@ -254,13 +270,33 @@ class _SetValues(pyro.poutine.messenger.Messenger):
         msg["done"] = True
 
 
-def latent_log_prob(trace, names):
-    """The sum of the log-densities of the named latent sites, each of shape
-    ``(*lead, *batch)`` (broadcast against each other by the caller)."""
+class PerTokenLatent(ValueError):
+    """A latent site varies along the token plate, so its particles are not per sequence."""
+
+    def __init__(self, name, plate):
+        super().__init__(
+            f"latent site {name!r} sits inside token_plate {plate!r}: one latent per token "
+            "cannot be a per-sequence particle here; use conditionals='importance' or "
+            "'enumerate', or move it out of the token plate"
+        )
+        self.site = name
+
+
+def latent_log_prob(trace, names, layout):
+    """The log-densities of the named latent sites, each of shape ``(*lead, *seq dims)``
+    (broadcast against each other by the caller). With a token plate its (singleton) dim is
+    dropped; a latent that varies along it raises :class:`PerTokenLatent`."""
     out = []
     for name in names:
         site = trace.nodes[name]
-        out.append(site["fn"].log_prob(site["value"]))
+        lp = site["fn"].log_prob(site["value"])
+        if layout.token_plate is not None:
+            P = layout.max_plate_nesting
+            lp = lp.reshape((1,) * max(0, P - lp.dim()) + tuple(lp.shape))
+            if lp.shape[layout.token_dim] != 1:
+                raise PerTokenLatent(name, layout.token_plate)
+            lp = lp.squeeze(layout.token_dim)
+        out.append(lp)
     return out
 
 

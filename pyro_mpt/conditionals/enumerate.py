@@ -10,14 +10,17 @@ elimination with the masked tokens' evidence removed (THEORY.md, 2b), see
 """
 
 from .base import (
+    DEFAULT_MAX_ELEMENTS,
     Conditionals,
     ParticleScorer,
+    PerTokenLatent,
     build_kernels,
     combine_log_weights,
     enumerated_dims,
     latent_log_prob,
     particle_trace,
 )
+from .elimination import EliminationScorer
 
 __all__ = ["EnumerateConditionals"]
 
@@ -29,6 +32,12 @@ class EnumerateConditionals(Conditionals):
     """Enumeration of discrete latents; exact."""
 
     name = "enumerate"
+
+    def __init__(self, max_elements=DEFAULT_MAX_ELEMENTS):
+        self.max_elements = int(max_elements)
+
+    def _eliminate(self, model, args, kwargs, layout, trace):
+        return EliminationScorer(model, args, kwargs, layout, trace, self.max_elements)
 
     def check(self, layout, trace):
         missing = [n for n in layout.latents if n not in layout.enumerated]
@@ -47,10 +56,11 @@ class EnumerateConditionals(Conditionals):
         for name in layout.enumerated:
             support *= tr.nodes[name]["value"].shape[0] if tr.nodes[name]["value"].dim() else 1
         if len(set(dims)) < len(dims) or support > MAX_JOINT_SUPPORT:
-            from .elimination import EliminationScorer
-
-            return EliminationScorer(model, args, kwargs, layout, tr)
-        parts = [(lp, 0) for lp in latent_log_prob(tr, layout.enumerated)]
+            return self._eliminate(model, args, kwargs, layout, tr)
+        try:
+            parts = [(lp, 0) for lp in latent_log_prob(tr, layout.enumerated, layout)]
+        except PerTokenLatent:
+            return self._eliminate(model, args, kwargs, layout, tr)
         kernels, lead = build_kernels(tr, layout, parts)
         log_w0 = combine_log_weights(parts, layout, lead)
         if not layout.enumerated:

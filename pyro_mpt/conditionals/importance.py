@@ -29,7 +29,7 @@ __all__ = ["ImportanceConditionals"]
 
 def enumerated_log_weight(trace, layout):
     """log p(c) of the enumerated sites, as ``(tensor, extra_ndim=0)`` pairs."""
-    return [(lp, 0) for lp in latent_log_prob(trace, layout.enumerated)]
+    return [(lp, 0) for lp in latent_log_prob(trace, layout.enumerated, layout)]
 
 
 def check_discrete_latents(trace, layout, backend):

@@ -27,15 +27,23 @@ class FactorizedKernel:
     def __init__(self, table):
         self.table = table  # (S, N, T)
 
-    def row_cost(self):
+    def row_cost(self, shared=False):
         S, N, T = self.table.shape
-        return S * N * T
+        return N + T if shared and S == 1 else S * N * T
 
     def __call__(self, observed, scored, need_marginal):
         marginal = None
         if need_marginal:
             marginal = torch.einsum("rnt,snt->rsn", observed.to(self.table.dtype), self.table)
         return marginal, self.table.unsqueeze(0)
+
+    def row_scores(self, observed, scored):
+        """``(R, N)`` sums of the scored tokens' conditionals, without particles."""
+        table = self.table[0]  # (N, T)
+        s = scored.to(table.dtype)
+        if s.shape[1] == 1:  # masks shared by all sequences: one matrix product
+            return s[:, 0] @ table.T
+        return torch.einsum("rnt,nt->rn", s, table)
 
 
 def _normal_log_prob(x, mean, var):
@@ -71,10 +79,54 @@ class LowRankGaussianKernel:
             self.outer = outer
             self.outer_over_D = outer / D.unsqueeze(-1)
 
-    def row_cost(self):
+    def row_cost(self, shared=False):
         S, N, T = self.resid.shape
         K = self.W.shape[-1]
+        if shared and self.shared and S == 1:
+            return 3 * N * K + T * (K * K + K + 3)
         return S * N * (T * (K + 4) + K * K)
+
+    def row_scores(self, observed, scored):
+        r"""``(R, N)``: :math:`\sum_{j \in M} \log p(x_j \mid x_O)` per mask row, without
+        particles.
+
+        When a mask row is shared by all sequences (``observed`` of shape ``(R, 1, T)``) the
+        variances depend on the mask alone and the data enter through matrix products:
+        with :math:`u_j = 1[j \in M]/v_j`, :math:`c = A^{-1} b` and
+        :math:`G = \sum_j u_j W_j W_j^\top`,
+
+        .. math:: \sum_{j\in M} \frac{(r_j - W_j^\top c)^2}{v_j}
+            = \sum_j u_j r_j^2 - 2\,c^\top \sum_j u_j r_j W_j + c^\top G c,
+
+        so no ``(R, N, T)`` tensor is formed: ``O(R T K^2 + N T R K)`` work in products.
+        """
+        if not (self.shared and observed.shape[1] == 1 and self.resid.shape[0] == 1):
+            R, N, T = observed.shape[0], self.resid.shape[1], observed.shape[2]
+            observed, scored = observed.expand(R, N, T), scored.expand(R, N, T)
+            _, cond = self(observed, scored, False)
+            return torch.where(scored.unsqueeze(1), cond, 0.0).sum(-1)[:, 0]
+        W, D = self.W, self.D
+        r = self.resid[0]  # (N, T)
+        o = observed[:, 0].to(r.dtype)  # (R, T)
+        s = scored[:, 0].to(r.dtype)
+        R, T = o.shape
+        K = W.shape[-1]
+        eye = torch.eye(K, dtype=r.dtype, device=r.device)
+        A = eye + (o @ self.outer_over_D).reshape(R, K, K)
+        L = torch.linalg.cholesky(A)
+        Ainv = torch.cholesky_inverse(L)  # (R, K, K)
+        var = D + Ainv.reshape(R, K * K) @ self.outer.T  # (R, T): the mask's variances
+        u = s / var
+        log_norm = -0.5 * (s * (_LOG_2PI + var.log())).sum(-1)  # (R,)
+        # c[n, r] = A_r^{-1} W^T diag(o_r / D) r_n and g[n, r] = W^T diag(u_r) r_n: one
+        # (N, T) x (T, R K) product each, with A_r^{-1} folded into the right factor.
+        WA = torch.einsum("tl,rkl->trk", W, Ainv)  # (T, R, K): A_r^{-1} W_t
+        c = (r @ ((o / D).T.unsqueeze(-1) * WA).reshape(T, R * K)).reshape(-1, R, K)
+        g = (r @ (u.T.unsqueeze(-1) * W.unsqueeze(1)).reshape(T, R * K)).reshape(-1, R, K)
+        G = (u @ self.outer).reshape(R, K, K)
+        cG = torch.bmm(c.transpose(0, 1), G)  # (R, N, K)
+        quad = (r**2 @ u.T).T + (c.transpose(0, 1) * (cG - 2 * g.transpose(0, 1))).sum(-1)
+        return log_norm.unsqueeze(-1) - 0.5 * quad  # (R, N)
 
     def __call__(self, observed, scored, need_marginal):
         W, D, r = self.W, self.D, self.resid
@@ -85,7 +137,7 @@ class LowRankGaussianKernel:
         if self.shared:
             A = eye + (o.reshape(R * N, T) @ self.outer_over_D).reshape(R, N, K, K)
             A = A.unsqueeze(1)  # (R, 1, N, K, K): the same for every particle
-            b = ((o.unsqueeze(1) * (r / D).unsqueeze(0)) @ W)  # (R, S, N, K)
+            b = (o.unsqueeze(1) * (r / D).unsqueeze(0)) @ W  # (R, S, N, K)
         else:
             Wd = W / D.unsqueeze(-1)  # (S, N, T, K)
             A = eye + torch.einsum("rnt,sntk,sntl->rsnkl", o, Wd, W)
@@ -140,7 +192,7 @@ class DenseGaussianKernel:
         self.x, self.loc, self.cov = x, loc, cov
         self.resid = x - loc
 
-    def row_cost(self):
+    def row_cost(self, shared=False):
         S, N, T = self.resid.shape
         return S * N * T * T * 3
 

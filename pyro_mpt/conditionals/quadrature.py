@@ -48,7 +48,9 @@ class QuadratureConditionals(Conditionals):
 
     def check(self, layout, trace):
         check_discrete_latents(trace, layout, self.name)
-        dims = {n: max(1, trace.nodes[n]["fn"].event_shape.numel()) for n in self._continuous(layout)}
+        dims = {
+            n: max(1, trace.nodes[n]["fn"].event_shape.numel()) for n in self._continuous(layout)
+        }
         if sum(dims.values()) > MAX_QUADRATURE_DIM:
             raise ValueError(
                 f"conditionals='quadrature' builds a grid over the latents {dims} of total "
@@ -74,7 +76,7 @@ class QuadratureConditionals(Conditionals):
             values[name] = grid[:, offset : offset + k].reshape(grid.shape[0], *event)
             offset += k
         tr = particle_trace(model, args, kwargs, layout, num_particles=grid.shape[0], values=values)
-        parts = [(lp, 0) for lp in latent_log_prob(tr, list(dims) + layout.enumerated)]
+        parts = [(lp, 0) for lp in latent_log_prob(tr, list(dims) + layout.enumerated, layout)]
         kernels, lead = build_kernels(tr, layout, parts)
         log_w0 = combine_log_weights(parts, layout, lead, base=d * math.log(width))
         return ParticleScorer(kernels, layout, log_w0)

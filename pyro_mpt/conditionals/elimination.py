@@ -1,0 +1,301 @@
+r"""Exact conditionals for structured discrete latents by tensor variable elimination.
+
+When the enumerated latents of a model form a structure whose joint support is too large to
+list (an HMM chain under :func:`pyro.markov`, whose joint support grows as :math:`C^T`), the
+particle mixture of :mod:`pyro_mpt.conditionals.base` does not scale. Instead every
+conditional is a ratio of two marginal likelihoods of *partial evidence*,
+
+.. math::
+    \log p(x_j \mid x_O) = \log p(x_{O \cup \{j\}}) - \log p(x_O),
+    \qquad
+    \log p(x_E) = \log \sum_z p(z) \prod_{t \in E} p(x_t \mid z),
+
+and each :math:`\log p(x_E)` is computed by variable elimination over the enumerated latents
+with the evidence of the tokens outside :math:`E` removed (their log-probabilities set to
+zero, which marginalises them exactly: :math:`\sum_{x_t} p(x_t \mid z) = 1`). This is
+THEORY.md, section 2b. For a chain the elimination is linear in :math:`T`.
+
+Batched over masks: the model runs once per chunk inside an extra plate ``"_mpt_masks"``
+(left of the model's plates) whose index :math:`b` enumerates *evaluation items*. For mask
+row :math:`r` there is one item with evidence :math:`O_r` and one item per scored token
+:math:`j` with evidence :math:`O_r \cup \{j\}`. A messenger applies each item's evidence mask
+to every observed site (``msg["mask"]`` like :func:`pyro.poutine.mask` when a token is a whole
+batch element; an elementwise mask of the base distribution of a ``.to_event`` site when a
+token is an event element). Pyro's own machinery then does the elimination:
+:func:`pyro.poutine.enum`, :meth:`~pyro.poutine.Trace.compute_log_prob`,
+:meth:`~pyro.poutine.Trace.pack_tensors` and :func:`pyro.ops.contract.contract_to_tensor`
+with the mask plate and the sequence plates as target ordinal, exactly as
+:class:`~pyro.infer.TraceEnum_ELBO` gathers its log-factors. Everything is differentiable
+in the model's parameters.
+
+References
+
+[1] P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the Marginal
+Likelihood", NeurIPS 2023, arXiv:2306.00520.
+
+[2] F. Obermeyer, E. Bingham, M. Jankowiak, J. Chiu, N. Pradhan, A. Rush, N. Goodman,
+"Tensor Variable Elimination for Plated Factor Graphs", ICML 2019 (Pyro's
+``TraceEnum_ELBO``).
+"""
+
+from collections import OrderedDict
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
+from pyro.ops.rings import LogRing
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import Independent
+
+from .base import DEFAULT_MAX_ELEMENTS, Scorer, particle_trace
+
+__all__ = ["EliminationScorer", "MASK_PLATE"]
+
+#: Name of the plate whose index enumerates the evaluation items (evidence sets).
+MASK_PLATE = "_mpt_masks"
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _mask_elements(fn, mask):
+    """Masks the event elements of a (possibly nested) ``Independent`` distribution: the
+    innermost base distribution is masked elementwise (its batch shape ends in the token
+    dims, which ``mask`` also ends in), then the ``Independent`` wrappers are restored."""
+    if isinstance(fn, Independent):
+        inner = _mask_elements(fn.base_dist, mask)
+        return dist.Independent(inner, fn.reinterpreted_batch_ndims)
+    return dist.MaskedDistribution(fn, mask)
+
+
+class _EvidenceMessenger(Messenger):
+    """Applies each evaluation item's evidence mask to the observed sites.
+
+    :param dict masks: site name -> ``(mode, mask)``; ``mode`` is ``"batch"`` (the mask is
+        combined into ``msg["mask"]``, as :class:`~pyro.poutine.mask_messenger.MaskMessenger`
+        does) or ``"event"`` (the distribution's event elements are masked).
+
+    It sits outside the model's plates, so it sees ``fn`` already broadcast over them; the
+    item plate, outside it, broadcasts afterwards.
+    """
+
+    def __init__(self, masks):
+        super().__init__()
+        self.masks = masks
+
+    def _pyro_sample(self, msg):
+        entry = self.masks.get(msg["name"])
+        if entry is None or not msg["is_observed"]:
+            return
+        mode, mask = entry
+        if mode == "batch":
+            msg["mask"] = mask if msg["mask"] is None else msg["mask"] & mask
+        else:
+            msg["fn"] = _mask_elements(msg["fn"], mask)
+
+
+class EliminationScorer(Scorer):
+    r"""Exact :math:`\log p(x_j \mid x_O)` for models whose latents are all enumerated, by
+    variable elimination with partial evidence (see the module docstring):
+
+    .. math:: \log p(x_j \mid x_O) = \log p(x_{O\cup\{j\}}) - \log p(x_O).
+
+    Tokens neither observed nor scored are marginalised (their evidence is dropped), as the
+    chain estimator needs.
+
+    :param model: the Pyro model; ``args`` and ``kwargs`` are passed to it.
+    :param layout: the :class:`~pyro_mpt.tokens.TokenLayout` of the model.
+    :param trace: an enumerated trace of the model (:func:`~pyro_mpt.conditionals.base.particle_trace`
+        without particles), used to size the work per item; traced here if ``None``.
+    :param int max_elements: memory budget, in tensor elements, of one chunk of items.
+    :raises ValueError: for a latent that is not enumerated or an observed site whose tokens
+        cannot be masked elementwise (a Gaussian with a dense or low-rank covariance).
+    """
+
+    def __init__(self, model, args, kwargs, layout, trace=None, max_elements=DEFAULT_MAX_ELEMENTS):
+        self.model = model
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        self.layout = layout
+        self.max_elements = int(max_elements)
+        missing = [n for n in layout.latents if n not in layout.enumerated]
+        if missing:
+            raise ValueError(
+                f"variable elimination needs every latent enumerated, but {missing} are not "
+                "marked infer={'enumerate': 'parallel'}"
+            )
+        bad = [s.name for s in layout.sites if s.kind != "factorized"]
+        if bad:
+            raise ValueError(
+                f"observed site(s) {bad} are Gaussians with a full or low-rank covariance and "
+                "latent discrete parents: their elements cannot be masked one by one for "
+                "variable elimination; write them as independent tokens given the latents "
+                "(e.g. Normal(...).to_event(1))"
+            )
+        if trace is None:
+            trace = particle_trace(model, self.args, self.kwargs, layout)
+        self.item_cost = self._item_cost(trace)
+
+    # ------------------------------------------------------------------------------------
+    # Sizes
+    # ------------------------------------------------------------------------------------
+
+    def _item_cost(self, trace):
+        """Tensor elements of all log-factors for one evaluation item (all sequences)."""
+        cost = 0
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            fn, value = site["fn"], site["value"]
+            vshape = (
+                tuple(value.shape[: value.dim() - fn.event_dim]) if torch.is_tensor(value) else ()
+            )
+            cost += _numel(torch.broadcast_shapes(tuple(fn.batch_shape), vshape))
+        # evidence and the output of the contraction
+        cost += self.layout.num_sequences * (self.layout.num_tokens + 1)
+        return max(1, cost)
+
+    def row_cost(self, shared=False):
+        """Tensor elements one mask row needs at least (two items: :math:`O` and
+        :math:`O\\cup\\{j\\}`); rows scoring more tokens need more items, which
+        :meth:`__call__` chunks under ``max_elements`` itself. The same whether or not the
+        row's mask is ``shared`` by all sequences (the factors span every sequence)."""
+        return 2 * self.item_cost
+
+    # ------------------------------------------------------------------------------------
+    # Evidence masks and the elimination
+    # ------------------------------------------------------------------------------------
+
+    def _site_masks(self, evidence):
+        """Splits ``evidence`` (B, N, T) into per-site masks shaped for the item plate."""
+        layout = self.layout
+        P = layout.max_plate_nesting
+        B = evidence.shape[0]
+        seq_shape = tuple(layout.seq_shape)
+        masks = {}
+        for site in layout.sites:
+            e = evidence[..., layout.site_slice(site)]  # (B, N, T_site)
+            if layout.token_plate is not None:
+                i = P + layout.token_dim  # position of the token dim among the P plate dims
+                m = e.reshape(B, *seq_shape, site.num_tokens).movedim(-1, 1 + i)
+                masks[site.name] = ("batch", m)
+            elif len(site.event_shape) == 0:
+                masks[site.name] = ("batch", e.reshape(B, *seq_shape))
+            else:
+                m = e.reshape(B, *seq_shape, *site.event_shape)
+                masks[site.name] = ("event", m)
+        return masks
+
+    def log_evidence(self, evidence):
+        r"""``(B, N)``: :math:`\log p(x_{n, E_b})` for the evidence sets
+        ``evidence`` (bool ``(B, N, T)``), by variable elimination in one traced run."""
+        layout = self.layout
+        P = layout.max_plate_nesting
+        B = evidence.shape[0]
+        masks = self._site_masks(evidence)
+        model = self.model
+
+        def items_model(*args, **kwargs):
+            with pyro.plate(MASK_PLATE, B, dim=-P - 1):
+                with _EvidenceMessenger(masks):
+                    return model(*args, **kwargs)
+
+        enum_model = poutine.enum(items_model, first_available_dim=-P - 2)
+        tr = poutine.trace(enum_model).get_trace(*self.args, **self.kwargs)
+        tr.compute_log_prob(lambda name, site: not site_is_subsample(site))
+        tr.pack_tensors()
+
+        # Gather the log-factors by ordinal, as TraceEnum_ELBO's _compute_model_factors does:
+        # enumerated sites enter unscaled and unmasked, the others unscaled with their mask
+        # (the evidence mask) applied inside the log-sum-exp. Subsampling scales are applied
+        # by the caller per sequence.
+        tree, sum_dims, dim_to_size = OrderedDict(), set(), {}
+        for site in tr.nodes.values():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            ordinal = frozenset(
+                tr.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
+            )
+            pk = site["packed"]
+            if site["infer"].get("_enumerate_dim") is not None:
+                term = pk["unscaled_log_prob"]
+                sum_dims.add(site["infer"]["_enumerate_symbol"])
+            elif site["is_observed"]:
+                term = packed.scale_and_mask(pk["unscaled_log_prob"], mask=pk["mask"])
+            else:
+                raise ValueError(
+                    f"latent site {site['name']!r} is not enumerated; variable elimination "
+                    "needs every latent marked infer={'enumerate': 'parallel'}"
+                )
+            dim_to_size.update(zip(term._pyro_dims, term.shape))
+            for f in site["cond_indep_stack"]:  # plates of size 1 are not packed
+                if f.vectorized:
+                    dim_to_size.setdefault(tr.plate_to_symbol[f.name], f.size)
+            tree.setdefault(ordinal, []).append(term)
+
+        seq_plates = {f.name for s in layout.sites for f in s.frames} - {layout.token_plate}
+        target = frozenset(
+            tr.plate_to_symbol[name]
+            for name in seq_plates | {MASK_PLATE}
+            if name in tr.plate_to_symbol
+        )
+        ring = LogRing(dim_to_size=dim_to_size)
+        logz = contract_to_tensor(tree, sum_dims, target_ordinal=target, ring=ring)
+        logz = packed.unpack(logz, tr.symbol_to_dim)  # dims -P-1 (items) .. -1 (plates)
+        logz = logz.reshape((1,) * (P + 1 - logz.dim()) + tuple(logz.shape))
+        if layout.token_plate is not None:
+            logz = logz.squeeze(1 + P + layout.token_dim)  # product-contracted: size 1
+        return logz.expand(B, *layout.seq_shape).reshape(B, layout.num_sequences)
+
+    def __call__(self, observed, scored):
+        r""":param observed: bool ``(R, N, T)``, the conditioning tokens :math:`O`.
+        :param scored: bool ``(R, N, T)``, the tokens :math:`j` to score (disjoint from
+            ``observed``; tokens in neither are marginalised). Masks shared by all
+            sequences may be passed as ``(R, 1, T)``.
+        :returns: ``(R, N, T)``: :math:`\log p(x_{n,j} \mid x_{n,O_r})` where ``scored``,
+            0 elsewhere."""
+        R, _, T = observed.shape
+        N = self.layout.num_sequences
+        observed, scored = observed.expand(R, N, T), scored.expand(R, N, T)  # shared masks
+        device = observed.device
+        if R == 0 or not bool(scored.any()):
+            return torch.zeros(R, N, T, dtype=self.layout.dtype, device=device)
+        observed = observed.bool()
+        scored = scored.bool()
+        # pos[r, n, t]: rank of scored token t among the scored tokens of (r, n); -1 if not
+        # scored. Item 0 of row r has evidence O_r; item k >= 1 adds the k-th scored token.
+        pos = torch.where(scored, scored.long().cumsum(-1) - 1, -1)
+        per_row = 1 + scored.sum(-1).amax(-1)  # (R,) items per row
+        offsets = torch.cumsum(per_row, 0) - per_row  # index of each row's item 0
+        num_items = int(per_row.sum())
+        item_row = torch.repeat_interleave(torch.arange(R, device=device), per_row)
+        item_k = torch.arange(num_items, device=device) - offsets[item_row]
+
+        chunk = max(1, self.max_elements // self.item_cost)
+        logz = []
+        for start in range(0, num_items, chunk):
+            rows = item_row[start : start + chunk]
+            k = item_k[start : start + chunk].view(-1, 1, 1)
+            evidence = observed[rows] | (scored[rows] & (pos[rows] == k - 1))
+            # Many items share an evidence set (the chain's O_i + j_i is O_{i+1}; an
+            # exhaustive sweep meets every subset up to T + 1 times): eliminate each once.
+            unique, inverse = torch.unique(
+                evidence.reshape(evidence.shape[0], -1), dim=0, return_inverse=True
+            )
+            logz.append(self.log_evidence(unique.reshape(-1, N, T))[inverse])
+        logz = torch.cat(logz, 0) if len(logz) > 1 else logz[0]  # (I, N)
+
+        seq = torch.arange(N, device=device).view(1, N, 1)
+        base = offsets.view(R, 1, 1)
+        log_num = logz[base + 1 + pos, seq]  # non-scored tokens read item 0: difference 0
+        log_den = logz[base.expand(R, N, 1), seq]
+        out = log_num - log_den
+        return torch.where(scored, out, out.new_zeros(()))

@@ -1,0 +1,26 @@
+import pyro
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_float64():
+    """Every test starts from a clear param store, seed 0 and float64."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+    pyro.clear_param_store()
+
+
+def assert_close(actual, expected, *, atol, rtol=0.0, msg=""):
+    """``|actual - expected| <= atol + rtol * |expected|`` elementwise, with the tolerance
+    written at each call."""
+    actual = torch.as_tensor(actual, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=msg or None)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
