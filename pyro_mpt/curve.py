@@ -69,6 +69,7 @@ def mpt_curve(
     quadrature_points=20,
     quadrature_bounds=(-5.0, 5.0),
     max_elements=DEFAULT_MAX_ELEMENTS,
+    share_masks=False,
     **kwargs,
 ):
     r"""The curve :math:`S(m)`, :math:`m = 1..T`, and its area :math:`\sum_m S(m)`, which
@@ -86,6 +87,8 @@ def mpt_curve(
     :param model: a Pyro model; ``*args`` and ``**kwargs`` are passed to it.
     :param int num_masks: masks per size and sequence.
     :param bool exhaustive: enumerate every mask.
+    :param bool share_masks: the same masks for every sequence (see
+        :class:`~pyro_mpt.MaskedELBO`); much faster for long low-rank Gaussian sequences.
     :returns: :class:`MPTCurve`.
 
     The other options are those of :class:`~pyro_mpt.MaskedELBO`.
@@ -101,11 +104,18 @@ def mpt_curve(
         quadrature_points=quadrature_points,
         quadrature_bounds=quadrature_bounds,
         max_elements=max_elements,
+        share_masks=share_masks,
     )
     with torch.no_grad():
         layout, scorer, backend = prepare(model, args, kwargs, options)
         draws, bins = score(
-            layout, scorer, estimator, options.num_masks, max_elements=max_elements, by_size=True
+            layout,
+            scorer,
+            estimator,
+            options.num_masks,
+            max_elements=max_elements,
+            by_size=True,
+            share_masks=share_masks,
         )
     K, T = draws.shape[0], layout.num_tokens
     scale = layout.scale
@@ -116,6 +126,11 @@ def mpt_curve(
     if exhaustive:
         stderr = torch.zeros_like(scores)
         area_stderr = 0.0
+    elif K > 1 and share_masks:
+        # shared masks correlate the sequences: use the spread of the draws' totals
+        totals = (scale.unsqueeze(-1) * bins).sum(1)  # (K, T)
+        stderr = (totals.var(0) / K).sqrt()
+        area_stderr = math.sqrt(float((draws * scale).sum(-1).var() / K))
     elif K > 1:
         stderr = ((scale.unsqueeze(-1) ** 2 * bins.var(0)).sum(0) / K).sqrt()
         area_stderr = math.sqrt(float((scale**2 * draws.var(0)).sum() / K))
