@@ -93,6 +93,8 @@ def mpt_curve(
 
     The other options are those of :class:`~pyro_mpt.MaskedELBO`.
     """
+    if isinstance(num_masks, bool) or not isinstance(num_masks, int) or num_masks < 1:
+        raise ValueError(f"num_masks must be an integer >= 1, got {num_masks!r}")
     estimator = ExhaustiveEstimator() if exhaustive else StratifiedEstimator()
     options = MPTOptions(
         estimator=estimator,

@@ -247,7 +247,9 @@ def bayesian_linear_regression_latent(y, features, prior_scale=1.0, noise_scale=
     zero = torch.zeros(D, dtype=y.dtype, device=y.device)
     w = pyro.sample("w", dist.Normal(zero, prior_scale).to_event(1))
     with pyro.plate("data", y.shape[-1]):
-        pyro.sample("y", dist.Normal(features @ w, noise_scale), obs=y)
+        # (features * w).sum(-1), not features @ w: under a particle plate w has shape
+        # (S, 1, D) (the 1 is this plate) and must broadcast against features (N, D)
+        pyro.sample("y", dist.Normal((features * w).sum(-1), noise_scale), obs=y)
 
 
 def bayesian_linear_regression_log_marginal(y, features, prior_scale=1.0, noise_scale=0.5):

@@ -44,6 +44,11 @@ class MPTOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        low, high = self.quadrature_bounds
+        if not float(low) < float(high):
+            raise ValueError(
+                f"quadrature_bounds must be (low, high) with low < high, got {self.quadrature_bounds!r}"
+            )
         if self.token_plate is not None and not isinstance(self.token_plate, str):
             raise TypeError(f"token_plate must be a plate name (str), got {self.token_plate!r}")
 

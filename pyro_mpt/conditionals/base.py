@@ -214,6 +214,7 @@ def build_kernels(trace, layout, extra_tensors=()):
             tril = _unbroadcast(fn._unbroadcasted_scale_tril, 2)
             if tril.dim() > 2:
                 tril = flatten_particles(fn.scale_tril, layout, lead, 2)
+            tril = tril.tril()  # MVN reads only the lower triangle of its scale_tril
             kernels.append((sl, DenseGaussianKernel(x, loc, tril @ tril.mT)))
     return kernels, lead
 

@@ -215,6 +215,12 @@ class DenseGaussianKernel:
         cov_rows_o = cov * o_s.unsqueeze(-1)  # rows of O only
         Z = torch.linalg.solve_triangular(L, cov_rows_o, upper=False)
         var = cov.diagonal(dim1=-2, dim2=-1) - (Z**2).sum(-2)
+        # An observed token's conditional is a point mass (variance 0): give it a harmless
+        # stand-in so that neither the value nor the gradient of log 0 appears; callers only
+        # read the conditionals of unobserved tokens.
+        seen = o_s > 0
+        var = torch.where(seen, 1.0, var)
+        mean = torch.where(seen, self.x, mean)
         log_cond = _normal_log_prob(self.x, mean, var)
         marginal = None
         if need_marginal:

@@ -1,0 +1,191 @@
+r"""Diagnostics of importance weights: effective sample size and Pareto :math:`\hat k`.
+
+For log-weights :math:`\log w_s`, :math:`s = 1..S`, of an importance sampler
+(:math:`w_s = p(x, z_s) / q(z_s)`, :math:`z_s \sim q`):
+
+- the effective sample size (Kish) :math:`\mathrm{ESS} = (\sum_s w_s)^2 / \sum_s w_s^2`,
+  between 1 and :math:`S`;
+- the Pareto :math:`\hat k`: the shape of a generalized Pareto distribution fitted to the
+  largest weights. The variance of the weights is finite for :math:`k < 1/2` and their
+  mean exists for :math:`k < 1`; Vehtari et al. (2024) show that the estimate can be trusted
+  for :math:`\hat k < \min(1 - 1/\log_{10} S,\ 0.7)` (:func:`khat_threshold`), the rule
+  ArviZ applies.
+
+:math:`\hat k` is ArviZ's own estimate (:func:`arviz.psislw`, which calls
+``arviz.stats.stats._gpdfit``, the empirical-Bayes fit of Zhang & Stephens (2009) with
+ArviZ's weakly informative prior on :math:`k`). When the weights are too many to keep,
+:func:`pareto_khat_from_tail` gives the same number from the :math:`M + 1` largest
+log-weights only (:func:`tail_size`), which a streaming sampler keeps with a running top-k.
+
+References
+
+[1] A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed Importance
+Sampling", Journal of Machine Learning Research 25(72):1-58, 2024.
+
+[2] J. Zhang, M. A. Stephens, "A New and Efficient Estimation Method for the Generalized
+Pareto Distribution", Technometrics 51(3):316-325, 2009.
+
+[3] L. Kish, "Survey Sampling", Wiley, 1965 (the effective sample size).
+"""
+
+import math
+import warnings
+
+import numpy as np
+import torch
+
+__all__ = [
+    "effective_sample_size",
+    "khat_threshold",
+    "merge_tail",
+    "pareto_khat",
+    "pareto_khat_from_tail",
+    "tail_size",
+]
+
+
+def _import_arviz():
+    """ArviZ, imported on first use (slow to import); its notice about the coming 1.0
+    refactor (a ``FutureWarning`` on import) says nothing about the caller's code."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning
+        )
+        import arviz
+    return arviz
+
+
+def khat_threshold(num_samples):
+    r"""ArviZ's threshold on Pareto :math:`\hat k` for ``num_samples`` draws:
+    :math:`\min(1 - 1/\log_{10} S,\ 0.7)` (Vehtari et al. 2024, section 3.2.4). Below it the
+    importance-sampling estimate is reliable. Negative for :math:`S < 10` (no estimate
+    from so few draws is trusted).
+
+    :param int num_samples: :math:`S`.
+    :rtype: float
+    """
+    S = int(num_samples)
+    if S < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples!r}")
+    if S == 1:
+        return -math.inf
+    return min(1.0 - 1.0 / math.log10(S), 0.7)
+
+
+def effective_sample_size(log_weights, dim=0):
+    r"""Kish's effective sample size of importance weights,
+
+    .. math:: \mathrm{ESS} = \frac{\big(\sum_s w_s\big)^2}{\sum_s w_s^2}
+        = \exp\big(2\,\mathrm{LSE}_s \log w_s - \mathrm{LSE}_s\, 2\log w_s\big),
+
+    computed in log space (no overflow for any scale of the weights).
+
+    :param torch.Tensor log_weights: log-weights, the draws along ``dim``.
+    :param int dim: the draws' dimension (default 0: ``(S, N)`` gives ``(N,)``).
+    :returns: a tensor without ``dim``, between 1 and :math:`S` (NaN where every weight is 0).
+    """
+    lw = torch.as_tensor(log_weights)
+    return torch.exp(2 * torch.logsumexp(lw, dim) - torch.logsumexp(2 * lw, dim))
+
+
+def tail_size(num_samples):
+    r"""The number :math:`M = \lceil \min(S/5,\ 3\sqrt S) \rceil` of largest weights to which
+    PSIS fits the generalized Pareto distribution (ArviZ's ``psislw`` with ``reff=1``). The
+    fit uses the exceedances over the :math:`(M+1)`-th largest weight, so a streaming sampler
+    keeps the :math:`M + 1` largest log-weights."""
+    S = int(num_samples)
+    return int(np.ceil(min(S / 5.0, 3 * S**0.5)))
+
+
+def merge_tail(tail, log_weights, k, dim=0):
+    """Streaming top-k: the ``k`` largest of ``tail`` and ``log_weights`` along ``dim``
+    (``tail`` may be ``None`` on the first chunk). Stays on the tensors' device; no host
+    synchronisation."""
+    both = log_weights if tail is None else torch.cat([tail, log_weights], dim)
+    k = min(k, both.shape[dim])
+    return torch.topk(both, k, dim=dim, sorted=False).values
+
+
+def _khat_1d(x_desc, num_samples, gpdfit):
+    """k-hat of one sequence from its largest log-weights ``x_desc`` (float64, sorted
+    descending, the ``M + 1`` largest or all ``S``), exactly as ArviZ's ``_psislw`` computes
+    it from all the weights."""
+    S = num_samples
+    M = tail_size(S)
+    if not np.isfinite(x_desc[0]):  # NaN weights, or every weight zero
+        return math.nan
+    x = x_desc - x_desc[0]
+    if len(x) == S and x[-1] == 0.0:
+        return -math.inf  # all weights equal: bounded, the estimate is exact
+    if S < 2 or len(x) < M + 1:
+        return math.inf
+    xcutoff = max(x[M], np.log(np.finfo(float).tiny))
+    tail = x[x > xcutoff]
+    if len(tail) <= 4:  # too few tail draws for the fit: ArviZ returns inf
+        return math.inf
+    tail = np.sort(np.exp(tail) - np.exp(xcutoff))
+    with np.errstate(all="ignore"):
+        k, _ = gpdfit(tail)
+    return float(k)
+
+
+def pareto_khat_from_tail(tail, num_samples, dim=0):
+    r"""Pareto :math:`\hat k` per sequence from the :math:`M + 1` largest log-weights of each
+    (:func:`tail_size`, :func:`merge_tail`), the same number ArviZ's :func:`~arviz.psislw`
+    computes from all :math:`S` log-weights.
+
+    With :math:`x_{(1)} \ge x_{(2)} \ge \dots` the sorted log-weights, ArviZ fits the
+    generalized Pareto distribution (``arviz.stats.stats._gpdfit``) to the exceedances
+    :math:`e^{x_{(i)} - x_{(1)}} - e^{c - x_{(1)}}` of the weights above the cutoff
+    :math:`c = x_{(M+1)}` (floored at the smallest positive double relative to the largest
+    weight), i.e. to at most the :math:`M` largest weights. Those lie in the kept tail, so
+    the fit is identical; ties at the cutoff are handled as ArviZ does (strictly above
+    it). Fewer than 5 tail weights give :math:`\hat k = \infty`, as in ArviZ; a sequence
+    whose weights are all equal (kept tail of all :math:`S` weights) gets
+    :math:`-\infty` (bounded weights: the estimate is exact).
+
+    :param tail: ``(K, N)`` (with ``dim=0``) tensor or array, ``K >= min(S, M + 1)``,
+        any order.
+    :param int num_samples: :math:`S`, the number of draws the tail was taken from.
+    :returns: ``(N,)`` float64 array.
+    """
+    az = _import_arviz()
+    gpdfit = az.stats.stats._gpdfit
+    t = tail.detach().to("cpu", torch.float64).numpy() if torch.is_tensor(tail) else tail
+    t = np.moveaxis(np.asarray(t, dtype=float), dim, -1)
+    shape = t.shape[:-1]
+    t = -np.sort(-t.reshape(-1, t.shape[-1]), axis=-1)
+    out = np.array([_khat_1d(row, int(num_samples), gpdfit) for row in t], dtype=float)
+    return out.reshape(shape)
+
+
+def pareto_khat(log_weights, dim=0):
+    r"""Pareto :math:`\hat k` of importance log-weights by ArviZ's PSIS
+    (:func:`arviz.psislw`, ``reff=1``), per sequence.
+
+    :math:`\hat k` is the shape of the generalized Pareto distribution fitted to the
+    :math:`M = \lceil\min(S/5, 3\sqrt S)\rceil` largest weights; the estimate is reliable
+    below :func:`khat_threshold` (Vehtari et al. 2024). A sequence whose weights are all
+    equal gets :math:`-\infty` (ArviZ returns :math:`\infty` for such a tail of ties).
+
+    :param log_weights: tensor or array with the draws along ``dim`` (default 0: ``(S, N)``).
+    :returns: the k-hats, without ``dim``: a tensor on the input's device (float64 on the
+        CPU for an array input, as a numpy array).
+    """
+    az = _import_arviz()
+    is_tensor = torch.is_tensor(log_weights)
+    lw = log_weights.detach().to("cpu", torch.float64).numpy() if is_tensor else log_weights
+    lw = np.moveaxis(np.asarray(lw, dtype=float), dim, -1)
+    flat = lw.reshape(-1, lw.shape[-1])
+    if flat.shape[-1] < 2:  # ArviZ cannot fit one draw
+        khat = np.full(flat.shape[0], np.inf)
+    else:
+        with np.errstate(all="ignore"):
+            _, khat = az.psislw(flat.copy(), reff=1.0)
+        khat = np.asarray(khat, dtype=float).reshape(-1)
+    constant = np.all(flat == flat[:, :1], axis=-1) & np.isfinite(flat[:, 0])
+    khat[constant] = -np.inf
+    khat = khat.reshape(lw.shape[:-1])
+    if is_tensor:
+        return torch.as_tensor(khat, dtype=torch.float64).to(log_weights.device)
+    return khat
