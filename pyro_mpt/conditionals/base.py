@@ -98,12 +98,11 @@ class ParticleScorer(Scorer):
             marginals.append(marginal)
             conds.append(cond)
         R = observed.shape[0]
-        conds = (
-            [c.expand(R, *c.shape[1:]) for c in torch.broadcast_tensors(*conds)]
-            if len(conds) > 1
-            else conds
-        )
-        cond = torch.cat(conds, -1) if len(conds) > 1 else conds[0]  # (R|1, S, N, T)
+        if len(conds) > 1:  # sites differ in token count: broadcast all but the token dim
+            lead = torch.broadcast_shapes(*(c.shape[:-1] for c in conds))
+            cond = torch.cat([c.expand(*lead, c.shape[-1]) for c in conds], -1)
+        else:
+            cond = conds[0]  # (R|1, S, N, T)
         if need_marginal:
             a = self.log_w0 + sum(marginals)  # (R, S, N)
             log_num = torch.logsumexp(a.unsqueeze(-1) + cond, dim=1)
