@@ -39,7 +39,7 @@ __all__ = ["EstimatorResult", "EvaluationReport", "FixedRateBias", "compare", "e
 # ----------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class EstimatorResult:
     r"""One masked estimator against the reference.
 
@@ -48,8 +48,8 @@ class EstimatorResult:
     :ivar float stderr: its Monte Carlo standard error (NaN with ``num_masks=1``).
     :ivar float difference: ``value - reference``.
     :ivar float difference_stderr: :math:`\sqrt{\mathrm{se}^2 + \mathrm{se}_\mathrm{ref}^2}`.
-    :ivar float z_score: ``difference / difference_stderr`` (see :func:`evaluate` for the
-        rounding floor of the denominator).
+    :ivar float z_score: ``difference / difference_stderr``; NaN when neither side has a
+        Monte Carlo error above rounding (see :func:`evaluate`).
     :ivar bool unbiased: whether its expectation is :math:`\log p(X)`.
     :ivar float seconds: wall time.
     :ivar estimate: the full :class:`~pyro_mpt.MPTEstimate` (draws, per-sequence values).
@@ -101,7 +101,11 @@ def _fmt(x, spec=".3f"):
     return format(float(x), spec)
 
 
-@dataclass
+def _fmt_z(z):
+    return "n/a" if math.isnan(z) else format(z, "+.2f")
+
+
+@dataclass(eq=False)
 class EvaluationReport:
     r"""The result of :func:`evaluate`.
 
@@ -171,6 +175,8 @@ class EvaluationReport:
         particles = ""
         if ref.method == "importance":
             particles = f"{ref.num_particles} particles"
+        elif ref.method == "quadrature":
+            particles = f"{ref.num_particles} grid points"
         lines.append(f"  {'method':<12} {'log p(X)':>14} {'s.e.':>10}  {'':<16} status")
         lines.append(
             f"  {ref.method:<12} {_fmt(ref.total):>14} {_fmt(ref.stderr):>10}  "
@@ -197,7 +203,7 @@ class EvaluationReport:
                 lines.append(
                     f"  {name:<12} {r.num_masks:>5} {r.conditionals:<12} {_fmt(r.value):>14} "
                     f"{_fmt(r.stderr):>10} {_fmt(r.difference, '+.3f'):>12} "
-                    f"{_fmt(r.difference_stderr):>10} {_fmt(r.z_score, '+.2f'):>8}"
+                    f"{_fmt(r.difference_stderr):>10} {_fmt_z(r.z_score):>8}"
                 )
             if any(not r.unbiased for r in self.estimators.values()):
                 lines.append("  * biased: its expectation is not log p(X)")
@@ -215,7 +221,7 @@ class EvaluationReport:
             lines += [
                 "",
                 f"Curve S(m), m = 1..{c.num_tokens} ({masks} per size, {c.conditionals})",
-                f"  area sum_m S(m) {_fmt(c.area):>14} ± {_fmt(c.area_stderr)}   "
+                f"  area sum_m S(m) {_fmt(c.area):>14} +- {_fmt(c.area_stderr)}   "
                 f"- reference {_fmt(float(c.area) - float(ref.total), '+.3f')}",
             ]
         if self.fixed_rates:
@@ -450,14 +456,16 @@ class _Clock:
 
 
 def _z_score(difference, stderr, reference_value, dtype):
-    """``difference / stderr``, with ``stderr`` floored at the rounding scale
-    :math:`\\epsilon^{3/4}\\max(1, |\\mathrm{ref}|)` of the dtype, so that an exact estimator
-    against an exact reference (both s.e. ~ 0) reads z ~ 0 instead of rounding noise over
-    rounding noise."""
+    """``difference / stderr``, or NaN when ``stderr`` is NaN or not above the dtype's
+    rounding scale :math:`\\epsilon^{3/4}\\max(1, |\\mathrm{ref}|)`: two deterministic
+    numbers (the chain estimator with exact or quadrature conditionals against an exact or
+    quadrature reference) differ by rounding or discretisation, not by a sampling error, and
+    their ratio to a zero standard error means nothing."""
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
     floor = eps**0.75 * max(1.0, abs(reference_value))
-    denom = math.hypot(stderr, floor) if math.isfinite(stderr) else stderr
-    return difference / denom
+    if not stderr > floor:
+        return math.nan
+    return difference / stderr
 
 
 def _estimator_list(estimators):
@@ -524,8 +532,10 @@ def evaluate(
        ``log_marginal_likelihood(model, *args, method=reference, ...)``;
     2. each estimator by ``MaskedELBO(estimator=name, num_masks=num_masks, ...).estimate``,
        with its standard error and :math:`z = (\hat L - L_\mathrm{ref}) /
-       \sqrt{\mathrm{se}^2 + \mathrm{se}_\mathrm{ref}^2}` (the denominator floored at the
-       dtype's rounding scale :math:`\epsilon^{3/4}\max(1,|L_\mathrm{ref}|)`);
+       \sqrt{\mathrm{se}^2 + \mathrm{se}_\mathrm{ref}^2}`; :math:`z` is NaN (``n/a`` in
+       the table) when that standard error is not above the dtype's rounding scale
+       :math:`\epsilon^{3/4}\max(1,|L_\mathrm{ref}|)`, i.e. when both numbers are
+       deterministic (compare the difference itself) or ``num_masks=1``;
     3. the curve :math:`S(m)` by :func:`~pyro_mpt.mpt_curve` with ``curve_masks`` masks per
        size, and for each fixed rate :math:`r` the bias
        :math:`T\,S(\mathrm{round}(rT)) - L_\mathrm{ref}` with its standard error.

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One GPU session: the test suite (CUDA tests included) and the GPU benchmarks, logs to $OUT.
+# Expects pyro/arviz wheels in .whl/ (bash ../shared/device/wheels.sh) on a machine whose
+# Python already has torch.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUT/pytest.txt"
+timeout 120 python3 benchmarks/bench_ppca_stratified.py --device cuda --dtype float32 --repeats 5 \
+  2>&1 | tee "$OUT/bench_ppca_cuda.txt"
+if [ -f benchmarks/bench_importance_gpu.py ]; then
+  timeout 150 python3 benchmarks/bench_importance_gpu.py --device cuda 2>&1 | tee "$OUT/bench_importance.txt"
+fi
