@@ -4,19 +4,32 @@ Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 """
 
-from . import conditionals, estimators, models
+from . import conditionals, diagnostics, estimators, models
 from .curve import MPTCurve, mpt_curve
+from .evaluation import LMLEstimate, log_marginal_likelihood
 from .masked_elbo import MaskedELBO
+from .plotting import plot_curve, plot_fixed_rate_bias
+from .report import EstimatorResult, EvaluationReport, FixedRateBias, compare, evaluate
 from .scoring import MPTEstimate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EstimatorResult",
+    "EvaluationReport",
+    "FixedRateBias",
+    "LMLEstimate",
     "MPTCurve",
     "MPTEstimate",
     "MaskedELBO",
+    "compare",
     "conditionals",
+    "diagnostics",
     "estimators",
+    "evaluate",
+    "log_marginal_likelihood",
     "models",
     "mpt_curve",
+    "plot_curve",
+    "plot_fixed_rate_bias",
 ]

@@ -36,6 +36,7 @@ import torch
 
 __all__ = [
     "effective_sample_size",
+    "gpdfit",
     "khat_threshold",
     "merge_tail",
     "pareto_khat",
@@ -129,6 +130,51 @@ def _khat_1d(x_desc, num_samples, gpdfit):
     return float(k)
 
 
+#: Elements of the ``(rows, m, n)`` intermediate of one batch of :func:`gpdfit`.
+_GPDFIT_ELEMENTS = 2**25
+
+
+def gpdfit(exceedances):
+    r"""ArviZ's generalized Pareto fit, batched over rows: a line-by-line port of
+    ``arviz.stats.stats._gpdfit`` (the empirical-Bayes estimate of Zhang & Stephens (2009)
+    with ArviZ's prior: ``prior_bs = 3``, ``prior_k = 10``) to torch, so that thousands of
+    sequences are fitted in one pass on their device. Tested equal to ArviZ's function.
+
+    With :math:`x_{(1)} \le \dots \le x_{(n)}` one row, :math:`m = 30 + \lfloor\sqrt n\rfloor`
+    candidates :math:`b_j = 1/x_{(n)} + (1 - \sqrt{m/(j - 1/2)})/(3\,x_{(\lfloor n/4 + 1/2\rfloor)})`,
+    profile :math:`k(b) = \overline{\log(1 - b x)}`, weights
+    :math:`w_j \propto 1/\sum_i e^{\ell_i - \ell_j}`,
+    :math:`\ell_j = n(\log(-b_j/k(b_j)) - k(b_j) - 1)` (negligible ones dropped),
+    :math:`\hat b = \sum_j w_j b_j`, :math:`\hat k = k(\hat b)`, :math:`\sigma = -\hat k/\hat b`,
+    and :math:`\hat k` shrunk to :math:`(n\hat k + 5)/(n + 10)`.
+
+    :param torch.Tensor exceedances: ``(R, n)``, each row sorted ascending, positive.
+    :returns: ``(k, sigma)``, each ``(R,)``.
+    """
+    x = exceedances
+    R, n = x.shape
+    prior_bs, prior_k = 3.0, 10.0
+    m = 30 + int(n**0.5)
+    j = torch.arange(1, m + 1, dtype=x.dtype, device=x.device)
+    b0 = 1 - torch.sqrt(m / (j - 0.5))  # (m,)
+    eps = torch.finfo(x.dtype).eps
+    ks, sigmas = [], []
+    step = max(1, _GPDFIT_ELEMENTS // (m * n))
+    for rows in x.split(step):
+        b = b0 / (prior_bs * rows[:, int(n / 4 + 0.5) - 1 : int(n / 4 + 0.5)])
+        b = b + 1 / rows[:, -1:]  # (r, m)
+        k = torch.log1p(-b.unsqueeze(-1) * rows.unsqueeze(1)).mean(-1)  # (r, m)
+        ell = n * (torch.log(-(b / k)) - k - 1)
+        w = 1 / torch.exp(ell.unsqueeze(-2) - ell.unsqueeze(-1)).sum(-1)
+        w = torch.where(w >= 10 * eps, w, torch.zeros_like(w))  # ArviZ drops them
+        w = w / w.sum(-1, keepdim=True)
+        b_post = (b * w).sum(-1)
+        k_post = torch.log1p(-b_post.unsqueeze(-1) * rows).mean(-1)
+        sigmas.append(-k_post / b_post)
+        ks.append((n * k_post + prior_k * 0.5) / (n + prior_k))
+    return torch.cat(ks), torch.cat(sigmas)
+
+
 def pareto_khat_from_tail(tail, num_samples, dim=0):
     r"""Pareto :math:`\hat k` per sequence from the :math:`M + 1` largest log-weights of each
     (:func:`tail_size`, :func:`merge_tail`), the same number ArviZ's :func:`~arviz.psislw`
@@ -139,24 +185,44 @@ def pareto_khat_from_tail(tail, num_samples, dim=0):
     :math:`e^{x_{(i)} - x_{(1)}} - e^{c - x_{(1)}}` of the weights above the cutoff
     :math:`c = x_{(M+1)}` (floored at the smallest positive double relative to the largest
     weight), i.e. to at most the :math:`M` largest weights. Those lie in the kept tail, so
-    the fit is identical; ties at the cutoff are handled as ArviZ does (strictly above
-    it). Fewer than 5 tail weights give :math:`\hat k = \infty`, as in ArviZ; a sequence
-    whose weights are all equal (kept tail of all :math:`S` weights) gets
+    the fit is identical. Sequences with :math:`M` weights strictly above the cutoff (the
+    usual case) are fitted together by :func:`gpdfit` on the tail's device; the others
+    (ties at the cutoff, zero weights, fewer than 5 tail weights) one by one by ArviZ's own
+    ``_gpdfit``, with ArviZ's conventions (:math:`\infty` for fewer than 5 tail weights). A
+    sequence whose weights are all equal (a tail of all :math:`S` weights) gets
     :math:`-\infty` (bounded weights: the estimate is exact).
 
     :param tail: ``(K, N)`` (with ``dim=0``) tensor or array, ``K >= min(S, M + 1)``,
         any order.
     :param int num_samples: :math:`S`, the number of draws the tail was taken from.
-    :returns: ``(N,)`` float64 array.
+    :returns: the k-hats without ``dim``: a float64 tensor on the tail's device, or a numpy
+        array for an array input.
     """
-    az = _import_arviz()
-    gpdfit = az.stats.stats._gpdfit
-    t = tail.detach().to("cpu", torch.float64).numpy() if torch.is_tensor(tail) else tail
-    t = np.moveaxis(np.asarray(t, dtype=float), dim, -1)
+    is_tensor = torch.is_tensor(tail)
+    t = torch.as_tensor(tail).detach().to(torch.float64).movedim(dim, -1)
     shape = t.shape[:-1]
-    t = -np.sort(-t.reshape(-1, t.shape[-1]), axis=-1)
-    out = np.array([_khat_1d(row, int(num_samples), gpdfit) for row in t], dtype=float)
-    return out.reshape(shape)
+    x = t.reshape(-1, t.shape[-1]).sort(-1, descending=True).values
+    S = int(num_samples)
+    M = tail_size(S)
+    out = torch.full(x.shape[:1], math.nan, dtype=torch.float64, device=x.device)
+    regular = torch.zeros(x.shape[:1], dtype=torch.bool, device=x.device)
+    if S >= 2 and M > 4 and x.shape[-1] >= M + 1:
+        xs = x - x[:, :1]
+        cut = xs[:, M].clamp(min=math.log(np.finfo(float).tiny))
+        regular = torch.isfinite(x[:, 0]) & (xs[:, :M] > cut.unsqueeze(-1)).all(-1)
+        if bool(regular.any()):
+            ex = xs[regular, :M].exp() - cut[regular].exp().unsqueeze(-1)
+            out[regular] = gpdfit(ex.flip(-1))[0]
+    rest = (~regular).nonzero().flatten()
+    if len(rest):
+        gpd = _import_arviz().stats.stats._gpdfit
+        rows = x[rest].cpu().numpy()
+        k = [_khat_1d(row, S, gpd) for row in rows]
+        out[rest] = torch.as_tensor(k, dtype=torch.float64).to(out.device)
+    out = out.reshape(shape)
+    if is_tensor:
+        return out
+    return out.cpu().numpy()
 
 
 def pareto_khat(log_weights, dim=0):

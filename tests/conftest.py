@@ -23,4 +23,7 @@ def assert_close(actual, expected, *, atol, rtol=0.0, msg=""):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=msg or None)
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def requires_cuda(test):
+    """Marks a test ``gpu`` and skips it without CUDA."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    return pytest.mark.gpu(skip(test))
