@@ -79,12 +79,10 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
-from pyro.ops import packed
-from pyro.ops.contract import contract_to_tensor
-from pyro.ops.rings import LogRing
 from pyro.poutine.util import site_is_subsample
 
 from .conditionals.base import DEFAULT_MAX_ELEMENTS, ParticleScorer, particle_trace
+from .conditionals.elimination import contract_evidence
 from .conditionals.enumerate import EnumerateConditionals
 from .conditionals.quadrature import QuadratureConditionals
 from .diagnostics import (
@@ -212,62 +210,11 @@ def _masked_log_prob(site, log_prob=_site_log_prob):
     return scale_and_mask(lp, mask=site["mask"]) if site["mask"] is not None else lp
 
 
-def _seq_plates(layout):
-    return {f.name for s in layout.sites for f in s.frames} - {layout.token_plate}
-
-
-def _contract(trace, layout, size, latents):
-    r"""``(size, N)``: :math:`\log \sum_c p(x_n, c, z_{\text{latents}} \mid z_s)` per particle
-    and sequence, the enumerated sites :math:`c` summed out by tensor variable elimination
-    with the particle and sequence plates kept (as
-    :meth:`~pyro_mpt.conditionals.elimination.EliminationScorer.log_evidence` does with its
-    item plate)."""
-    names = set(latents)
-
-    def relevant(name, site):
-        return not site_is_subsample(site) and (
-            site["is_observed"] or "_enumerate_dim" in site["infer"] or name in names
-        )
-
-    trace.compute_log_prob(relevant)
-    trace.pack_tensors()
-    tree, sum_dims, dim_to_size = OrderedDict(), set(), {}
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or not relevant(name, site):
-            continue
-        ordinal = frozenset(
-            trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
-        )
-        pk = site["packed"]
-        if site["infer"].get("_enumerate_dim") is not None:
-            term = pk["unscaled_log_prob"]
-            sum_dims.add(site["infer"]["_enumerate_symbol"])
-        else:
-            term = packed.scale_and_mask(pk["unscaled_log_prob"], mask=pk["mask"])
-        dim_to_size.update(zip(term._pyro_dims, term.shape))
-        for f in site["cond_indep_stack"]:  # plates of size 1 are not packed
-            if f.vectorized:
-                dim_to_size.setdefault(trace.plate_to_symbol[f.name], f.size)
-        tree.setdefault(ordinal, []).append(term)
-    target = frozenset(
-        trace.plate_to_symbol[name]
-        for name in _seq_plates(layout) | {PARTICLE_PLATE}
-        if name in trace.plate_to_symbol
-    )
-    logz = contract_to_tensor(tree, sum_dims, target_ordinal=target, ring=LogRing(dim_to_size))
-    logz = packed.unpack(logz, trace.symbol_to_dim)
-    P = layout.max_plate_nesting
-    logz = logz.reshape((1,) * (P + 1 - logz.dim()) + tuple(logz.shape))
-    if layout.token_plate is not None:
-        logz = logz.squeeze(1 + P + layout.token_dim)  # product-contracted: size 1
-    return logz.expand(size, *layout.seq_shape).reshape(size, layout.num_sequences)
-
-
 def _log_joint(trace, layout, size, latents, log_prob=_site_log_prob):
     r"""``(size, N)``: :math:`\log p(x_n \mid z_s) + \sum_{\text{latents}} \log p(z_s)`, the
     enumerated latents summed out."""
     if layout.enumerated:
-        return _contract(trace, layout, size, latents)
+        return contract_evidence(trace, layout, PARTICLE_PLATE, size, latents)
     total = 0.0
     for info in layout.sites:
         site = trace.nodes[info.name]

@@ -53,7 +53,7 @@ from torch.distributions import Independent
 
 from .base import DEFAULT_MAX_ELEMENTS, Scorer, particle_trace
 
-__all__ = ["EliminationScorer", "MASK_PLATE"]
+__all__ = ["EliminationScorer", "MASK_PLATE", "contract_evidence"]
 
 #: Name of the plate whose index enumerates the evaluation items (evidence sets).
 MASK_PLATE = "_mpt_masks"
@@ -100,6 +100,60 @@ class _EvidenceMessenger(Messenger):
             msg["mask"] = mask if msg["mask"] is None else msg["mask"] & mask
         else:
             msg["fn"] = _mask_elements(msg["fn"], mask)
+
+
+def contract_evidence(trace, layout, keep_plate, size, latents=()):
+    r"""``(size, N)``: :math:`\log \sum_c \prod_f f` over an enumerated trace, keeping the
+    plate ``keep_plate`` (of ``size``, left of the model's plates) and the sequence plates.
+
+    The factors are gathered by ordinal as :class:`~pyro.infer.TraceEnum_ELBO` does: the
+    enumerated sites' log-probabilities unscaled (their dims :math:`c` are summed out), the
+    observed sites' (and the named ``latents``') unscaled with their masks applied inside the
+    log-sum-exp, so masked evidence is marginalised. Subsampling scales are the caller's.
+    """
+    names = set(latents)
+
+    def relevant(name, site):
+        return not site_is_subsample(site) and (
+            site["is_observed"] or "_enumerate_dim" in site["infer"] or name in names
+        )
+
+    trace.compute_log_prob(relevant)
+    trace.pack_tensors()
+    tree, sum_dims, dim_to_size = OrderedDict(), set(), {}
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or not relevant(name, site):
+            continue
+        ordinal = frozenset(
+            trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
+        )
+        pk = site["packed"]
+        if site["infer"].get("_enumerate_dim") is not None:
+            term = pk["unscaled_log_prob"]
+            sum_dims.add(site["infer"]["_enumerate_symbol"])
+        else:
+            term = packed.scale_and_mask(pk["unscaled_log_prob"], mask=pk["mask"])
+        dim_to_size.update(zip(term._pyro_dims, term.shape))
+        for f in site["cond_indep_stack"]:  # plates of size 1 are not packed
+            if f.vectorized:
+                dim_to_size.setdefault(trace.plate_to_symbol[f.name], f.size)
+        tree.setdefault(ordinal, []).append(term)
+
+    seq_plates = {f.name for s in layout.sites for f in s.frames} - {layout.token_plate}
+    target = frozenset(
+        trace.plate_to_symbol[name]
+        for name in seq_plates | {keep_plate}
+        if name in trace.plate_to_symbol
+    )
+    logz = contract_to_tensor(
+        tree, sum_dims, target_ordinal=target, ring=LogRing(dim_to_size=dim_to_size)
+    )
+    logz = packed.unpack(logz, trace.symbol_to_dim)  # dims -P-1 (kept) .. -1 (plates)
+    P = layout.max_plate_nesting
+    logz = logz.reshape((1,) * (P + 1 - logz.dim()) + tuple(logz.shape))
+    if layout.token_plate is not None:
+        logz = logz.squeeze(1 + P + layout.token_dim)  # product-contracted: size 1
+    return logz.expand(size, *layout.seq_shape).reshape(size, layout.num_sequences)
 
 
 class EliminationScorer(Scorer):
@@ -210,50 +264,7 @@ class EliminationScorer(Scorer):
 
         enum_model = poutine.enum(items_model, first_available_dim=-P - 2)
         tr = poutine.trace(enum_model).get_trace(*self.args, **self.kwargs)
-        tr.compute_log_prob(lambda name, site: not site_is_subsample(site))
-        tr.pack_tensors()
-
-        # Gather the log-factors by ordinal, as TraceEnum_ELBO's _compute_model_factors does:
-        # enumerated sites enter unscaled and unmasked, the others unscaled with their mask
-        # (the evidence mask) applied inside the log-sum-exp. Subsampling scales are applied
-        # by the caller per sequence.
-        tree, sum_dims, dim_to_size = OrderedDict(), set(), {}
-        for site in tr.nodes.values():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
-            ordinal = frozenset(
-                tr.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
-            )
-            pk = site["packed"]
-            if site["infer"].get("_enumerate_dim") is not None:
-                term = pk["unscaled_log_prob"]
-                sum_dims.add(site["infer"]["_enumerate_symbol"])
-            elif site["is_observed"]:
-                term = packed.scale_and_mask(pk["unscaled_log_prob"], mask=pk["mask"])
-            else:
-                raise ValueError(
-                    f"latent site {site['name']!r} is not enumerated; variable elimination "
-                    "needs every latent marked infer={'enumerate': 'parallel'}"
-                )
-            dim_to_size.update(zip(term._pyro_dims, term.shape))
-            for f in site["cond_indep_stack"]:  # plates of size 1 are not packed
-                if f.vectorized:
-                    dim_to_size.setdefault(tr.plate_to_symbol[f.name], f.size)
-            tree.setdefault(ordinal, []).append(term)
-
-        seq_plates = {f.name for s in layout.sites for f in s.frames} - {layout.token_plate}
-        target = frozenset(
-            tr.plate_to_symbol[name]
-            for name in seq_plates | {MASK_PLATE}
-            if name in tr.plate_to_symbol
-        )
-        ring = LogRing(dim_to_size=dim_to_size)
-        logz = contract_to_tensor(tree, sum_dims, target_ordinal=target, ring=ring)
-        logz = packed.unpack(logz, tr.symbol_to_dim)  # dims -P-1 (items) .. -1 (plates)
-        logz = logz.reshape((1,) * (P + 1 - logz.dim()) + tuple(logz.shape))
-        if layout.token_plate is not None:
-            logz = logz.squeeze(1 + P + layout.token_dim)  # product-contracted: size 1
-        return logz.expand(B, *layout.seq_shape).reshape(B, layout.num_sequences)
+        return contract_evidence(tr, layout, MASK_PLATE, B)
 
     def __call__(self, observed, scored):
         r""":param observed: bool ``(R, N, T)``, the conditioning tokens :math:`O`.
