@@ -4,7 +4,7 @@ Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 """
 
-from . import conditionals, diagnostics, estimators, models
+from . import conditionals, diagnostics, estimators, mlm, models
 from .curve import MPTCurve, mpt_curve
 from .evaluation import LMLEstimate, log_marginal_likelihood
 from .masked_elbo import MaskedELBO
@@ -28,6 +28,7 @@ __all__ = [
     "estimators",
     "evaluate",
     "log_marginal_likelihood",
+    "mlm",
     "models",
     "mpt_curve",
     "plot_curve",

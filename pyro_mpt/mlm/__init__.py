@@ -1,0 +1,24 @@
+r"""Masked language models: MPT curves, areas (LML estimates), fixed-rate estimates and
+pseudo-log-likelihoods for any masked predictor, and an exact HMM predictor as ground truth.
+
+A masked predictor is a callable ``predictor(tokens, mask) -> log_probs``: ``tokens`` long
+``(B, T)``, ``mask`` bool ``(B, T)`` (True = hidden), ``log_probs`` ``(B, T, V)``.
+"""
+
+from .curve import (
+    LeaveOneOutEstimator,
+    MLMCurve,
+    mlm_curve,
+    mlm_estimate,
+    pseudo_log_likelihood,
+)
+from .hmm import hmm_predictor
+
+__all__ = [
+    "LeaveOneOutEstimator",
+    "MLMCurve",
+    "hmm_predictor",
+    "mlm_curve",
+    "mlm_estimate",
+    "pseudo_log_likelihood",
+]
