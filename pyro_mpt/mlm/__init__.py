@@ -12,13 +12,22 @@ from .curve import (
     mlm_estimate,
     pseudo_log_likelihood,
 )
+from .experiment import MLMExperimentResult, mlm_experiment, random_hmm
 from .hmm import hmm_predictor
+from .huggingface import huggingface_predictor
+from .transformer import TinyMLM, train_mlm
 
 __all__ = [
     "LeaveOneOutEstimator",
     "MLMCurve",
+    "MLMExperimentResult",
+    "TinyMLM",
     "hmm_predictor",
+    "huggingface_predictor",
+    "mlm_experiment",
     "mlm_curve",
     "mlm_estimate",
     "pseudo_log_likelihood",
+    "random_hmm",
+    "train_mlm",
 ]

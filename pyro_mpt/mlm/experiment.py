@@ -1,0 +1,413 @@
+r"""Masked language models on data with a known log marginal likelihood.
+
+A random hidden Markov model (``num_states`` hidden states, ``vocab_size`` symbols, moderately
+peaked transitions and emissions) generates training and held-out sequences of ``seq_len``
+tokens. Its exact held-out :math:`\log p(X)` comes from the forward algorithm
+(:func:`pyro_mpt.models.hmm_log_marginal`) and is cross-checked against the exact HMM masked
+predictor (:func:`pyro_mpt.mlm.hmm_predictor`): with the chain estimator (and, for short
+sequences, all :math:`2^T - 1` masks) its area equals :math:`\log p(X)` to rounding.
+
+Three :class:`~pyro_mpt.mlm.transformer.TinyMLM` of the same architecture and initialisation
+are compared with it, by the area of their held-out MPT curve (in nats per token):
+
+(a) trained by BERT's loss at a fixed 15% mask rate,
+(b) trained by the cumulative MPT objective (uniformly random mask sizes, weight T/m),
+(c) untrained.
+
+The theory (Moreno-Muñoz et al. 2023) predicts that (b), whose training objective is the
+area itself, gets an area closer to the exact LML than (a), which only learns the curve near
+:math:`m/T = 0.15`; (c) is far below both.
+
+Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520 (Section 5, BERT).
+"""
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models import hmm_log_marginal, sample_hmm
+from .curve import mlm_curve, pseudo_log_likelihood
+from .hmm import hmm_predictor
+from .transformer import TinyMLM, num_threads, train_mlm
+
+__all__ = ["MLMExperimentResult", "mlm_experiment", "random_hmm"]
+
+#: The order and labels of the curves in the result and the figure.
+LABELS = {
+    "exact": "exact HMM predictor",
+    "fixed": "(a) TinyMLM, fixed 15% rate",
+    "uniform": "(b) TinyMLM, uniform rates (cumulative)",
+    "untrained": "(c) TinyMLM, untrained",
+}
+COLORS = {"exact": "black", "fixed": "tab:orange", "uniform": "tab:blue", "untrained": "tab:gray"}
+
+#: Sequences up to this length also get the exhaustive cross-check (all 2^T - 1 masks).
+EXHAUSTIVE_CHECK_MAX_TOKENS = 10
+
+
+def _axes(ax, figsize=(7.0, 4.5)):
+    if ax is not None:
+        return ax.figure, ax
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(
+            "the figure needs matplotlib; install it with `pip install pyro-mpt[plots]`"
+        ) from None
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def random_hmm(num_states, vocab_size, *, generator=None, stickiness=2.5, peakedness=1.5):
+    r"""A random HMM with moderately peaked rows (float64):
+    ``transition = softmax(stickiness * I + randn)``, ``emission = softmax(peakedness * randn)``,
+    uniform initial distribution.
+
+    :returns: ``(initial (C,), transition (C, C), emission (C, V))``.
+    """
+    C, V = num_states, vocab_size
+    dtype = torch.float64
+    noise = torch.randn(C, C, generator=generator, dtype=dtype)
+    transition = (stickiness * torch.eye(C, dtype=dtype) + noise).softmax(-1)
+    emission = (peakedness * torch.randn(C, V, generator=generator, dtype=dtype)).softmax(-1)
+    initial = torch.full((C,), 1.0 / C, dtype=dtype)
+    return initial, transition, emission
+
+
+@dataclass
+class MLMExperimentResult:
+    r"""Numbers of :func:`mlm_experiment`. Areas, LMLs and PLLs are in nats per token of the
+    held-out set (summed over sequences, divided by ``num_test * seq_len``).
+
+    :ivar dict config: the arguments the experiment ran with.
+    :ivar float exact_lml: exact held-out :math:`\log p(X)` per token (forward algorithm).
+    :ivar float exact_chain_area: the exact predictor's chain-estimator area per token (equals
+        ``exact_lml`` to rounding).
+    :ivar float exact_exhaustive_area: the same by all :math:`2^T-1` masks, or None (long T).
+    :ivar dict curves: :class:`~pyro_mpt.mlm.MLMCurve` per model: ``"exact"``, ``"fixed"``
+        (a), ``"uniform"`` (b), ``"untrained"`` (c); sums over the held-out sequences.
+    :ivar dict areas: curve area per token per model.
+    :ivar dict area_stderr: its Monte Carlo standard error per token.
+    :ivar dict fixed_rate: what the 15% rate estimates, :math:`T S(\mathrm{round}(0.15T))`,
+        per token per model.
+    :ivar dict pll: pseudo-log-likelihood :math:`T S(1)` per token per model.
+    :ivar dict losses: training loss histories of ``"fixed"`` and ``"uniform"``.
+    :ivar dict seconds: wall time of the parts.
+    """
+
+    config: dict
+    exact_lml: float
+    exact_chain_area: float
+    exact_exhaustive_area: float
+    curves: dict
+    areas: dict
+    area_stderr: dict
+    fixed_rate: dict
+    pll: dict
+    losses: dict
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def gaps(self):
+        """``area - exact_lml`` per model (nats per token)."""
+        return {k: v - self.exact_lml for k, v in self.areas.items()}
+
+    def paired_difference(self, first="uniform", second="fixed"):
+        """``(mean, stderr)`` of ``areas[first] - areas[second]`` per token, paired over the
+        held-out sequences (the curves share their masks): the standard error is that of the
+        mean of the per-sequence area differences."""
+        T = self.config["seq_len"]
+        d = (self.curves[first].per_sequence - self.curves[second].per_sequence).sum(-1) / T
+        N = d.shape[0]
+        se = float(d.std() / N**0.5) if N > 1 else float("nan")
+        return float(d.mean()), se
+
+    @property
+    def uniform_closer(self):
+        """Whether (b)'s area is closer to the exact LML than (a)'s (what the theory
+        predicts)."""
+        return abs(self.gaps["uniform"]) < abs(self.gaps["fixed"])
+
+    def headline(self):
+        """A few lines with the numbers, in nats per token of held-out data."""
+        lines = [
+            f"exact held-out LML per token (forward algorithm): {self.exact_lml:.4f}  "
+            f"(exact predictor: chain area {self.exact_chain_area:.4f}"
+            + (
+                f", exhaustive {self.exact_exhaustive_area:.4f}"
+                if self.exact_exhaustive_area is not None
+                else ""
+            )
+            + ")"
+        ]
+        for key, label in LABELS.items():
+            lines.append(
+                f"{label:42s} area {self.areas[key]:.4f} ± {self.area_stderr[key]:.4f} "
+                f"(gap {self.gaps[key]:+.4f}); 15% rate {self.fixed_rate[key]:.4f}; "
+                f"PLL {self.pll[key]:.4f}"
+            )
+        diff, se = self.paired_difference("uniform", "fixed")
+        lines.append(
+            "(b) closer to the exact LML than (a): "
+            + ("yes" if self.uniform_closer else "no")
+            + f" (area (b) - (a) = {diff:+.4f} ± {se:.4f}, paired over sequences)"
+        )
+        return "\n".join(lines)
+
+    def figure(self, ax=None):
+        r""":math:`S(m)` per token (mean log-probability of a masked token, nats) against the
+        mask rate :math:`m/T` for the exact predictor, (a), (b) and (c), with :math:`\pm 1`
+        standard-error bands; the exact LML per token as a horizontal line (a curve whose mean
+        height equals it has the right area) and the 15% rate as a vertical line.
+
+        :param ax: a :class:`matplotlib.axes.Axes`; a new :class:`matplotlib.figure.Figure`
+            (no pyplot, no global state) when ``None``.
+        :returns: the :class:`~matplotlib.axes.Axes`.
+        """
+        _, ax = _axes(ax)
+        N = self.config["num_test"]
+        for key, label in LABELS.items():
+            curve = self.curves[key]
+            rates = curve.mask_rates.detach().cpu().double().numpy()
+            s = curve.scores.detach().cpu().double().numpy() / N
+            se = curve.stderr.detach().cpu().double().numpy() / N
+            color = COLORS[key]
+            ax.plot(
+                rates,
+                s,
+                marker="o",
+                markersize=3,
+                color=color,
+                linestyle="--" if key == "exact" else "-",
+                label=f"{label}: area {self.areas[key]:.3f}",
+                zorder=3,
+            )
+            if (se == se).all() and (se > 0).any():
+                ax.fill_between(rates, s - se, s + se, color=color, alpha=0.2, linewidth=0)
+        ax.axhline(
+            self.exact_lml,
+            color="tab:red",
+            linestyle=":",
+            linewidth=1.5,
+            label=f"exact LML per token = {self.exact_lml:.3f}",
+        )
+        ax.axvline(0.15, color="0.5", linestyle="-.", linewidth=0.8, label="15% mask rate")
+        ax.set_xlabel("mask rate m / T")
+        ax.set_ylabel("S(m) per token (nats)")
+        cfg = self.config
+        ax.set_title(
+            f"Held-out MPT curves, HMM (C={cfg['num_states']}, V={cfg['vocab_size']}, "
+            f"T={cfg['seq_len']}, N={cfg['num_test']})",
+            fontsize=10,
+        )
+        ax.set_xlim(0.0, 1.0 + 0.5 / cfg["seq_len"])
+        ax.legend(fontsize=7, loc="center right")
+        ax.grid(alpha=0.3)
+        return ax
+
+
+def mlm_experiment(
+    num_states=4,
+    vocab_size=8,
+    seq_len=12,
+    num_train=None,
+    num_test=None,
+    steps=None,
+    quick=True,
+    seed=0,
+    device="cpu",
+    *,
+    batch_size=64,
+    lr=3e-3,
+    num_masks=None,
+    model_kwargs=None,
+    progress=None,
+    threads=1,
+):
+    r"""Trains TinyMLMs on HMM sequences by a fixed 15% rate and by the cumulative objective
+    and compares their held-out MPT-curve areas with the exact LML (see the module doc).
+
+    :param int num_states: HMM hidden states.
+    :param int vocab_size: HMM symbols (the MLM vocabulary).
+    :param int seq_len: tokens per sequence.
+    :param int num_train: training sequences (default 2000 when ``quick``, 20000 otherwise).
+    :param int num_test: held-out sequences, on which every number is reported (default 200
+        when ``quick``, 1000 otherwise).
+    :param int steps: Adam steps per model (default 800 when ``quick``, 4000 otherwise).
+    :param bool quick: the quick size (about 20 s on two CPU cores at the defaults) or the
+        full size (for a GPU).
+    :param int seed: seeds the HMM, the data, the initialisation, the masks.
+    :param device: where the models train and are scored (``"cpu"`` or ``"cuda"``).
+    :param int batch_size: sequences per training step.
+    :param float lr: Adam's learning rate.
+    :param int num_masks: masks per size for each held-out curve (stratified estimator;
+        default 4 when ``quick``, 16 otherwise).
+    :param dict model_kwargs: extra :class:`TinyMLM` arguments (d_model, num_layers, ...).
+    :param progress: tqdm bars while training (None: only on a terminal).
+    :param int threads: torch's CPU threads during the experiment (restored after); ``None``
+        leaves the setting. One thread is many times faster for these tiny models on a CPU
+        shared with other work.
+    :returns: :class:`MLMExperimentResult`.
+    """
+    with num_threads(threads):
+        return _mlm_experiment(
+            num_states,
+            vocab_size,
+            seq_len,
+            num_train,
+            num_test,
+            steps,
+            quick,
+            seed,
+            device,
+            batch_size,
+            lr,
+            num_masks,
+            model_kwargs,
+            progress,
+            threads,
+        )
+
+
+def _mlm_experiment(
+    num_states,
+    vocab_size,
+    seq_len,
+    num_train,
+    num_test,
+    steps,
+    quick,
+    seed,
+    device,
+    batch_size,
+    lr,
+    num_masks,
+    model_kwargs,
+    progress,
+    threads,
+):
+    if num_train is None:
+        num_train = 2000 if quick else 20000
+    if num_test is None:
+        num_test = 200 if quick else 1000
+    if steps is None:
+        steps = 800 if quick else 4000
+    if num_masks is None:
+        num_masks = 4 if quick else 16
+    for name, value in (
+        ("num_states", num_states),
+        ("vocab_size", vocab_size),
+        ("seq_len", seq_len),
+        ("num_train", num_train),
+        ("num_test", num_test),
+        ("steps", steps),
+        ("num_masks", num_masks),
+        ("batch_size", batch_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"mlm_experiment: {name} must be an integer >= 1, got {value!r}")
+    config = dict(
+        num_states=num_states,
+        vocab_size=vocab_size,
+        seq_len=seq_len,
+        num_train=num_train,
+        num_test=num_test,
+        steps=steps,
+        quick=quick,
+        seed=seed,
+        device=str(device),
+        batch_size=batch_size,
+        lr=lr,
+        num_masks=num_masks,
+        model_kwargs=dict(model_kwargs or {}),
+        threads=threads,
+    )
+    device = torch.device(device)
+    seconds = {}
+    t0 = time.perf_counter()
+
+    # the HMM and its data (CPU, float64), then the exact LML and its cross-checks
+    g = torch.Generator().manual_seed(seed)
+    initial, transition, emission = random_hmm(num_states, vocab_size, generator=g)
+    train = sample_hmm(num_train, seq_len, initial, transition, emission, generator=g)
+    test = sample_hmm(num_test, seq_len, initial, transition, emission, generator=g)
+    per_token = 1.0 / (num_test * seq_len)
+    exact_lml = float(hmm_log_marginal(test, initial, transition, emission)) * per_token
+    exact = hmm_predictor(initial, transition, emission)
+    chain = mlm_curve(exact, test, estimator="chain", generator=g)
+    exact_chain_area = float(chain.area) * per_token
+    exact_exhaustive_area = None
+    if seq_len <= EXHAUSTIVE_CHECK_MAX_TOKENS:
+        exact_exhaustive_area = float(mlm_curve(exact, test, exhaustive=True).area) * per_token
+    for name, value in (("chain", exact_chain_area), ("exhaustive", exact_exhaustive_area)):
+        if value is not None and abs(value - exact_lml) > 1e-6:
+            raise RuntimeError(
+                f"mlm_experiment: the exact HMM predictor's {name} area {value} differs from "
+                f"the forward algorithm's LML {exact_lml} (nats per token)"
+            )
+    seconds["data_and_exact"] = time.perf_counter() - t0
+
+    # three TinyMLMs with one initialisation
+    with torch.random.fork_rng(devices=[]):  # the global CPU generator is left as it was
+        torch.random.default_generator.manual_seed(seed)
+        base = TinyMLM(vocab_size, seq_len, **config["model_kwargs"]).to(device)
+    models = {"fixed": copy.deepcopy(base), "uniform": copy.deepcopy(base), "untrained": base}
+    train_dev = train.to(device)
+    losses = {}
+    for key in ("fixed", "uniform"):
+        t = time.perf_counter()
+        gen = torch.Generator(device=device).manual_seed(seed + 1)
+        losses[key] = train_mlm(
+            models[key],
+            train_dev,
+            objective=key,
+            mask_rate=0.15,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            generator=gen,
+            progress=progress,
+        )
+        seconds[f"train_{key}"] = time.perf_counter() - t
+
+    # held-out curves (float64 log-probabilities, same masks for every model)
+    t = time.perf_counter()
+    predictors = {"exact": exact}
+    for key, model in models.items():
+        model.eval()
+        predictors[key] = lambda tokens, mask, model=model: model(
+            tokens.to(device), mask.to(device)
+        ).to("cpu", torch.float64)
+    curves, areas, area_stderr, fixed_rate, pll = {}, {}, {}, {}, {}
+    for key in LABELS:
+        with torch.no_grad():
+            curve = mlm_curve(
+                predictors[key],
+                test,
+                num_masks=num_masks,
+                generator=torch.Generator().manual_seed(seed + 2),
+            )
+            p = pseudo_log_likelihood(predictors[key], test)
+        curves[key] = curve
+        areas[key] = float(curve.area) * per_token
+        area_stderr[key] = float(curve.area_stderr) * per_token
+        fixed_rate[key] = float(curve.fixed_rate_estimate(0.15)) * per_token
+        pll[key] = float(p.sum()) * per_token
+    seconds["curves"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t0
+    return MLMExperimentResult(
+        config=config,
+        exact_lml=exact_lml,
+        exact_chain_area=exact_chain_area,
+        exact_exhaustive_area=exact_exhaustive_area,
+        curves=curves,
+        areas=areas,
+        area_stderr=area_stderr,
+        fixed_rate=fixed_rate,
+        pll=pll,
+        losses=losses,
+        seconds=seconds,
+    )
