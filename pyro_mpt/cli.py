@@ -8,6 +8,10 @@ Subcommands:
     exact log marginal likelihood of the trained model and of the closed-form
     maximum-likelihood PPCA fit.
 
+``pyro-mpt reproduce --output DIR [--quick | --full] [--device D] [--seed S] [--only NAME]``
+    Runs the paper's experiments (:func:`pyro_mpt.experiments.reproduce`) and writes one PNG
+    per experiment and ``report.md`` into ``DIR``.
+
 Heavy imports (torch, pyro) happen inside the subcommand so ``pyro-mpt --help`` is instant.
 """
 
@@ -75,6 +79,43 @@ def _build_parser():
         help="also save the MPT curve S(m) to FILE (needs matplotlib: pip install pyro-mpt[plots])",
     )
     p.set_defaults(func=_run_demo)
+
+    r = sub.add_parser(
+        "reproduce",
+        help="run the paper's experiments; write their figures and report.md",
+        description=(
+            "Run the experiments of Moreno-Muñoz et al. (2023) -- convergence, area, training, "
+            "binary -- and write one PNG per experiment and report.md (each headline number "
+            "beside the paper's claim) into the output directory."
+        ),
+    )
+    r.add_argument("--output", "-o", required=True, metavar="DIR", help="output directory")
+    size = r.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick",
+        dest="quick",
+        action="store_true",
+        default=True,
+        help="reduced sizes, a CPU in under two minutes (default)",
+    )
+    size.add_argument("--full", dest="quick", action="store_false", help="the paper's sizes (slow)")
+    r.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    r.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    r.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        choices=("convergence", "area", "training", "binary"),
+        help="run only this experiment (repeatable): convergence, area, training, binary",
+    )
+    r.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=None,
+        help="no progress bar (default: shown on a terminal)",
+    )
+    r.set_defaults(func=_run_reproduce)
     return parser
 
 
@@ -269,6 +310,26 @@ def _run_demo(args, parser):
         num_masks=args.num_masks,
         plot=args.plot,
     )
+    return 0
+
+
+def _run_reproduce(args, parser):
+    warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
+    from pyro_mpt.experiments.reproduce import check_device, reproduce
+
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    reproduce(
+        args.output,
+        quick=args.quick,
+        device=args.device,
+        seed=args.seed,
+        progress=args.progress,
+        only=args.only,
+    )
+    print(f"figures and report written to {args.output}/report.md")
     return 0
 
 
