@@ -5,7 +5,7 @@ PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: help install test test-all docs lint format demo bench clean
+.PHONY: help install test test-all docs lint format demo reproduce bench clean
 
 help:
 	@echo "make install   install torch==$(TORCH_VERSION), then pyro-mpt in editable mode with test, docs, plots extras"
@@ -15,12 +15,13 @@ help:
 	@echo "make lint      ruff check and ruff format --check"
 	@echo "make format    ruff format and ruff check --fix"
 	@echo "make demo      train PPCA with MaskedELBO and compare MPT with the exact LML"
+	@echo "make reproduce the paper's experiments at quick sizes into results/"
 	@echo "make bench     run benchmarks/bench_ppca_stratified.py"
 	@echo "make clean     remove build outputs and caches"
 
 install:
 	$(PIP) install torch==$(TORCH_VERSION)
-	$(PIP) install -e ".[test,docs,plots]"
+	$(PIP) install -e ".[test,docs,plots,experiments]"
 
 test:
 	$(PYTHON) -m pytest -q
@@ -41,6 +42,9 @@ format:
 
 demo:
 	pyro-mpt demo
+
+reproduce:
+	pyro-mpt reproduce --quick --output results
 
 bench:
 	$(PYTHON) benchmarks/bench_ppca_stratified.py

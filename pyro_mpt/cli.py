@@ -105,8 +105,8 @@ def _build_parser():
         "--only",
         action="append",
         metavar="NAME",
-        choices=("convergence", "area", "training", "binary"),
-        help="run only this experiment (repeatable): convergence, area, training, binary",
+        choices=("convergence", "area", "training", "binary", "mlm"),
+        help="run only this experiment (repeatable): convergence, area, training, binary, mlm",
     )
     r.add_argument(
         "--no-progress",

@@ -120,7 +120,7 @@ def test_figures_leave_global_matplotlib_state_alone():
 def test_reproduce_tiny_writes_figures_and_report(tmp_path):
     out = tmp_path / "out"
     results = reproduce(str(out), _preset="_tiny", progress=False)
-    assert set(results) == {"convergence", "area", "training", "binary"}
+    assert set(results) == {"convergence", "area", "training", "binary", "mlm"}
     for name in results:
         png = out / f"{name}.png"
         assert png.exists() and png.stat().st_size > 1000
@@ -130,6 +130,7 @@ def test_reproduce_tiny_writes_figures_and_report(tmp_path):
     for name in results:
         assert f"| {name} |" in report
     assert "MPT-trained" in report and "closed-form ML" in report
+    assert "exact LML" in report and "(c) untrained" in report  # the MLM row
     # every table row has the same number of (unescaped) cells as the header
     rows = [l for l in report.splitlines() if l.startswith("| ")]
     counts = {l.replace("\\|", "").count("|") for l in rows}

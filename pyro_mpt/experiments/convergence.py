@@ -82,7 +82,7 @@ class ConvergenceResult:
         )
 
     def figure(self, ax=None):
-        """|MPT - LML| per sequence against permutations per size (log-log), one line per
+        """``|MPT - LML|`` per sequence against permutations per size (log-log), one line per
         ``T``, with a :math:`1/\\sqrt p` guide. Returns the Figure."""
         fig, ax = _axes(ax)
         ps = [float(p) for p in self.permutations]
