@@ -26,7 +26,18 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    "matplotlib.sphinxext.plot_directive",
 ]
+
+# Tutorials (../tutorials/*.py) run when the docs build; `.. plot:: name.py` resolves
+# against plot_basedir. Set CI=1 for small sizes.
+plot_basedir = os.path.abspath(os.path.join("..", "tutorials"))
+plot_include_source = True
+plot_html_show_source_link = False
+plot_html_show_formats = False
+plot_formats = [("png", 100)]
+plot_rcparams = {"figure.max_open_warning": 0}
+plot_pre_code = ""
 
 # Docstrings use reST field lists (":param type name:"), so no napoleon.
 autodoc_member_order = "bysource"
