@@ -23,6 +23,15 @@ class MPTCurve:
     :ivar torch.Tensor area: :math:`\sum_m S(m)`, the estimate of :math:`\log p(X)`.
     :ivar float area_stderr: its standard error.
     :ivar bool exhaustive: whether every mask was enumerated (then exact).
+
+    Example::
+
+        curve = mpt_curve(ppca_collapsed, X, 2, num_masks=8)   # X: (N, T)
+        curve.scores.shape, curve.per_sequence.shape           # (T,), (N, T)
+        curve.area, curve.fixed_rate_estimate(0.15)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     sizes: torch.Tensor
@@ -92,6 +101,9 @@ def mpt_curve(
     :returns: :class:`MPTCurve`.
 
     The other options are those of :class:`~pyro_mpt.MaskedELBO`.
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     if isinstance(num_masks, bool) or not isinstance(num_masks, int) or num_masks < 1:
         raise ValueError(f"num_masks must be an integer >= 1, got {num_masks!r}")

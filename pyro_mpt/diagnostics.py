@@ -64,6 +64,14 @@ def khat_threshold(num_samples):
 
     :param int num_samples: :math:`S`.
     :rtype: float
+
+    Example::
+
+        khat_threshold(4096)                       # 0.7
+        khat_threshold(100)                        # 0.5
+
+    Reference: A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed
+    Importance Sampling", JMLR 25(72), 2024.
     """
     S = int(num_samples)
     if S < 1:
@@ -84,6 +92,14 @@ def effective_sample_size(log_weights, dim=0):
     :param torch.Tensor log_weights: log-weights, the draws along ``dim``.
     :param int dim: the draws' dimension (default 0: ``(S, N)`` gives ``(N,)``).
     :returns: a tensor without ``dim``, between 1 and :math:`S` (NaN where every weight is 0).
+
+    Example::
+
+        ess = effective_sample_size(ref.log_weights)   # (S, N) -> (N,)
+        (ess < 100).any()
+
+    Reference: L. Kish, "Survey Sampling", Wiley, 1965 (the ESS); Vehtari et al. 2024
+    (its use with PSIS).
     """
     lw = torch.as_tensor(log_weights)
     return torch.exp(2 * torch.logsumexp(lw, dim) - torch.logsumexp(2 * lw, dim))
@@ -93,7 +109,18 @@ def tail_size(num_samples):
     r"""The number :math:`M = \lceil \min(S/5,\ 3\sqrt S) \rceil` of largest weights to which
     PSIS fits the generalized Pareto distribution (ArviZ's ``psislw`` with ``reff=1``). The
     fit uses the exceedances over the :math:`(M+1)`-th largest weight, so a streaming sampler
-    keeps the :math:`M + 1` largest log-weights."""
+    keeps the :math:`M + 1` largest log-weights.
+
+    :param int num_samples: :math:`S`.
+    :rtype: int
+
+    Example::
+
+        tail_size(4096)                            # 192 = ceil(min(819.2, 192))
+
+    Reference: A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed
+    Importance Sampling", JMLR 25(72), 2024.
+    """
     S = int(num_samples)
     return int(np.ceil(min(S / 5.0, 3 * S**0.5)))
 
@@ -101,7 +128,23 @@ def tail_size(num_samples):
 def merge_tail(tail, log_weights, k, dim=0):
     """Streaming top-k: the ``k`` largest of ``tail`` and ``log_weights`` along ``dim``
     (``tail`` may be ``None`` on the first chunk). Stays on the tensors' device; no host
-    synchronisation."""
+    synchronisation.
+
+    :param tail: ``(K', N)`` (with ``dim=0``) the tail kept so far, or ``None``.
+    :param torch.Tensor log_weights: ``(S_c, N)`` a new chunk of log-weights.
+    :param int k: the number to keep, e.g. ``tail_size(S) + 1``.
+    :returns: ``(min(k, K' + S_c), N)``, the largest along ``dim`` (in no particular order).
+
+    Example::
+
+        tail = None
+        for chunk in chunks:                       # each (S_c, N)
+            tail = merge_tail(tail, chunk, tail_size(S) + 1)
+        khat = pareto_khat_from_tail(tail, S)      # (N,)
+
+    Reference: A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed
+    Importance Sampling", JMLR 25(72), 2024.
+    """
     both = log_weights if tail is None else torch.cat([tail, log_weights], dim)
     k = min(k, both.shape[dim])
     return torch.topk(both, k, dim=dim, sorted=False).values
@@ -150,6 +193,13 @@ def gpdfit(exceedances):
 
     :param torch.Tensor exceedances: ``(R, n)``, each row sorted ascending, positive.
     :returns: ``(k, sigma)``, each ``(R,)``.
+
+    Example::
+
+        k, sigma = gpdfit(torch.sort(exceedances, dim=-1).values)   # (R, n) -> (R,), (R,)
+
+    Reference: J. Zhang, M. A. Stephens, "A New and Efficient Estimation Method for the
+    Generalized Pareto Distribution", Technometrics 51(3), 2009; Vehtari et al. 2024.
     """
     x = exceedances
     R, n = x.shape
@@ -197,6 +247,14 @@ def pareto_khat_from_tail(tail, num_samples, dim=0):
     :param int num_samples: :math:`S`, the number of draws the tail was taken from.
     :returns: the k-hats without ``dim``: a float64 tensor on the tail's device, or a numpy
         array for an array input.
+
+    Example::
+
+        k = tail_size(S) + 1
+        khat = pareto_khat_from_tail(log_weights.topk(k, dim=0).values, S)   # (S, N) -> (N,)
+
+    Reference: A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed
+    Importance Sampling", JMLR 25(72), 2024.
     """
     is_tensor = torch.is_tensor(tail)
     t = torch.as_tensor(tail).detach().to(torch.float64).movedim(dim, -1)
@@ -237,6 +295,14 @@ def pareto_khat(log_weights, dim=0):
     :param log_weights: tensor or array with the draws along ``dim`` (default 0: ``(S, N)``).
     :returns: the k-hats, without ``dim``: a tensor on the input's device (float64 on the
         CPU for an array input, as a numpy array).
+
+    Example::
+
+        khat = pareto_khat(ref.log_weights)        # (S, N) -> (N,)
+        (khat > khat_threshold(ref.log_weights.shape[0])).any()
+
+    Reference: A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed
+    Importance Sampling", JMLR 25(72), 2024.
     """
     az = _import_arviz()
     is_tensor = torch.is_tensor(log_weights)

@@ -50,6 +50,15 @@ class MaskBatch:
     :ivar torch.Tensor size: long ``(R, N)``, the mask size :math:`m = T - |O|` a row stands
         for (the curve bins by it).
     :ivar torch.Tensor draw: long ``(R,)``, the independent draw each row belongs to.
+
+    Example::
+
+        batch = next(iter(StratifiedEstimator().batches(2, 5, 1, device="cpu",
+                                                       dtype=torch.float64, max_rows=100)))
+        batch.observed.shape, batch.weight.shape    # (5, 2, 5), (5, 2)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     observed: torch.Tensor
@@ -76,6 +85,19 @@ class MaskEstimator:
     :cvar str name: the registry name.
     :cvar bool unbiased: whether the expectation of the estimate is :math:`\\log p(x)` (given
         exact conditionals).
+
+    :meth:`batches` yields :class:`MaskBatch` chunks; a draw's estimate for sequence :math:`n`
+    is :math:`\\sum_r w_{r,n} \\sum_{j \\in \\mathrm{scored}_r} \\log p(x_{n,j} \\mid x_{n,O_r})`
+    over its rows :math:`r`.
+
+    Example::
+
+        est = get_estimator("stratified")
+        batch = next(iter(est.batches(N, T, 1, device="cpu", dtype=torch.float64, max_rows=1024)))
+        batch.observed.shape                        # (R, N, T)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     name = None
@@ -96,7 +118,15 @@ class MaskEstimator:
 
 class UniformEstimator(MaskEstimator):
     r"""One mask per draw: :math:`m \sim \mathcal U\{1..T\}`, :math:`M` uniform of size
-    :math:`m`, estimate :math:`T\,s(M)`. Unbiased: :math:`\mathbb E[T s(M)] = \sum_m S(m)`."""
+    :math:`m`, estimate :math:`T\,s(M)`. Unbiased: :math:`\mathbb E[T s(M)] = \sum_m S(m)`.
+
+    Example::
+
+        MaskedELBO(estimator=UniformEstimator())    # same as estimator="uniform"
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+    """
 
     name = "uniform"
 
@@ -119,6 +149,13 @@ class FixedRateEstimator(MaskEstimator):
     bias :math:`T S(m) - \log p(x)` depends on the model and the data.
 
     :param float mask_rate: in :math:`(0, 1]`.
+
+    Example::
+
+        MaskedELBO(estimator=FixedRateEstimator(0.15))   # same as estimator="fixed", mask_rate=0.15
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     name = "fixed"
@@ -149,7 +186,15 @@ class FixedRateEstimator(MaskEstimator):
 
 class StratifiedEstimator(MaskEstimator):
     r"""The paper's estimator: for every :math:`m = 1..T` one uniform mask :math:`M_m` of
-    size :math:`m`; estimate :math:`\sum_m s(M_m)`. Unbiased, ``T`` masks per draw."""
+    size :math:`m`; estimate :math:`\sum_m s(M_m)`. Unbiased, ``T`` masks per draw.
+
+    Example::
+
+        MaskedELBO(estimator=StratifiedEstimator(), num_masks=4)   # same as estimator="stratified"
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+    """
 
     name = "stratified"
 
@@ -170,7 +215,15 @@ class ChainEstimator(MaskEstimator):
     :math:`\log p(x)` for exact conditionals (zero variance); with self-normalised
     importance conditionals it telescopes to the per-sequence importance estimate.
     Row ``i`` conditions on the first ``i`` tokens of :math:`\pi` and scores the next; the
-    tokens after it are marginalised, not observed."""
+    tokens after it are marginalised, not observed.
+
+    Example::
+
+        mpt_estimate = MaskedELBO(estimator=ChainEstimator()).estimate(model, None, X)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+    """
 
     name = "chain"
 
@@ -194,7 +247,15 @@ class ChainEstimator(MaskEstimator):
 class ExhaustiveEstimator(MaskEstimator):
     r"""Every non-empty mask, weighted :math:`1/(m\binom{T}{m})`: returns
     :math:`\sum_m S(m)` exactly (no randomness). ``2^T - 1`` rows: small ``T`` only
-    (at most :data:`MAX_EXHAUSTIVE_TOKENS`)."""
+    (at most :data:`MAX_EXHAUSTIVE_TOKENS`).
+
+    Example::
+
+        mpt_curve(model, X, exhaustive=True).area   # uses it; X: (N, T) with T <= 16
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+    """
 
     name = "exhaustive"
 
@@ -250,6 +311,15 @@ def get_estimator(estimator, mask_rate=None):
 
     :param estimator: a name in :data:`ESTIMATORS` or a :class:`MaskEstimator`.
     :param float mask_rate: the rate of ``"fixed"``; ignored by the others.
+    :returns: a :class:`MaskEstimator` instance.
+    :raises ValueError: for an unknown name.
+
+    Example::
+
+        get_estimator("fixed", mask_rate=0.5)      # FixedRateEstimator(mask_rate=0.5)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     if isinstance(estimator, MaskEstimator):
         return estimator

@@ -136,6 +136,15 @@ class LMLEstimate:
     :ivar torch.Tensor log_weights: ``(S, N)`` importance log-weights when
         :math:`SN \le 2^{22}`, else ``None``.
     :ivar torch.device device: where the computation ran.
+
+    Example::
+
+        ref = log_marginal_likelihood(ppca_collapsed, X, 2)    # X: (N, T)
+        ref.total, ref.stderr, ref.per_sequence.shape          # (N,)
+        ref.method, ref.trustworthy
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     total: torch.Tensor
@@ -770,6 +779,9 @@ def log_marginal_likelihood(
     :warns UserWarning: when importance sampling is unreliable for some sequence
         (:math:`\hat k` above the threshold, or a small ESS) or a quadrature grid cuts
         off posterior mass.
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods are {list(METHODS)}")

@@ -68,6 +68,14 @@ def sample_ppca(
     :param torch.Generator generator: optional random generator.
     :returns: ``(X, truth)``: data of shape ``(N, T)`` and a dict with the true
         ``W`` (T, K), ``loc`` (T,) and ``noise_scale`` (scalar tensor).
+
+    Example::
+
+        X, truth = sample_ppca(500, 10, 2, generator=torch.Generator().manual_seed(0))
+        X.shape, truth["W"].shape                   # (500, 10), (10, 2)
+
+    Reference: M. E. Tipping, C. M. Bishop, "Probabilistic Principal Component Analysis",
+    JRSS B 61(3), 1999.
     """
     kw = dict(dtype=dtype, device=device, generator=generator)
     W = torch.randn(num_tokens, latent_dim, **kw)
@@ -86,6 +94,18 @@ def ppca_collapsed(data, latent_dim, W=None, loc=None, noise_scale=None):
 
     Learnable parameters (when not given): ``"W"`` (T, K), ``"loc"`` (T,),
     ``"noise_scale"`` (positive scalar).
+
+    :param torch.Tensor data: ``(N, T)``.
+    :param int latent_dim: :math:`K`.
+
+    Example::
+
+        svi = SVI(lambda X: ppca_collapsed(X, 2), None, Adam({"lr": 0.05}), loss=MaskedELBO())
+        svi.step(X)                                 # X: (N, T)
+        mpt_curve(ppca_collapsed, X, 2).area        # ~ ppca_log_marginal(X, **params)
+
+    Reference: M. E. Tipping, C. M. Bishop, "Probabilistic Principal Component Analysis",
+    JRSS B 61(3), 1999.
     """
     N, T = data.shape
     W = _param(
@@ -105,6 +125,17 @@ def ppca_latent(data, latent_dim, W=None, loc=None, noise_scale=None):
     :math:`x_{n,t} \mid z_n \sim \mathcal{N}(W_t^\top z_n + \mu_t, \sigma^2)`.
 
     Same parameters and the same marginal as :func:`ppca_collapsed`.
+
+    :param torch.Tensor data: ``(N, T)``.
+    :param int latent_dim: :math:`K`.
+
+    Example::
+
+        ref = log_marginal_likelihood(ppca_latent, X, 2, **truth)   # X, truth from sample_ppca
+        ref.total, ppca_log_marginal(X, **truth)                    # agree up to MC error
+
+    Reference: M. E. Tipping, C. M. Bishop, "Probabilistic Principal Component Analysis",
+    JRSS B 61(3), 1999.
     """
     N, T = data.shape
     W = _param(
@@ -122,7 +153,22 @@ def ppca_latent(data, latent_dim, W=None, loc=None, noise_scale=None):
 
 
 def ppca_log_marginal(data, W, loc, noise_scale):
-    r"""Exact :math:`\sum_n \log \mathcal{N}(x_n; \mu, W W^\top + \sigma^2 I)`."""
+    r"""Exact :math:`\sum_n \log \mathcal{N}(x_n; \mu, W W^\top + \sigma^2 I)`.
+
+    :param torch.Tensor data: ``(N, T)``.
+    :param W: ``(T, K)``.
+    :param loc: ``(T,)``.
+    :param noise_scale: :math:`\sigma`, a scalar.
+    :returns: a scalar tensor.
+
+    Example::
+
+        X, truth = sample_ppca(500, 10, 2)
+        ppca_log_marginal(X, **truth)
+
+    Reference: M. E. Tipping, C. M. Bishop, "Probabilistic Principal Component Analysis",
+    JRSS B 61(3), 1999.
+    """
     T = data.shape[-1]
     cov_diag = (torch.as_tensor(noise_scale, dtype=data.dtype, device=data.device) ** 2).expand(T)
     return dist.LowRankMultivariateNormal(loc, W, cov_diag).log_prob(data).sum()
@@ -134,7 +180,14 @@ def ppca_maximum_likelihood(data, latent_dim):
     :math:`W = U_K (\Lambda_K - \sigma^2 I)^{1/2}`, with :math:`\lambda, U` the eigenpairs of
     the sample covariance.
 
+    :param torch.Tensor data: ``(N, T)``.
+    :param int latent_dim: :math:`K < T`.
     :returns: dict with ``W`` (T, K), ``loc`` (T,), ``noise_scale`` (scalar).
+
+    Example::
+
+        fit = ppca_maximum_likelihood(X, 2)        # X: (N, T)
+        ppca_log_marginal(X, **fit)                 # the maximum of log p(X) over W, loc, sigma
 
     Reference: M. E. Tipping, C. M. Bishop, "Probabilistic Principal Component Analysis",
     JRSS B 61(3), 1999.
@@ -156,7 +209,20 @@ def ppca_maximum_likelihood(data, latent_dim):
 
 
 def multivariate_normal(data, loc, covariance):
-    r""":math:`x_n \sim \mathcal{N}(\mu, \Sigma)` with a dense covariance (no latents)."""
+    r""":math:`x_n \sim \mathcal{N}(\mu, \Sigma)` with a dense covariance (no latents).
+
+    :param torch.Tensor data: ``(N, T)``.
+    :param loc: :math:`\mu`, ``(T,)``.
+    :param covariance: :math:`\Sigma`, ``(T, T)`` positive definite.
+
+    Example::
+
+        curve = mpt_curve(multivariate_normal, X, loc, cov)    # exact "gaussian" conditionals
+        curve.area                  # ~ dist.MultivariateNormal(loc, cov).log_prob(X).sum()
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+    """
     with pyro.plate("data", data.shape[0]):
         pyro.sample("x", dist.MultivariateNormal(loc, covariance), obs=data)
 
@@ -172,6 +238,17 @@ def bernoulli_latent_linear(data, latent_dim=2, W=None, bias=None):
     :math:`x_{n,t} \mid z_n \sim \mathrm{Bernoulli}(\mathrm{sigmoid}(W_t^\top z_n + b_t))`.
 
     Learnable parameters: ``"W"`` (T, K), ``"bias"`` (T,).
+
+    :param torch.Tensor data: ``(N, T)`` zeros and ones.
+    :param int latent_dim: :math:`K`.
+
+    Example::
+
+        X, truth = synthetic_binary(num_data=200)   # from pyro_mpt.experiments
+        log_marginal_likelihood(bernoulli_latent_linear, X, 2, **truth, method="quadrature")
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     N, T = data.shape
     W = _param(
@@ -196,6 +273,17 @@ def gaussian_mixture(data, num_components=3, weights=None, locs=None, scale=None
 
     ``c`` is marked ``infer={"enumerate": "parallel"}``. Learnable parameters: ``"weights"``
     (C,, simplex), ``"locs"`` (C, T), ``"scale"`` (positive scalar).
+
+    :param torch.Tensor data: ``(N, T)``.
+    :param int num_components: :math:`C`.
+
+    Example::
+
+        est = MaskedELBO(num_masks=4).estimate(gaussian_mixture, None, X, 3)   # X: (N, T)
+        est.total                                   # "enumerate" conditionals
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     N, T = data.shape
     C = num_components
@@ -215,7 +303,21 @@ def gaussian_mixture(data, num_components=3, weights=None, locs=None, scale=None
 
 
 def gaussian_mixture_log_marginal(data, weights, locs, scale):
-    r"""Exact :math:`\sum_n \log \sum_c \pi_c \prod_t \mathcal{N}(x_{n,t}; \mu_{c,t}, \sigma^2)`."""
+    r"""Exact :math:`\sum_n \log \sum_c \pi_c \prod_t \mathcal{N}(x_{n,t}; \mu_{c,t}, \sigma^2)`.
+
+    :param torch.Tensor data: ``(N, T)``.
+    :param weights: :math:`\pi`, ``(C,)``.
+    :param locs: :math:`\mu`, ``(C, T)``.
+    :param scale: :math:`\sigma`, a scalar.
+    :returns: a scalar tensor.
+
+    Example::
+
+        gaussian_mixture_log_marginal(X, torch.ones(3) / 3, locs, 0.5)   # locs: (3, T)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+    """
     comp = dist.Normal(locs, scale).log_prob(data.unsqueeze(-2)).sum(-1)  # (N, C)
     return torch.logsumexp(comp + weights.log(), -1).sum()
 
@@ -228,7 +330,21 @@ def gaussian_mixture_log_marginal(data, weights, locs, scale):
 def bayesian_linear_regression_collapsed(y, features, prior_scale=1.0, noise_scale=0.5):
     r"""Bayesian linear regression with the weights integrated out: the ``N`` responses form
     one sequence of ``N`` tokens,
-    :math:`y \sim \mathcal{N}(0, \alpha^2 \Phi \Phi^\top + \sigma^2 I)`."""
+    :math:`y \sim \mathcal{N}(0, \alpha^2 \Phi \Phi^\top + \sigma^2 I)`.
+
+    :param torch.Tensor y: ``(N,)`` responses.
+    :param torch.Tensor features: :math:`\Phi`, ``(N, D)``.
+    :param float prior_scale: :math:`\alpha`.
+    :param float noise_scale: :math:`\sigma`.
+
+    Example::
+
+        curve = mpt_curve(bayesian_linear_regression_collapsed, y, Phi)   # y: (N,), Phi: (N, D)
+        curve.area, bayesian_linear_regression_log_marginal(y, Phi)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+    """
     N = y.shape[-1]
     cov = prior_scale**2 * features @ features.T + noise_scale**2 * torch.eye(
         N, dtype=y.dtype, device=y.device
@@ -242,6 +358,19 @@ def bayesian_linear_regression_latent(y, features, prior_scale=1.0, noise_scale=
     :math:`y_i \mid w \sim \mathcal{N}(\phi_i^\top w, \sigma^2)` in plate ``"data"``.
 
     The global ``w`` couples the data points: score it with ``token_plate="data"``.
+
+    :param torch.Tensor y: ``(N,)`` responses.
+    :param torch.Tensor features: :math:`\Phi`, ``(N, D)``, rows :math:`\phi_i`.
+    :param float prior_scale: :math:`\alpha`.
+    :param float noise_scale: :math:`\sigma`.
+
+    Example::
+
+        curve = mpt_curve(bayesian_linear_regression_latent, y, Phi, token_plate="data")
+        curve.area, bayesian_linear_regression_log_marginal(y, Phi)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     D = features.shape[-1]
     zero = torch.zeros(D, dtype=y.dtype, device=y.device)
@@ -253,7 +382,19 @@ def bayesian_linear_regression_latent(y, features, prior_scale=1.0, noise_scale=
 
 
 def bayesian_linear_regression_log_marginal(y, features, prior_scale=1.0, noise_scale=0.5):
-    r"""Exact :math:`\log \mathcal{N}(y; 0, \alpha^2 \Phi\Phi^\top + \sigma^2 I)`."""
+    r"""Exact :math:`\log \mathcal{N}(y; 0, \alpha^2 \Phi\Phi^\top + \sigma^2 I)`.
+
+    :param torch.Tensor y: ``(N,)``.
+    :param torch.Tensor features: :math:`\Phi`, ``(N, D)``.
+    :returns: a scalar tensor.
+
+    Example::
+
+        bayesian_linear_regression_log_marginal(y, Phi, prior_scale=1.0, noise_scale=0.5)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+    """
     N = y.shape[-1]
     cov = prior_scale**2 * features @ features.T + noise_scale**2 * torch.eye(
         N, dtype=y.dtype, device=y.device
@@ -272,9 +413,19 @@ def hmm(data, initial, transition, emission):
     :math:`x_t \mid z_t \sim B_{z_t}`. The hidden chain is enumerated under
     :func:`pyro.markov`; the ``T`` observed sites ``x_0 .. x_{T-1}`` are the tokens.
 
+    :param torch.Tensor data: long ``(N, T)`` symbols in ``0..V-1``.
     :param initial: (C,) initial state probabilities.
     :param transition: (C, C) row-stochastic transition matrix.
     :param emission: (C, V) row-stochastic emission matrix.
+
+    Example::
+
+        initial, transition, emission = random_hmm(3, 5)  # from pyro_mpt.mlm
+        X = sample_hmm(100, 8, initial, transition, emission)      # (100, 8)
+        mpt_curve(hmm, X, initial, transition, emission).area      # ~ hmm_log_marginal(X, ...)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     N, T = data.shape
     with pyro.plate("sequences", N, dim=-1):
@@ -287,7 +438,24 @@ def hmm(data, initial, transition, emission):
 
 def hmm_log_marginal(data, initial, transition, emission):
     r"""The forward algorithm: exact :math:`\sum_n \log p(x_n)` of :func:`hmm`, per sequence
-    summed. ``data`` is (N, T) of integer symbols."""
+    summed. ``data`` is (N, T) of integer symbols.
+
+    :math:`\log p(x_n) = \log \sum_{z_T} \alpha_T(z_T)` with
+    :math:`\alpha_1(z) = \pi_z B_{z, x_1}` and
+    :math:`\alpha_t(z) = B_{z, x_t} \sum_{z'} \alpha_{t-1}(z') A_{z' z}`.
+
+    :param initial: :math:`\pi`, ``(C,)``.
+    :param transition: :math:`A`, ``(C, C)``.
+    :param emission: :math:`B`, ``(C, V)``.
+    :returns: a scalar tensor.
+
+    Example::
+
+        hmm_log_marginal(X, initial, transition, emission)         # X: long (N, T)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+    """
     log_A = transition.log()
     log_B = emission.log()
     alpha = initial.log() + log_B[:, data[:, 0]].T  # (N, C)
@@ -299,7 +467,18 @@ def hmm_log_marginal(data, initial, transition, emission):
 def sample_hmm(num_data, num_tokens, initial, transition, emission, *, generator=None):
     """Draws ``num_data`` sequences of ``num_tokens`` symbols from :func:`hmm`.
 
+    :param int num_data: :math:`N`.
+    :param int num_tokens: :math:`T`.
+    :param initial: ``(C,)``; ``transition``: ``(C, C)``; ``emission``: ``(C, V)``.
+    :param torch.Generator generator: optional random generator.
     :returns: a long tensor of shape (N, T).
+
+    Example::
+
+        X = sample_hmm(100, 8, *random_hmm(3, 5))                 # long (100, 8), in 0..4
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     N, T = num_data, num_tokens
     z = torch.multinomial(initial.expand(N, -1), 1, generator=generator).squeeze(-1)

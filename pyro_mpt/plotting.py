@@ -68,6 +68,15 @@ def plot_curve(curve, reference=None, ax=None, *, per_sequence=False, color=None
     :param color: the curve's colour (matplotlib's cycle by default).
     :param str label: the curve's legend label (default ``"S(m)"``).
     :returns: the :class:`~matplotlib.axes.Axes`.
+
+    Example::
+
+        curve = mpt_curve(ppca_collapsed, X, 2, num_masks=8)
+        ref = log_marginal_likelihood(ppca_collapsed, X, 2)
+        ax = plot_curve(curve, ref)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     ax = _new_axes(ax)
     T = curve.num_tokens
@@ -146,6 +155,14 @@ def plot_fixed_rate_bias(report, ax=None, *, per_sequence=False):
     :param ax: a :class:`matplotlib.axes.Axes`; a new figure when ``None``.
     :param bool per_sequence: divide by the number of sequences.
     :returns: the :class:`~matplotlib.axes.Axes`.
+
+    Example::
+
+        report = evaluate(ppca_collapsed, X, 2, fixed_rates=(0.15, 0.5))
+        ax = plot_fixed_rate_bias(report)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     curve = report.curve
     if curve is None:

@@ -53,6 +53,15 @@ class EstimatorResult:
     :ivar bool unbiased: whether its expectation is :math:`\log p(X)`.
     :ivar float seconds: wall time.
     :ivar estimate: the full :class:`~pyro_mpt.MPTEstimate` (draws, per-sequence values).
+
+    Example::
+
+        report = evaluate(ppca_collapsed, X, 2)       # X: (N, T)
+        row = report.estimators["stratified"]
+        row.value, row.stderr, row.z_score
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     name: str
@@ -79,6 +88,15 @@ class FixedRateBias:
     :ivar float stderr: its standard error, :math:`T\,\mathrm{se}(S(m))`.
     :ivar float bias: ``estimate - reference``.
     :ivar float bias_stderr: :math:`\sqrt{\mathrm{se}^2 + \mathrm{se}_\mathrm{ref}^2}`.
+
+    Example::
+
+        report = evaluate(ppca_collapsed, X, 2, fixed_rates=(0.15,))
+        row = report.fixed_rates[0]
+        row.mask_size, row.bias, row.bias_stderr
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     rate: float
@@ -122,6 +140,19 @@ class EvaluationReport:
 
     ``str(report)`` and :meth:`summary` give the table; :meth:`to_inference_data` an
     :class:`arviz.InferenceData`; :meth:`plot` the curve figure.
+
+    The reference is :math:`\log p(X) = \sum_n \log p(x_n)`; each masked estimator estimates it
+    by :math:`\sum_m S(m)` (Moreno-Muñoz et al. 2023), with
+    :math:`S(m) = \mathbb E_{|M|=m}\big[\frac1m\sum_{j\in M}\log p(x_j\mid x_{-M})\big]`.
+
+    Example::
+
+        report = evaluate(ppca_collapsed, X, 2)       # X: (N, T)
+        print(report.summary())
+        report.reference.total, report.curve.area
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     reference: object
@@ -573,6 +604,9 @@ def evaluate(
     :param dict mpt_options: more keyword arguments of ``MaskedELBO`` and ``mpt_curve``
         (``max_plate_nesting``, ``quadrature_points``, ``max_elements``, ...).
     :returns: :class:`EvaluationReport`.
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     if not callable(model):
         raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
@@ -752,6 +786,16 @@ def compare(
         is not installed).
 
     The other options are those of :func:`evaluate`.
+
+    Example::
+
+        fit1, fit2 = ppca_maximum_likelihood(X, 1), ppca_maximum_likelihood(X, 2)  # X: (N, T)
+        table = compare({"K=1": lambda X: ppca_collapsed(X, 1, **fit1),
+                         "K=2": lambda X: ppca_collapsed(X, 2, **fit2)}, X)
+        table[["rank", "lml", "d_lml", "weight", "mpt"]]
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     if not isinstance(models, dict):
         raise TypeError(f"models must be a dict of name -> Pyro model, got {type(models).__name__}")

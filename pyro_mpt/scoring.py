@@ -62,6 +62,19 @@ class MPTEstimate:
     :ivar torch.Tensor draws: ``(num_masks, N)`` the independent draws.
     :ivar float stderr: Monte Carlo standard error of ``total`` (NaN with one draw).
     :ivar str estimator: the estimator's name; ``conditionals``: the backend's.
+
+    The draw of a sequence :math:`x_n` with :math:`T` tokens is, for the stratified estimator,
+    :math:`\sum_{m=1}^T s(M_m)` with :math:`s(M) = \frac1m\sum_{j\in M}\log p(x_{n,j}\mid
+    x_{n,-M})`; ``total`` is :math:`\sum_n` of the mean over draws.
+
+    Example::
+
+        est = MaskedELBO(num_masks=8).estimate(ppca_collapsed, None, X, 2)   # X: (N, T)
+        est.total, est.stderr
+        est.draws.shape, est.per_sequence.shape                 # (8, N), (N,)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     total: torch.Tensor

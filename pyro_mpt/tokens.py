@@ -184,7 +184,8 @@ def read_layout(trace, *, token_plate=None, max_plate_nesting=None):
         name, fn, value = s["name"], s["fn"], s["value"]
         _check_finite(name, value)
         if dtype is None and torch.is_tensor(value):
-            dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
+            # integer data (an HMM's symbols): the dtype its log-densities come out in
+            dtype = value.dtype if value.is_floating_point() else fn.log_prob(value).dtype
             device = value.device
         event_ndim = fn.event_dim
         batch = torch.broadcast_shapes(

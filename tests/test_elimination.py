@@ -354,3 +354,13 @@ def test_probe_route_exhaustive_area_is_forward_lml():
     with torch.no_grad():
         area = (scorer(batch.observed, batch.scored).sum(-1) * batch.weight).sum()
     assert_close(area, hmm_log_marginal(X, init, trans, emit), atol=1e-8)
+
+
+def test_integer_data_take_the_dtype_of_their_log_densities():
+    """Symbols are integers: the estimate's dtype is that of the model's log-densities
+    (float64 parameters under a float32 default dtype)."""
+    X, init, trans, emit = _hmm_data(3, 5, seed=2)  # float64 parameters (fixture default)
+    torch.set_default_dtype(torch.float32)  # the autouse fixture restores it
+    curve = mpt_curve(lambda X: hmm(X, init, trans, emit), X, exhaustive=True)
+    assert curve.area.dtype == torch.float64
+    assert_close(curve.area, hmm_log_marginal(X, init, trans, emit), atol=1e-8)

@@ -38,7 +38,20 @@ CONDITIONALS = {
 
 def choose_conditionals(layout, num_particles=256, max_elements=DEFAULT_MAX_ELEMENTS):
     """The ``"auto"`` rule: no latents -> ``"gaussian"`` (exact); only enumerated latents ->
-    ``"enumerate"`` (exact); otherwise ``"importance"`` with ``num_particles`` prior draws."""
+    ``"enumerate"`` (exact); otherwise ``"importance"`` with ``num_particles`` prior draws.
+
+    :param layout: the model's :class:`~pyro_mpt.tokens.TokenLayout`.
+    :param int num_particles: prior draws of ``"importance"``.
+    :param int max_elements: memory budget of ``"enumerate"``.
+    :returns: a :class:`Conditionals` instance.
+
+    Example::
+
+        choose_conditionals(layout)                # GaussianConditionals() for ppca_collapsed
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+    """
     if not layout.latents:
         return GaussianConditionals()
     if all(n in layout.enumerated for n in layout.latents):
@@ -57,6 +70,16 @@ def get_conditionals(
     """Looks a backend up by name (or passes a :class:`Conditionals` instance through).
 
     :param conditionals: ``"auto"``, a name in :data:`CONDITIONALS`, or an instance.
+    :param layout: the model's :class:`~pyro_mpt.tokens.TokenLayout` (used by ``"auto"``).
+    :returns: a :class:`Conditionals` instance.
+    :raises ValueError: for an unknown name.
+
+    Example::
+
+        get_conditionals("quadrature", layout, quadrature_points=30)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     if isinstance(conditionals, Conditionals):
         return conditionals

@@ -28,7 +28,18 @@ DEFAULT_MAX_ELEMENTS = 2**24
 
 
 class Scorer:
-    """Scores mask rows for one step. Subclasses implement :meth:`__call__`."""
+    r"""Scores mask rows for one step. Subclasses implement :meth:`__call__`.
+
+    ``scorer(observed, scored)`` takes bool ``(R, N, T)`` masks and returns ``(R, N, T)``
+    :math:`\log p(x_{n,j} \mid x_{n,O_r})` where ``scored``, 0 elsewhere.
+
+    Example::
+
+        log_probs = scorer(batch.observed, batch.scored)   # batch: a MaskBatch, -> (R, N, T)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+    """
 
     def row_cost(self, shared=False):
         """Tensor elements one mask row needs (for chunking under a memory budget);
@@ -51,11 +62,22 @@ class Scorer:
 
 
 class Conditionals:
-    """A conditional backend, looked up by :attr:`name` in
+    r"""A conditional backend, looked up by :attr:`name` in
     :data:`pyro_mpt.conditionals.CONDITIONALS`.
 
     :meth:`scorer` runs the model as the backend needs (with particles, enumerated, on a
     grid) and returns a :class:`Scorer`.
+
+    A backend computes :math:`\log p(x_j \mid x_O)` for the scored tokens :math:`j` of each mask
+    row, the quantity whose masked averages :math:`S(m)` sum to :math:`\log p(x)`.
+
+    Example::
+
+        MaskedELBO(conditionals=QuadratureConditionals(num_points=40))   # an instance
+        MaskedELBO(conditionals="quadrature")                             # or its name
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     name = None
@@ -73,7 +95,20 @@ class Conditionals:
 class ParticleScorer(Scorer):
     r"""Mixes per-site token kernels over weighted particles (see the module docstring).
     Without particles (``log_w0 is None``) the kernels' conditionals are returned as they
-    are: exact for a model without latents."""
+    are: exact for a model without latents.
+
+    With particles :math:`z_s` and log-weights :math:`\log w_s` (``log_w0``), each scored token
+    gets the self-normalised mixture
+    :math:`\log \sum_s \bar w_s\, p(x_j \mid z_s)`, :math:`\bar w_s \propto w_s\, p(x_O \mid z_s)`.
+    Called as ``scorer(observed, scored)`` with bool ``(R, N, T)`` masks; returns ``(R, N, T)``.
+
+    Example::
+
+        log_probs = scorer(batch.observed, batch.scored)   # (R, N, T)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+    """
 
     def __init__(self, kernels, layout, log_w0=None):
         self.kernels = kernels  # list of (slice, kernel)

@@ -29,7 +29,21 @@ MAX_JOINT_SUPPORT = 2**14
 
 
 class EnumerateConditionals(Conditionals):
-    """Enumeration of discrete latents; exact."""
+    r"""Enumeration of discrete latents; exact.
+
+    For discrete latents :math:`z` (enumerated in parallel),
+    :math:`p(x_j \mid x_O) = \sum_z p(z \mid x_O)\, p(x_j \mid z, x_O)`, by variable
+    elimination over the enumerated dimensions.
+
+    :param int max_elements: memory budget, in tensor elements, of one chunk.
+
+    Example::
+
+        est = MaskedELBO(conditionals="enumerate").estimate(gaussian_mixture, None, X, 3)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+    """
 
     name = "enumerate"
 

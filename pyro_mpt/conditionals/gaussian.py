@@ -17,7 +17,19 @@ __all__ = ["GaussianConditionals"]
 
 
 class GaussianConditionals(Conditionals):
-    """Exact closed-form conditionals; the model must have no latent sample sites."""
+    r"""Exact closed-form conditionals; the model must have no latent sample sites.
+
+    For :math:`x \sim \mathcal N(\mu, \Sigma)` (dense or low-rank),
+    :math:`x_M \mid x_O \sim \mathcal N(\mu_M + \Sigma_{MO}\Sigma_{OO}^{-1}(x_O - \mu_O),\,
+    \Sigma_{MM} - \Sigma_{MO}\Sigma_{OO}^{-1}\Sigma_{OM})`, scored per token.
+
+    Example::
+
+        est = MaskedELBO(conditionals="gaussian").estimate(ppca_collapsed, None, X, 2)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+    """
 
     name = "gaussian"
 

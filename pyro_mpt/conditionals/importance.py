@@ -46,10 +46,22 @@ def check_discrete_latents(trace, layout, backend):
 
 
 class ImportanceConditionals(Conditionals):
-    """Prior draws as particles.
+    r"""Prior draws as particles.
 
     :param int num_particles: ``S``, the prior draws per step (per sequence for local
         latents).
+
+    With :math:`z_s \sim p(z)`, :math:`s = 1..S`, the self-normalised estimate
+    :math:`p(x_j \mid x_O) \approx \sum_s \bar w_s\, p(x_j \mid z_s)`,
+    :math:`\bar w_s \propto p(x_O \mid z_s)`; consistent as :math:`S \to \infty`.
+
+    Example::
+
+        elbo = MaskedELBO(conditionals=ImportanceConditionals(num_particles=1024))
+        elbo.estimate(ppca_latent, None, X, 2).total
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     name = "importance"

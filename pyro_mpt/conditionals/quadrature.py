@@ -27,10 +27,22 @@ MAX_QUADRATURE_DIM = 3
 
 
 class QuadratureConditionals(Conditionals):
-    """A midpoint grid over the continuous latents.
+    r"""A midpoint grid over the continuous latents.
 
     :param int num_points: ``G``, points per latent dimension.
     :param tuple bounds: ``(low, high)`` of every axis.
+
+    With grid points :math:`z_g` and cell volume :math:`\Delta` (:math:`G^K` points for
+    :math:`K` latent dimensions), :math:`p(x_j \mid x_O) \approx \sum_g \bar w_g\,
+    p(x_j \mid z_g)`, :math:`\bar w_g \propto p(z_g)\, p(x_O \mid z_g)\, \Delta`.
+
+    Example::
+
+        elbo = MaskedELBO(conditionals=QuadratureConditionals(num_points=30, bounds=(-4.0, 4.0)))
+        elbo.estimate(bernoulli_latent_linear, None, X, 2).total   # X: (N, T) of 0. / 1.
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     name = "quadrature"

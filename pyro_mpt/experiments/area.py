@@ -43,6 +43,15 @@ class AreaResult:
     :ivar list curves: one :class:`~pyro_mpt.MPTCurve` per entry of ``permutations``.
     :ivar float exact: exact :math:`\log p(X)` (summed over sequences).
     :ivar bool share_masks: whether every sequence had the same masks.
+
+    Example::
+
+        res = area(T=50, K=5, N=200, permutations=(1, 20))
+        res.areas, res.area_stderr, res.z_scores     # one entry per permutations value
+        print(res.headline())
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     T: int
@@ -125,6 +134,14 @@ def area(
         res.areas, res.exact, res.figure().savefig("area.png")
 
     :returns: :class:`AreaResult`.
+
+    The area is :math:`\sum_{m=1}^T \hat S(m)`, :math:`\hat S(m)` averaging the stratified
+    masked scores of ``p`` masks of size :math:`m` per sequence; its expectation is
+    :math:`\log p(X)`, here the exact
+    :math:`\sum_n \log \mathcal N(x_n; \mu, W W^\top + \sigma^2 I)` of data ``(N, T)``.
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)

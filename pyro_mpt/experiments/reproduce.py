@@ -259,6 +259,9 @@ def reproduce(output_dir, quick=True, device="cpu", seed=0, progress=None, only=
     :param bool progress: a tqdm bar over the experiments; ``None``: only on a terminal.
     :param only: an experiment name or a list of them (default: all of :data:`EXPERIMENTS`).
     :raises ValueError: for an unusable device or an unknown experiment name.
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     from tqdm import tqdm
 

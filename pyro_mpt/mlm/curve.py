@@ -55,7 +55,16 @@ class LeaveOneOutEstimator(MaskEstimator):
     r"""The ``T`` leave-one-out masks (deterministic): row ``j`` scores token ``j`` given all
     the others, weight 1. One draw sums to the pseudo-log-likelihood
     :math:`\sum_j \log p(x_j \mid x_{-j}) = T\,S(1)` (Salazar et al. 2020). Not an estimator of
-    :math:`\log p(x)`."""
+    :math:`\log p(x)`.
+
+    Example::
+
+        est = mlm_estimate(predictor, tokens, estimator=LeaveOneOutEstimator())  # tokens: (N, T)
+        est.per_sequence                        # (N,), equals pseudo_log_likelihood(...)
+
+    Reference: J. Salazar, D. Liang, T. Q. Nguyen, K. Kirchhoff, "Masked Language Model
+    Scoring", ACL 2020, arXiv:1910.14659.
+    """
 
     name = "leave_one_out"
     unbiased = False
@@ -82,6 +91,18 @@ class MLMCurve(MPTCurve):
     :math:`m \le T_n` and 0 beyond, and ``scores[m - 1]`` sums the sequences long enough.
 
     :ivar torch.Tensor lengths: long ``(N,)`` the number of real tokens :math:`T_n`.
+
+    The area is :math:`\sum_m S(m) = \sum_n \sum_{m=1}^{T_n} S_n(m)`, an estimate of
+    :math:`\sum_n \log p(x_n)`; the fields are those of :class:`~pyro_mpt.MPTCurve`, with
+    ``scores`` ``(T,)`` and ``per_sequence`` ``(N, T)``.
+
+    Example::
+
+        curve = mlm_curve(predictor, tokens, pad_mask=pad)   # tokens, pad: (N, T)
+        curve.lengths, curve.area, curve.per_sequence.shape  # (N,), scalar, (N, T)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     lengths: torch.Tensor = None
@@ -309,6 +330,9 @@ def mlm_curve(
     :param torch.Generator generator: optional random generator for the masks.
     :returns: :class:`MLMCurve` (an :class:`~pyro_mpt.MPTCurve`, ``conditionals="mlm"``).
         Computed without gradients.
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     _check_int("num_masks", num_masks)
     if isinstance(estimator, MaskEstimator):
@@ -382,6 +406,20 @@ def mlm_estimate(
     With gradients enabled every chunk's activations stay alive until ``backward``:
     ``max_elements`` then bounds one predictor call, not the whole graph.
     The other parameters are those of :func:`mlm_curve`.
+
+    Shapes: ``tokens`` long ``(N, T)``; the result's ``per_sequence`` is ``(N,)`` and ``draws``
+    ``(num_masks, N)``. With the ``"uniform"`` estimator one draw is :math:`T\,s(M)`,
+    :math:`|M| \sim \mathcal U\{1..T\}`, whose expectation is
+    :math:`\sum_{m=1}^T S(m) = \log p(x)` for exact conditionals.
+
+    Example::
+
+        est = mlm_estimate(model, tokens, estimator="uniform", num_masks=4)  # tokens: (N, T)
+        loss = -est.total / tokens.numel()
+        loss.backward()
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     _check_int("num_masks", num_masks)
     est = get_estimator(estimator, mask_rate)
@@ -407,7 +445,19 @@ def pseudo_log_likelihood(predictor, tokens, *, max_elements=DEFAULT_MAX_ELEMENT
     masks, batched under ``max_elements``. Equals :math:`T\,S(1)`; it is *not* an estimate of
     :math:`\log p(x)` (it overestimates it for any model whose tokens are dependent).
 
+    :param predictor: ``predictor(tokens (B, T) long, mask (B, T) bool) -> (B, T, V)``
+        log-probabilities (see :func:`mlm_curve`).
+    :param torch.Tensor tokens: long ``(N, T)``.
+    :param pad_mask: optional bool ``(N, T)``, True at padding.
     :returns: ``(N,)`` per-sequence PLLs (differentiable; ``.sum()`` for the data set).
+
+    Example::
+
+        pll = pseudo_log_likelihood(hmm_predictor(*random_hmm(4, 8)), tokens)  # tokens: (N, T)
+        pll.shape, pll.sum()                    # (N,), the data set's PLL
+
+    Reference: J. Salazar, D. Liang, T. Q. Nguyen, K. Kirchhoff, "Masked Language Model
+    Scoring", ACL 2020, arXiv:1910.14659.
     """
     engine = _Engine(predictor, tokens, pad_mask, max_elements)
     draws, _ = engine.score(LeaveOneOutEstimator(), 1, by_size=False)

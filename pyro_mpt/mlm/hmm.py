@@ -49,6 +49,15 @@ def hmm_predictor(initial, transition, emission):
     :param initial: ``(C,)`` initial state probabilities.
     :param transition: ``(C, C)`` row-stochastic transition matrix.
     :param emission: ``(C, V)`` row-stochastic emission matrix.
+
+    Example::
+
+        predictor = hmm_predictor(*random_hmm(4, 8))          # C = 4 states, V = 8 symbols
+        curve = mlm_curve(predictor, tokens, exhaustive=True)  # tokens: long (N, T), T <= 16
+        curve.area                                             # = exact log p(X)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     _check_hmm(initial, transition, emission)
     V = emission.shape[-1]

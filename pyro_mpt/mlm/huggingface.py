@@ -75,6 +75,20 @@ def huggingface_predictor(
     :param dtype: optional dtype of the returned log-probabilities (e.g. ``torch.float64``).
     :returns: the predictor.
     :raises ImportError: when ``transformers`` is not installed.
+
+    Its scores plug into :func:`~pyro_mpt.mlm.mlm_curve`, whose area
+    :math:`\sum_m S(m)` estimates :math:`\sum_n \log p(x_n)` under the model's conditionals.
+
+    Example::
+
+        tok = AutoTokenizer.from_pretrained("bert-base-uncased")
+        mlm = AutoModelForMaskedLM.from_pretrained("bert-base-uncased").eval()
+        predictor = huggingface_predictor(mlm, tok.mask_token_id, prefix=[tok.cls_token_id],
+                                          suffix=[tok.sep_token_id])
+        curve = mlm_curve(predictor, ids)                       # ids: long (N, T)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     _require_transformers()
     if not callable(model):

@@ -48,6 +48,15 @@ class TinyMLM(nn.Module):
 
     :param int vocab_size: the number ``V`` of real tokens.
     :param int seq_len: the longest sequence (number of position embeddings).
+
+    Example::
+
+        model = TinyMLM(vocab_size=8, seq_len=12)
+        log_probs = model(tokens, tokens == 0)                  # tokens: long (B, 12) -> (B, 12, 8)
+        losses = train_mlm(model, tokens, objective="uniform", steps=200)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     def __init__(
@@ -189,6 +198,15 @@ def train_mlm(
     :param int threads: torch's CPU threads while training (restored after); None leaves the
         setting. ``threads=1`` is much faster for tiny models on a busy CPU.
     :returns: list of the ``steps`` losses (floats, nats per token).
+
+    Example::
+
+        model = TinyMLM(vocab_size=8, seq_len=12)
+        losses = train_mlm(model, train_tokens, objective="uniform", steps=500, seed=0)
+        curve = mlm_curve(model.eval(), test_tokens, num_masks=4)
+
+    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     if objective not in OBJECTIVES:
         raise ValueError(
