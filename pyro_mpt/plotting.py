@@ -27,6 +27,22 @@ def _new_axes(ax):
     return ax
 
 
+def bare_axes(ax=None, figsize=(7.0, 4.5)):
+    """``(fig, ax)``: ``ax`` and its figure, or a new bare
+    :class:`matplotlib.figure.Figure` with one Axes, which no pyplot state holds (the
+    experiments' figures, saved to files)."""
+    if ax is not None:
+        return ax.figure, ax
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(
+            "the figure needs matplotlib; install it with `pip install pyro-mpt[plots]`"
+        ) from None
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.add_subplot()
+
+
 def _numpy(x):
     return x.detach().cpu().double().numpy()
 

@@ -18,18 +18,9 @@ import torch
 
 from ..curve import mpt_curve
 from ..models import ppca_collapsed, ppca_log_marginal, sample_ppca
-from ..plotting import plot_curve
+from ..plotting import bare_axes, plot_curve
 
 __all__ = ["AreaResult", "area"]
-
-
-def _axes(ax, figsize=(7.0, 4.5)):
-    if ax is not None:
-        return ax.figure, ax
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig, fig.add_subplot()
 
 
 @dataclass
@@ -91,7 +82,7 @@ class AreaResult:
     def figure(self, ax=None):
         """The curves :math:`S(m)` per sequence against the mask rate, their areas shaded
         (:func:`~pyro_mpt.plot_curve`), the exact LML in the legend. Returns the Figure."""
-        fig, ax = _axes(ax)
+        fig, ax = bare_axes(ax, figsize=(7.0, 4.5))
         colors = ["tab:orange", "tab:blue", "tab:green", "tab:purple"]
         last = len(self.curves) - 1
         for i, (p, curve) in enumerate(zip(self.permutations, self.curves)):

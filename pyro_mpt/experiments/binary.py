@@ -28,17 +28,9 @@ from pyro.optim import Adam
 from ..evaluation import log_marginal_likelihood
 from ..masked_elbo import MaskedELBO
 from ..models import bernoulli_latent_linear
+from ..plotting import bare_axes
 
 __all__ = ["BinaryResult", "binary", "load_digits_binary", "synthetic_binary", "prepare_binary"]
-
-
-def _axes(ax, figsize=(7.0, 4.5)):
-    if ax is not None:
-        return ax.figure, ax
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig, fig.add_subplot()
 
 
 def load_digits_binary(dtype=torch.float64):
@@ -165,7 +157,7 @@ class BinaryResult:
     def figure(self, ax=None, smooth=10):
         """Training traces per image (MPT objective, VAE ELBO; running means over ``smooth``
         steps) with the final quadrature LMLs as horizontal lines. Returns the Figure."""
-        fig, ax = _axes(ax)
+        fig, ax = bare_axes(ax, figsize=(7.0, 4.5))
 
         def running(v):
             k = max(1, min(smooth, len(v)))

@@ -20,18 +20,9 @@ import torch
 
 from ..curve import mpt_curve
 from ..models import ppca_collapsed, ppca_log_marginal, sample_ppca
+from ..plotting import bare_axes
 
 __all__ = ["ConvergenceResult", "convergence"]
-
-
-def _axes(ax, figsize=(6.0, 4.0)):
-    """``(fig, ax)``: ``ax`` and its figure, or a new bare Figure (no pyplot state)."""
-    if ax is not None:
-        return ax.figure, ax
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig, fig.add_subplot()
 
 
 @dataclass
@@ -93,7 +84,7 @@ class ConvergenceResult:
     def figure(self, ax=None):
         """``|MPT - LML|`` per sequence against permutations per size (log-log), one line per
         ``T``, with a :math:`1/\\sqrt p` guide. Returns the Figure."""
-        fig, ax = _axes(ax)
+        fig, ax = bare_axes(ax, figsize=(6.0, 4.0))
         ps = [float(p) for p in self.permutations]
         floor = 1e-6
         for T, row in zip(self.T_values, self.abs_errors):

@@ -31,15 +31,6 @@ TRAINING_RUNS = {
 }
 
 
-def _axes(ax, figsize=(7.0, 4.5)):
-    if ax is not None:
-        return ax.figure, ax
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig, fig.add_subplot()
-
-
 @dataclass
 class TrainingResult:
     r"""Numbers of :func:`training`, all in nats per sequence.

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models import hmm_log_marginal, sample_hmm
+from ..plotting import bare_axes
 from .curve import mlm_curve, pseudo_log_likelihood
 from .hmm import hmm_predictor
 from .transformer import TinyMLM, num_threads, train_mlm
@@ -46,19 +47,6 @@ COLORS = {"exact": "black", "fixed": "tab:orange", "uniform": "tab:blue", "untra
 
 #: Sequences up to this length also get the exhaustive cross-check (all 2^T - 1 masks).
 EXHAUSTIVE_CHECK_MAX_TOKENS = 10
-
-
-def _axes(ax, figsize=(7.0, 4.5)):
-    if ax is not None:
-        return ax.figure, ax
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError(
-            "the figure needs matplotlib; install it with `pip install pyro-mpt[plots]`"
-        ) from None
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig, fig.add_subplot()
 
 
 def random_hmm(num_states, vocab_size, *, generator=None, stickiness=2.5, peakedness=1.5):
@@ -189,7 +177,7 @@ class MLMExperimentResult:
             (no pyplot, no global state) when ``None``.
         :returns: the :class:`~matplotlib.axes.Axes`.
         """
-        _, ax = _axes(ax)
+        _, ax = bare_axes(ax, figsize=(7.0, 4.5))
         N = self.config["num_test"]
         for key, label in LABELS.items():
             curve = self.curves[key]
@@ -287,27 +275,13 @@ def mlm_experiment(
     Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
     Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
+    arguments = dict(locals())  # every parameter, passed on by name
     with num_threads(threads):
-        return _mlm_experiment(
-            num_states,
-            vocab_size,
-            seq_len,
-            num_train,
-            num_test,
-            steps,
-            quick,
-            seed,
-            device,
-            batch_size,
-            lr,
-            num_masks,
-            model_kwargs,
-            progress,
-            threads,
-        )
+        return _mlm_experiment(**arguments)
 
 
 def _mlm_experiment(
+    *,
     num_states,
     vocab_size,
     seq_len,
