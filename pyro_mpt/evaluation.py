@@ -424,7 +424,7 @@ def _unroll_small_matmuls(gm):
     return changed
 
 
-def _build_chunk_fn(sampler, size, mode, device, messages, tail_k=0):
+def _build_chunk_fn(sampler, size, mode, device, messages):
     """The function that evaluates a full chunk of ``size`` particles: eager, or compiled.
 
     ``"log_prob"``: the observed sites' log-densities (the big ``(size, N, T)`` reduction)
@@ -437,7 +437,7 @@ def _build_chunk_fn(sampler, size, mode, device, messages, tail_k=0):
     """
 
     def eager(*inputs):
-        return _chunk_stats(sampler(size, *inputs), tail_k)
+        return _chunk_stats(sampler(size, *inputs))
 
     if mode is False:
         return eager
@@ -446,7 +446,7 @@ def _build_chunk_fn(sampler, size, mode, device, messages, tail_k=0):
         with warnings.catch_warnings():
             # torch's compiler stack imports deprecated torch.jit APIs: not the caller's concern
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\b")
-            return _compile_chunk_fn(sampler, size, mode, device, messages, eager, inputs, tail_k)
+            return _compile_chunk_fn(sampler, size, mode, device, messages, eager, inputs)
     except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, say so
         messages.append(
             f"compile={mode!r} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -492,7 +492,7 @@ def _reproduces(fn, eager, inputs, device):
     return _close(a, b)
 
 
-def _compile_chunk_fn(sampler, size, mode, device, messages, eager, inputs, tail_k):
+def _compile_chunk_fn(sampler, size, mode, device, messages, eager, inputs):
     """Compiles the chunk function (see :func:`_build_chunk_fn`); raises on failure.
 
     The compiled code draws its random numbers as the eager code does (inductor's
@@ -506,7 +506,7 @@ def _compile_chunk_fn(sampler, size, mode, device, messages, eager, inputs, tail
         log_prob = _compiled_log_prob()
 
         def fused(*inputs):
-            return _chunk_stats(sampler(size, *inputs, log_prob=log_prob), tail_k)
+            return _chunk_stats(sampler(size, *inputs, log_prob=log_prob))
 
         if not _reproduces(fused, eager, inputs, device):
             raise RuntimeError("the compiled log-densities differ from the eager ones")
@@ -517,7 +517,7 @@ def _compile_chunk_fn(sampler, size, mode, device, messages, eager, inputs, tail
         return fused
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    key = _graph_key(sampler, size, inputs) + (tail_k,)
+    key = _graph_key(sampler, size, inputs)
     compiled = _GRAPH_CACHE.pop(key, None)
     if compiled is not None and _reproduces(compiled, eager, inputs, device):
         _GRAPH_CACHE[key] = compiled
@@ -557,12 +557,12 @@ def _progress_bar(num_chunks, progress, desc):
     return tqdm(total=num_chunks, desc=desc, unit="chunk", disable=disable, leave=False)
 
 
-def _chunk_stats(lw, tail_k):
-    """What the stream keeps of one chunk's ``(size, N)`` log-weights: the weights, their
-    log-sum-exp, that of their squares, their minimum and their ``tail_k`` largest (sorted,
-    so that compiled and eager chunks can be compared)."""
-    top = torch.topk(lw, min(tail_k, lw.shape[0]), dim=0).values if tail_k else lw[:0]
-    return lw, torch.logsumexp(lw, 0), torch.logsumexp(2 * lw, 0), lw.amin(0), top
+def _chunk_stats(lw):
+    r"""What the stream keeps of one chunk's ``(size, N)`` log-weights: the weights, their
+    log-sum-exp, that of their squares and their minimum. (The running top-``M`` for
+    :math:`\hat k` is taken outside: its size depends on the number of particles, and the
+    compiled chunk must not, or every new particle count would compile anew.)"""
+    return lw, torch.logsumexp(lw, 0), torch.logsumexp(2 * lw, 0), lw.amin(0)
 
 
 def _run_chunks(
@@ -580,8 +580,10 @@ def _run_chunks(
 ):
     """Streams the chunks: running log-sum-exp of w and w^2, the running minimum, the kept
     log-weights, a running top-``tail_k``, and (quadrature) the log-mass on the grid's edge.
-    The per-chunk statistics are part of the chunk function, so a compiled chunk computes
-    them fused; what is merged across chunks is ``(N,)`` or ``(tail_k, N)``."""
+    The per-chunk sums and minimum are part of the chunk function, so a compiled chunk
+    computes them fused; the top-``tail_k`` is taken outside it (it depends on ``S``, the
+    compiled chunk only on the chunk's shape). What is merged across chunks is ``(N,)`` or
+    ``(tail_k, N)``."""
     layout = sampler.layout
     S = num_particles
     num_chunks = -(-S // chunk_size)
@@ -595,12 +597,10 @@ def _run_chunks(
             inputs = sampler.inputs(start, size)
             if size == chunk_size and compile_mode is not False and num_chunks > 1:
                 if fast is None:
-                    fast = _build_chunk_fn(
-                        sampler, size, compile_mode, layout.device, messages, tail_k
-                    )
-                lw, a, b, c, top = fast(*inputs)
+                    fast = _build_chunk_fn(sampler, size, compile_mode, layout.device, messages)
+                lw, a, b, c = fast(*inputs)
             else:
-                lw, a, b, c, top = _chunk_stats(sampler(size, *inputs), tail_k)
+                lw, a, b, c = _chunk_stats(sampler(size, *inputs))
             if lse1 is None:
                 lse1, lse2, low = a, b, c
                 lse_edge = torch.full_like(a, -math.inf)
@@ -615,6 +615,7 @@ def _run_chunks(
             if keep:
                 kept.append(lw)
             if tail_k:
+                top = torch.topk(lw, min(tail_k, size), dim=0).values
                 tail = top if tail is None else merge_tail(tail, top, tail_k)
             bar.update()
     log_weights = torch.cat(kept, 0) if keep else None

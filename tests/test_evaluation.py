@@ -481,7 +481,7 @@ def test_compiled_chunks_agree_with_exact(mode):
 @pytest.mark.slow
 def test_compiled_graph_is_reused_only_while_it_reproduces_the_model():
     """A captured chunk graph holds the model's tensors by reference: a second call reuses
-    it, also after a parameter changed in place (and stays right), and a parameter rebound
+    it (also with another number of particles), also after a parameter changed in place (and stays right), and a parameter rebound
     to another tensor makes it fail the fresh-draw check, so the chunk is captured anew."""
     X, t = _ppca()
     params = {"W": t["W"].clone()}
@@ -489,9 +489,9 @@ def test_compiled_graph_is_reused_only_while_it_reproduces_the_model():
     def model(X):
         ppca_latent(X, 2, params["W"], t["loc"], t["noise_scale"])
 
-    def run():
+    def run(num_particles=4096):
         est = log_marginal_likelihood(
-            model, X, num_particles=4096, chunk_size=1024, compile="graph"
+            model, X, num_particles=num_particles, chunk_size=1024, compile="graph"
         )
         exact = ppca_log_marginal(X, params["W"], t["loc"], t["noise_scale"])
         assert abs(float(est.total - exact)) < 4 * est.stderr + est.stderr**2 / 2
@@ -499,6 +499,8 @@ def test_compiled_graph_is_reused_only_while_it_reproduces_the_model():
 
     assert "captured by make_fx" in run()
     assert "reused from an earlier call" in run()
+    # another particle count, same chunk shape: the graph (and the compiled code) carries over
+    assert "reused from an earlier call" in run(num_particles=6144)
     params["W"].mul_(1.5)
     assert "reused from an earlier call" in run()
     params["W"] = params["W"] / 2
