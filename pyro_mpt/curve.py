@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .estimators import ExhaustiveEstimator, StratifiedEstimator, check_mask_rate
-from .scoring import DEFAULT_MAX_ELEMENTS, MPTOptions, prepare, score
+from .scoring import MPTOptions, prepare, score
 
 __all__ = ["MPTCurve", "mpt_curve"]
 
@@ -77,7 +77,7 @@ def mpt_curve(
     max_plate_nesting=float("inf"),
     quadrature_points=20,
     quadrature_bounds=(-5.0, 5.0),
-    max_elements=DEFAULT_MAX_ELEMENTS,
+    max_elements=None,
     share_masks=False,
     **kwargs,
 ):

@@ -81,7 +81,7 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
-from .conditionals.base import DEFAULT_MAX_ELEMENTS, ParticleScorer, particle_trace
+from .conditionals.base import ParticleScorer, particle_trace, resolve_max_elements
 from .conditionals.elimination import contract_evidence
 from .conditionals.enumerate import EnumerateConditionals
 from .conditionals.quadrature import QuadratureConditionals
@@ -676,7 +676,7 @@ def _exact(model, args, kwargs, layout, trace, continuous, max_elements, message
             per_seq = per_seq + _per_sequence(lp, layout, 1, info.name)[0]
         messages.append("exact: the model's log-density (no latent sites)")
         return per_seq
-    budget = max_elements or DEFAULT_MAX_ELEMENTS
+    budget = resolve_max_elements(max_elements, layout.device)
     scorer = EnumerateConditionals(budget).scorer(model, args, kwargs, layout, trace)
     device = layout.device
     if isinstance(scorer, ParticleScorer):

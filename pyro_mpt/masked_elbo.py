@@ -4,7 +4,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO
 
-from .scoring import DEFAULT_MAX_ELEMENTS, MPTOptions, prepare, score, summarize
+from .scoring import MPTOptions, prepare, score, summarize
 
 __all__ = ["MaskedELBO"]
 
@@ -67,7 +67,8 @@ class MaskedELBO(ELBO):
     :param int max_plate_nesting: the model's plate depth; found by tracing if omitted.
     :param int quadrature_points: grid points per latent dimension (``"quadrature"``).
     :param tuple quadrature_bounds: ``(low, high)`` of each grid axis.
-    :param int max_elements: memory budget, in tensor elements, of one chunk of masks.
+    :param int max_elements: memory budget, in tensor elements, of one chunk of masks;
+        default (``None``) ``2**24`` on the CPU and ``2**27`` on a GPU.
     :param bool share_masks: give every sequence of a step the same masks (default
         ``False``: masks are drawn independently per sequence). Still unbiased, but the
         sequences' errors become correlated; the low-rank Gaussian backend then scores a
@@ -93,7 +94,7 @@ class MaskedELBO(ELBO):
         max_plate_nesting=float("inf"),
         quadrature_points=20,
         quadrature_bounds=(-5.0, 5.0),
-        max_elements=DEFAULT_MAX_ELEMENTS,
+        max_elements=None,
         share_masks=False,
     ):
         self.options = MPTOptions(

@@ -8,7 +8,7 @@ import pyro.poutine as poutine
 import torch
 
 from .conditionals import CONDITIONALS, get_conditionals
-from .conditionals.base import DEFAULT_MAX_ELEMENTS
+from .conditionals.base import resolve_max_elements
 from .estimators import check_mask_rate, get_estimator
 from .tokens import read_layout
 
@@ -29,7 +29,7 @@ class MPTOptions:
     max_plate_nesting: float = float("inf")
     quadrature_points: int = 20
     quadrature_bounds: tuple = (-5.0, 5.0)
-    max_elements: int = DEFAULT_MAX_ELEMENTS
+    max_elements: int = None
     share_masks: bool = False
 
     def __post_init__(self):
@@ -42,6 +42,8 @@ class MPTOptions:
             )
         for name in ("num_masks", "num_particles", "quadrature_points", "max_elements"):
             value = getattr(self, name)
+            if name == "max_elements" and value is None:
+                continue  # the device's default, resolved once the data's device is known
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         low, high = self.quadrature_bounds
@@ -101,14 +103,16 @@ def prepare(model, args, kwargs, options):
         num_particles=options.num_particles,
         quadrature_points=options.quadrature_points,
         quadrature_bounds=options.quadrature_bounds,
-        max_elements=options.max_elements,
+        max_elements=resolve_max_elements(options.max_elements, layout.device),
     )
     scorer = backend.scorer(model, args, kwargs, layout, trace)
     return layout, scorer, backend
 
 
 def score(layout, scorer, estimator, num_draws, *, max_elements, by_size=False, share_masks=False):
-    r"""Scores ``num_draws`` independent draws of ``estimator``'s masks.
+    r"""Scores ``num_draws`` independent draws of ``estimator``'s masks, in chunks of mask
+    rows under ``max_elements`` (``None``: the device's default,
+    :func:`~pyro_mpt.conditionals.base.resolve_max_elements`).
 
     With ``share_masks`` every sequence of a draw gets the same masks (still uniform for
     each sequence, so still unbiased, but the sequences' errors are then correlated); some
@@ -120,6 +124,7 @@ def score(layout, scorer, estimator, num_draws, *, max_elements, by_size=False, 
     """
     N, T = layout.num_sequences, layout.num_tokens
     dtype, device = layout.dtype, layout.device
+    max_elements = resolve_max_elements(max_elements, device)
     max_rows = max(1, max_elements // max(1, scorer.row_cost(share_masks)))
     draws = torch.zeros(num_draws, N, dtype=dtype, device=device)
     bins = torch.zeros(num_draws * N * (T + 1), dtype=dtype, device=device) if by_size else None

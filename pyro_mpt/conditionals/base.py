@@ -23,8 +23,23 @@ from .kernels import DenseGaussianKernel, FactorizedKernel, LowRankGaussianKerne
 
 __all__ = ["Conditionals", "Scorer", "ParticleScorer"]
 
-#: Default memory budget: tensor elements one chunk of mask rows may use.
+#: Default memory budget on the CPU: tensor elements one chunk of mask rows may use (small
+#: chunks stay in cache).
 DEFAULT_MAX_ELEMENTS = 2**24
+
+#: Default memory budget on a GPU: 2**27 elements (0.5 GB in float32, the chunk's largest
+#: tensors together), safe on a 16 GB card. Small chunks leave a GPU launch-bound.
+DEFAULT_CUDA_MAX_ELEMENTS = 2**27
+
+
+def resolve_max_elements(max_elements, device):
+    """``max_elements`` if given, else the default budget of ``device``'s type
+    (:data:`DEFAULT_MAX_ELEMENTS` on the CPU, :data:`DEFAULT_CUDA_MAX_ELEMENTS` on CUDA)."""
+    if max_elements is not None:
+        return int(max_elements)
+    if torch.device(device).type == "cuda":
+        return DEFAULT_CUDA_MAX_ELEMENTS
+    return DEFAULT_MAX_ELEMENTS
 
 
 class Scorer:

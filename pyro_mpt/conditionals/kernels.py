@@ -82,8 +82,10 @@ class LowRankGaussianKernel:
     def row_cost(self, shared=False):
         S, N, T = self.resid.shape
         K = self.W.shape[-1]
-        if shared and self.shared and S == 1:
-            return 3 * N * K + T * (K * K + K + 3)
+        if self.shared and S == 1:
+            if shared:
+                return 3 * N * K + T * (K * K + K + 3)
+            return N * (8 * T + 3 * K * K)  # _per_sequence_row_scores
         return S * N * (T * (K + 4) + K * K)
 
     def row_scores(self, observed, scored):
@@ -100,11 +102,13 @@ class LowRankGaussianKernel:
 
         so no ``(R, N, T)`` tensor is formed: ``O(R T K^2 + N T R K)`` work in products.
         """
-        if not (self.shared and observed.shape[1] == 1 and self.resid.shape[0] == 1):
+        if not (self.shared and self.resid.shape[0] == 1):
             R, N, T = observed.shape[0], self.resid.shape[1], observed.shape[2]
             observed, scored = observed.expand(R, N, T), scored.expand(R, N, T)
             _, cond = self(observed, scored, False)
             return torch.where(scored.unsqueeze(1), cond, 0.0).sum(-1)[:, 0]
+        if observed.shape[1] != 1:
+            return self._per_sequence_row_scores(observed, scored)
         W, D = self.W, self.D
         r = self.resid[0]  # (N, T)
         o = observed[:, 0].to(r.dtype)  # (R, T)
@@ -127,6 +131,33 @@ class LowRankGaussianKernel:
         cG = torch.bmm(c.transpose(0, 1), G)  # (R, N, K)
         quad = (r**2 @ u.T).T + (c.transpose(0, 1) * (cG - 2 * g.transpose(0, 1))).sum(-1)
         return log_norm.unsqueeze(-1) - 0.5 * quad  # (R, N)
+
+    def _per_sequence_row_scores(self, observed, scored):
+        r"""``(R, N)`` for masks drawn per sequence (``(R, N, T)``), without particles.
+
+        Each (row, sequence) pair has its own :math:`A = I + W^\top \mathrm{diag}(o/D) W`
+        and :math:`b = W^\top \mathrm{diag}(o/D)\, r`: both are matrix products over the
+        tokens, ``(RN, T) x (T, K^2)`` and ``(RN, T) x (T, K)``. Then
+        :math:`c = A^{-1} b` and :math:`A^{-1}` by batched ``K x K`` Cholesky, the means
+        :math:`W c` and variances :math:`D + \mathrm{vec}(A^{-1})^\top \mathrm{vec}(W_t
+        W_t^\top)` by two more products, and one elementwise pass over the ``(R, N, T)``
+        conditionals. No ``(R, N, T, K)`` tensor is formed and nothing waits on the host."""
+        W, D = self.W, self.D
+        r = self.resid[0]  # (N, T)
+        R, N, T = observed.shape
+        K = W.shape[-1]
+        o = observed.to(r.dtype)
+        eye = torch.eye(K, dtype=r.dtype, device=r.device)
+        A = eye + (o.reshape(R * N, T) @ self.outer_over_D).reshape(R * N, K, K)
+        # I + (PSD) is positive definite: cholesky_ex skips the error check's host sync
+        L, _ = torch.linalg.cholesky_ex(A)
+        b = (o * (r / D)).reshape(R * N, T) @ W  # (RN, K)
+        c = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)  # (RN, K)
+        Ainv = torch.cholesky_inverse(L).reshape(R * N, K * K)
+        var = torch.addmm(D, Ainv, self.outer.T).reshape(R, N, T)
+        err = r - (c @ W.T).reshape(R, N, T)
+        log_cond = -0.5 * (_LOG_2PI + var.log() + err**2 / var)
+        return torch.where(scored, log_cond, 0.0).sum(-1)
 
     def __call__(self, observed, scored, need_marginal):
         W, D, r = self.W, self.D, self.resid
