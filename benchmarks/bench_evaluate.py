@@ -28,6 +28,9 @@ def main(argv=None):
     parser.add_argument("--num-data", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-per-sequence", action="store_true")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one per-sequence run: the top kernels"
+    )
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     T, N, K = args.num_tokens, args.num_data, 5
@@ -64,8 +67,20 @@ def main(argv=None):
             times.append(time.perf_counter() - t0)
         print(
             f"  share_masks={share!s:5}: {statistics.median(times) * 1e3:8.1f} ms "
-            f"(target < 50 ms on an H100/H200)  device={report.device}"
+            f"(target < 50 ms on an H100/H200)  device={report.device}",
+            flush=True,
         )
+        if args.profile and not share:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU]
+            if X.device.type == "cuda":
+                activities.append(ProfilerActivity.CUDA)
+            with profile(activities=activities) as prof:
+                run()
+                _sync()
+            key = "cuda_time_total" if X.device.type == "cuda" else "cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=50))
 
 
 if __name__ == "__main__":
