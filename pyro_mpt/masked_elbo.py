@@ -68,7 +68,7 @@ class MaskedELBO(ELBO):
     :param int quadrature_points: grid points per latent dimension (``"quadrature"``).
     :param tuple quadrature_bounds: ``(low, high)`` of each grid axis.
     :param int max_elements: memory budget, in tensor elements, of one chunk of masks;
-        default (``None``) ``2**24`` on the CPU and ``2**27`` on a GPU.
+        default (``None``) ``2**24`` on the CPU and ``2**28`` on a GPU.
     :param bool share_masks: give every sequence of a step the same masks (default
         ``False``: masks are drawn independently per sequence). Still unbiased, but the
         sequences' errors become correlated; the low-rank Gaussian backend then scores a

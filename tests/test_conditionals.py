@@ -310,8 +310,8 @@ def test_backends_refuse_models_they_cannot_score():
 def test_low_rank_row_scores_match_dense_conditionals(per_sequence):
     """The low-rank kernel's summed conditionals (Woodbury, by matrix products) equal the
     dense kernel's on the full covariance W W^T + diag(D), value and gradient, within 1e-10
-    in float64; rows include an empty conditioning set and tokens neither observed nor
-    scored."""
+    in float64, with autograd and without; rows include an empty conditioning set and
+    tokens neither observed nor scored."""
     from pyro_mpt.conditionals.kernels import DenseGaussianKernel, LowRankGaussianKernel
 
     gen = torch.Generator().manual_seed(3)
@@ -344,6 +344,8 @@ def test_low_rank_row_scores_match_dense_conditionals(per_sequence):
     a, b = low_rank(), dense()
     assert a.shape == (R, N)
     assert_close(a, b, atol=1e-10)
+    with torch.no_grad():  # the in-place route taken without autograd
+        assert_close(low_rank(), b.detach(), atol=1e-10)
     for ga, gb in zip(
         torch.autograd.grad(a.sum(), [W, D, loc]), torch.autograd.grad(b.sum(), [W, D, loc])
     ):

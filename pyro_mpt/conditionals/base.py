@@ -27,9 +27,9 @@ __all__ = ["Conditionals", "Scorer", "ParticleScorer"]
 #: chunks stay in cache).
 DEFAULT_MAX_ELEMENTS = 2**24
 
-#: Default memory budget on a GPU: 2**27 elements (0.5 GB in float32, the chunk's largest
+#: Default memory budget on a GPU: 2**28 elements (1 GB in float32, the chunk's largest
 #: tensors together), safe on a 16 GB card. Small chunks leave a GPU launch-bound.
-DEFAULT_CUDA_MAX_ELEMENTS = 2**27
+DEFAULT_CUDA_MAX_ELEMENTS = 2**28
 
 
 def resolve_max_elements(max_elements, device):
