@@ -125,12 +125,14 @@ class LowRankGaussianKernel:
         # c[n, r] = A_r^{-1} W^T diag(o_r / D) r_n and g[n, r] = W^T diag(u_r) r_n: one
         # (N, T) x (T, R K) product each, with A_r^{-1} folded into the right factor.
         WA = torch.einsum("tl,rkl->trk", W, Ainv)  # (T, R, K): A_r^{-1} W_t
-        c = (r @ ((o / D).T.unsqueeze(-1) * WA).reshape(T, R * K)).reshape(-1, R, K)
-        g = (r @ (u.T.unsqueeze(-1) * W.unsqueeze(1)).reshape(T, R * K)).reshape(-1, R, K)
-        G = (u @ self.outer).reshape(R, K, K)
-        cG = torch.bmm(c.transpose(0, 1), G)  # (R, N, K)
-        quad = (r**2 @ u.T).T + (c.transpose(0, 1) * (cG - 2 * g.transpose(0, 1))).sum(-1)
-        return log_norm.unsqueeze(-1) - 0.5 * quad  # (R, N)
+        G = (u @ self.outer).reshape(R, K, K)  # symmetric
+        # c = r Zc and h = G c - 2 g = r Zh, with Zh = Zc G - 2 Zg, come out of one
+        # (N, T) x (T, 2 R K) product, laid out (N, R, 2K) so nothing is transposed after
+        Zc = (o / D).T.unsqueeze(-1) * WA  # (T, R, K)
+        Zh = torch.einsum("trk,rkl->trl", Zc, G) - 2 * u.T.unsqueeze(-1) * W.unsqueeze(1)
+        ch = (r @ torch.cat([Zc, Zh], -1).reshape(T, R * 2 * K)).reshape(-1, R, 2 * K)
+        quad = r**2 @ u.T + (ch[..., :K] * ch[..., K:]).sum(-1)  # (N, R)
+        return log_norm.unsqueeze(-1) - 0.5 * quad.T  # (R, N)
 
     def _per_sequence_row_scores(self, observed, scored):
         r"""``(R, N)`` for masks drawn per sequence (``(R, N, T)``), without particles.
