@@ -350,3 +350,21 @@ def test_low_rank_row_scores_match_dense_conditionals(per_sequence):
         torch.autograd.grad(a.sum(), [W, D, loc]), torch.autograd.grad(b.sum(), [W, D, loc])
     ):
         assert_close(ga, gb, atol=1e-9)
+
+
+def test_mask_chunk_budget_defaults_by_device():
+    """``max_elements=None`` means the device's default budget: small chunks on the CPU,
+    large ones on a GPU (launch-bound otherwise); an explicit budget is kept."""
+    from pyro_mpt.conditionals.base import (
+        DEFAULT_CUDA_MAX_ELEMENTS,
+        DEFAULT_MAX_ELEMENTS,
+        resolve_max_elements,
+    )
+
+    assert resolve_max_elements(None, torch.device("cpu")) == DEFAULT_MAX_ELEMENTS == 2**24
+    assert resolve_max_elements(None, torch.device("cuda", 0)) == DEFAULT_CUDA_MAX_ELEMENTS
+    assert DEFAULT_CUDA_MAX_ELEMENTS == 2**28
+    assert resolve_max_elements(5000, torch.device("cuda")) == 5000
+    assert MPTOptions().max_elements is None  # resolved once the data's device is known
+    with pytest.raises(ValueError, match="max_elements must be an integer >= 1"):
+        MPTOptions(max_elements=0)

@@ -122,8 +122,8 @@ class LowRankGaussianKernel:
         var = D + Ainv.reshape(R, K * K) @ self.outer.T  # (R, T): the mask's variances
         u = s / var
         log_norm = -0.5 * (s * (_LOG_2PI + var.log())).sum(-1)  # (R,)
-        # c[n, r] = A_r^{-1} W^T diag(o_r / D) r_n and g[n, r] = W^T diag(u_r) r_n: one
-        # (N, T) x (T, R K) product each, with A_r^{-1} folded into the right factor.
+        # c[n, r] = A_r^{-1} W^T diag(o_r / D) r_n and g[n, r] = W^T diag(u_r) r_n are
+        # linear in r_n, with A_r^{-1} folded into the right factor.
         WA = torch.einsum("tl,rkl->trk", W, Ainv)  # (T, R, K): A_r^{-1} W_t
         G = (u @ self.outer).reshape(R, K, K)  # symmetric
         # c = r Zc and h = G c - 2 g = r Zh, with Zh = Zc G - 2 Zg, come out of one
