@@ -27,3 +27,22 @@ def requires_cuda(test):
     """Marks a test ``gpu`` and skips it without CUDA."""
     skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
     return pytest.mark.gpu(skip(test))
+
+
+def random_hmm_params(C, V, seed=0):
+    """Random HMM parameters ``(init (C,), trans (C, C), emit (C, V))``, every row a
+    distribution bounded away from 0."""
+    g = torch.Generator().manual_seed(seed)
+    init = torch.rand(C, generator=g) + 0.1
+    trans = torch.rand(C, C, generator=g) + 0.1
+    emit = torch.rand(C, V, generator=g) + 0.1
+    return init / init.sum(), trans / trans.sum(-1, keepdim=True), emit / emit.sum(-1, keepdim=True)
+
+
+def sample_hmm_data(N, T, C, V, seed=0):
+    """``(X, init, trans, emit)``: ``N`` sequences of ``T`` tokens from a random HMM."""
+    from pyro_mpt.models import sample_hmm
+
+    init, trans, emit = random_hmm_params(C, V, seed)
+    X = sample_hmm(N, T, init, trans, emit, generator=torch.Generator().manual_seed(seed + 1))
+    return X, init, trans, emit

@@ -23,26 +23,19 @@ from pyro_mpt.models import (
     gaussian_mixture_log_marginal,
     hmm,
     hmm_log_marginal,
-    sample_hmm,
 )
 from pyro_mpt.tokens import read_layout, run_layout_trace
-from tests.conftest import assert_close
+from tests.conftest import assert_close, random_hmm_params, sample_hmm_data
 
 C, V = 3, 4
 
 
 def _hmm_params(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    init = torch.rand(C, generator=g) + 0.1
-    trans = torch.rand(C, C, generator=g) + 0.1
-    emit = torch.rand(C, V, generator=g) + 0.1
-    return init / init.sum(), trans / trans.sum(-1, keepdim=True), emit / emit.sum(-1, keepdim=True)
+    return random_hmm_params(C, V, seed)
 
 
 def _hmm_data(N, T, seed=0):
-    init, trans, emit = _hmm_params(seed)
-    X = sample_hmm(N, T, init, trans, emit, generator=torch.Generator().manual_seed(seed + 1))
-    return X, init, trans, emit
+    return sample_hmm_data(N, T, C, V, seed)
 
 
 def _scorer(model, X, token_plate=None):

@@ -13,25 +13,17 @@ from pyro_mpt.mlm import (
     pseudo_log_likelihood,
 )
 from pyro_mpt.scoring import MPTOptions, prepare
-from tests.conftest import assert_close
+from tests.conftest import assert_close, random_hmm_params, sample_hmm_data
 
 C, V = 3, 5
 
 
 def _hmm_params(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    init = torch.rand(C, generator=g) + 0.1
-    trans = torch.rand(C, C, generator=g) + 0.1
-    emit = torch.rand(C, V, generator=g) + 0.1
-    return init / init.sum(), trans / trans.sum(-1, keepdim=True), emit / emit.sum(-1, keepdim=True)
+    return random_hmm_params(C, V, seed)
 
 
 def _hmm_data(N, T, seed=0):
-    init, trans, emit = _hmm_params(seed)
-    X = models.sample_hmm(
-        N, T, init, trans, emit, generator=torch.Generator().manual_seed(seed + 1)
-    )
-    return X, init, trans, emit
+    return sample_hmm_data(N, T, C, V, seed)
 
 
 def _recording(predictor):
