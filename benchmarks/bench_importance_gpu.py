@@ -24,14 +24,14 @@ Run:  python benchmarks/bench_importance_gpu.py                       (CUDA if a
 Measured on one H200 (torch 2.11.0+cu130), ``--modes graph,eager --repeats 3`` (chunks of
 684 particles):
 
-    log_marginal_likelihood compile=graph S=65536     152.2 ms  3.377e+11 evals/s  [PASS]
-      ... steady state (S=65536 minus S=16384):                 4.069e+11 evals/s  [PASS]
-    log_marginal_likelihood compile=eager S=2048       36.9 ms  4.354e+10 evals/s
-    plain PyTorch expression (unfused) S=2048          21.6 ms  7.428e+10 evals/s
-    pyro vectorized_importance_weights S=256            7.7 ms  2.610e+10 evals/s
+    log_marginal_likelihood compile=graph S=65536     146.0 ms  3.520e+11 evals/s  [PASS]
+      ... steady state (S=65536 minus S=16384):                 4.213e+11 evals/s  [PASS]
+    log_marginal_likelihood compile=eager S=2048       35.7 ms  4.495e+10 evals/s
+    plain PyTorch expression (unfused) S=2048          21.5 ms  7.455e+10 evals/s
+    pyro vectorized_importance_weights S=256            6.5 ms  3.090e+10 evals/s
 
-and 2.811e+11 evals/s end to end with the library's default chunk budget (171 particles,
-``--max-elements 134217728``). The first compiled call compiles for about 13 s (warm-up);
+and 2.801e+11 evals/s end to end with the library's default chunk budget (171 particles,
+``--max-elements 134217728``). The first compiled call compiles for about 13-15 s (warm-up);
 later calls reuse the compiled chunk whatever their number of particles.
 """
 

@@ -53,10 +53,10 @@ ATen graph, checked against the eager chunk on a fresh draw, its latent matrix p
 with a small inner dimension unrolled (so the ``(chunk, N, T)`` product is never stored) and
 compiled by :func:`torch.compile`; the graph is kept for later calls with the same model and
 arguments (re-checked each time). Measured on an H200 (float32, N = 1000, T = 784, K = 2,
-S = 65536, the Bernoulli latent linear model, benchmarks/bench_importance_gpu.py): 3.4e11
+S = 65536, the Bernoulli latent linear model, benchmarks/bench_importance_gpu.py): 3.5e11
 particle-token evaluations per second end to end with chunks of 684 particles (2.8e11 with
-the default budget), against 4.4e10 eager, 7.4e10 for a plain unfused PyTorch expression
-and 2.6e10 for Pyro's ``vectorized_importance_weights``. The compiled chunk depends on the
+the default budget), against 4.5e10 eager, 7.5e10 for a plain unfused PyTorch expression
+and 3.1e10 for Pyro's ``vectorized_importance_weights``. The compiled chunk depends on the
 chunk's shape only, not on the number of particles, so one compilation serves every ``S``.
 
 References

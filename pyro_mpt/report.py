@@ -600,7 +600,7 @@ def evaluate(
         a terminal, ``True`` / ``False`` force it on / off. Also passed to the reference.
     :param bool share_masks: see :class:`~pyro_mpt.MaskedELBO`. For long low-rank Gaussian
         sequences the fast route: collapsed PPCA with T = 784, N = 1000, the stratified
-        estimator alone and no curve took 4.8 ms with shared masks and 62 ms with masks per
+        estimator alone and no curve took 3.5 ms with shared masks and 62 ms with masks per
         sequence on an H200 (``benchmarks/bench_evaluate.py``).
     :param dict reference_options: more keyword arguments of ``log_marginal_likelihood``
         (``chunk_size``, ``quadrature_points``, ``max_elements``, ...).
