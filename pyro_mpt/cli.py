@@ -128,18 +128,6 @@ def _version():
         return "unknown"
 
 
-def _check_device(device):
-    import torch
-
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"--device {device!r} is not a torch device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but torch.cuda.is_available() is False")
-    return device
-
-
 def demo(
     seed=0,
     steps=300,
@@ -178,6 +166,7 @@ def demo(
     from tqdm import tqdm
 
     from pyro_mpt import MaskedELBO, mpt_curve
+    from pyro_mpt.experiments.reproduce import check_device
     from pyro_mpt.models import (
         ppca_collapsed,
         ppca_log_marginal,
@@ -186,7 +175,7 @@ def demo(
     )
 
     file = sys.stdout if file is None else file
-    device = _check_device(device)
+    device = check_device(device)
     if progress is None:
         progress = sys.stderr.isatty()
 
@@ -294,8 +283,10 @@ def _run_demo(args, parser):
     # arviz >= 0.23 prints a FutureWarning about its own refactor once a day on import; it is
     # noise in a command-line demo.
     warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
+    from pyro_mpt.experiments.reproduce import check_device
+
     try:
-        _check_device(args.device)
+        check_device(args.device)
     except ValueError as e:
         parser.error(str(e))
     demo(

@@ -193,3 +193,13 @@ def test_cli_reproduce_bad_device(tmp_path, capsys):
         cli.main(["reproduce", "--output", str(tmp_path), "--device", "nonsense"])
     assert e.value.code == 2
     assert "not a torch device" in capsys.readouterr().err
+
+
+def test_cli_demo_bad_device(capsys):
+    """The demo checks --device with the same helper as reproduce: a clear usage error."""
+    from pyro_mpt import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--device", "nonsense"])
+    assert e.value.code == 2
+    assert "not a torch device" in capsys.readouterr().err
