@@ -680,20 +680,15 @@ def _exact(model, args, kwargs, layout, trace, continuous, max_elements, message
     budget = resolve_max_elements(max_elements, layout.device)
     scorer = EnumerateConditionals(budget).scorer(model, args, kwargs, layout, trace)
     device = layout.device
+    observed = torch.ones(1, N, T, dtype=torch.bool, device=device)
     if isinstance(scorer, ParticleScorer):
-        obs = torch.ones(1, N, T, dtype=torch.bool, device=device)
-        none = torch.zeros_like(obs)
-        a = scorer.log_w0
-        for sl, kernel in scorer.kernels:
-            marginal, _ = kernel(obs[..., sl], none[..., sl], True)
-            a = a + marginal[0]
         messages.append(
             f"exact: enumeration of the joint support of {layout.enumerated} "
-            f"({a.shape[0]} configurations)"
+            f"({scorer.num_particles} configurations)"
         )
-        return torch.logsumexp(a, 0)
+        return scorer.log_evidence(observed)[0]
     messages.append(f"exact: variable elimination over the enumerated sites {layout.enumerated}")
-    return scorer.log_evidence(torch.ones(1, N, T, dtype=torch.bool, device=device))[0]
+    return scorer.log_evidence(observed)[0]
 
 
 def _quadrature_grid(dims, points, bounds, dtype, device):

@@ -67,6 +67,12 @@ class Scorer:
             ``scored`` and 0 elsewhere."""
         raise NotImplementedError
 
+    def log_evidence(self, observed):
+        """``(R, N)``: :math:`\\log p(x_{n,O_r})`, the evidence of each row's observed
+        tokens (the others marginalised). The reference's exact method calls it with every
+        token observed. Backends that can give it override this."""
+        raise NotImplementedError(f"{type(self).__name__} gives no evidence of the observed part")
+
     def row_scores(self, observed, scored):
         """``(R, N)``: the sum over scored tokens of each row's conditionals. Masks may be
         shared by all sequences (``(R, 1, T)``); backends override this where the sum is
@@ -130,6 +136,12 @@ class ParticleScorer(Scorer):
         self.layout = layout
         self.log_w0 = log_w0  # (S, N) or None
 
+    @property
+    def num_particles(self):
+        """``S``, the particles (or enumerated configurations, grid points) mixed over; 1
+        without latents."""
+        return 1 if self.log_w0 is None else self.log_w0.shape[0]
+
     def row_cost(self, shared=False):
         shared = shared and self.log_w0 is None
         return sum(k.row_cost(shared) for _, k in self.kernels) * 2
@@ -139,6 +151,16 @@ class ParticleScorer(Scorer):
             # Without particles the sites' tokens are independent across sites: add them up.
             return sum(k.row_scores(observed[..., sl], scored[..., sl]) for sl, k in self.kernels)
         return super().row_scores(observed, scored)
+
+    def log_evidence(self, observed):
+        none = torch.zeros_like(observed)
+        a = 0.0 if self.log_w0 is None else self.log_w0
+        for sl, kernel in self.kernels:
+            marginal, _ = kernel(observed[..., sl], none[..., sl], True)
+            a = a + marginal  # (R, S, N)
+        if self.log_w0 is None:
+            return a[:, 0]
+        return torch.logsumexp(a, 1)
 
     def __call__(self, observed, scored):
         need_marginal = self.log_w0 is not None

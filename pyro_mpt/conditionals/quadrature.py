@@ -6,10 +6,6 @@ axis on ``[low, high]`` give :math:`G^d` particles :math:`z_s` with weights
 to the grid's error. The paper's binary experiment uses a 20 x 20 grid on :math:`[-5, 5]^2`.
 """
 
-import math
-
-import torch
-
 from .base import (
     Conditionals,
     ParticleScorer,
@@ -18,6 +14,7 @@ from .base import (
     latent_log_prob,
     particle_trace,
 )
+from .grid import midpoint_grid
 from .importance import check_discrete_latents
 
 __all__ = ["QuadratureConditionals"]
@@ -77,18 +74,15 @@ class QuadratureConditionals(Conditionals):
 
     def scorer(self, model, args, kwargs, layout, trace):
         dims = self.check(layout, trace)
-        G, (low, high) = self.num_points, self.bounds
-        width = (high - low) / G
-        axis = low + width * (0.5 + torch.arange(G, dtype=layout.dtype, device=layout.device))
-        d = sum(dims.values())
-        grid = torch.stack(torch.meshgrid(*([axis] * d), indexing="ij"), -1).reshape(-1, d)
-        values, offset = {}, 0
-        for name, k in dims.items():
-            event = tuple(trace.nodes[name]["fn"].event_shape)
-            values[name] = grid[:, offset : offset + k].reshape(grid.shape[0], *event)
-            offset += k
-        tr = particle_trace(model, args, kwargs, layout, num_particles=grid.shape[0], values=values)
+        events = {n: tuple(trace.nodes[n]["fn"].event_shape) for n in dims}
+        grid = midpoint_grid(
+            dims, events, self.num_points, self.bounds, layout.dtype, layout.device
+        )
+        values = grid.values
+        tr = particle_trace(
+            model, args, kwargs, layout, num_particles=grid.points.shape[0], values=values
+        )
         parts = [(lp, 0) for lp in latent_log_prob(tr, list(dims) + layout.enumerated, layout)]
         kernels, lead = build_kernels(tr, layout, parts)
-        log_w0 = combine_log_weights(parts, layout, lead, base=d * math.log(width))
+        log_w0 = combine_log_weights(parts, layout, lead, base=grid.log_volume)
         return ParticleScorer(kernels, layout, log_w0)

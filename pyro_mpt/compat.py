@@ -1,0 +1,40 @@
+"""The few places where pyro_mpt leans on another library's private or noisy API, each
+wrapped once with the reason, so that a change upstream breaks one function, not many.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+__all__ = ["gaussian_parts", "generalized_pareto_fit", "import_arviz"]
+
+
+def import_arviz():
+    """ArviZ, imported on first use (it is slow to import); its notice about its coming 1.0
+    refactor (a ``FutureWarning`` on import) says nothing about the caller's code."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning
+        )
+        import arviz
+    return arviz
+
+
+def generalized_pareto_fit(exceedances, *args, **kwargs):
+    """ArviZ's generalized Pareto fit (Zhang & Stephens 2009, as ``psislw`` uses it).
+
+    Private in ArviZ (``arviz.stats.stats._gpdfit``): it is the exact fit behind ArviZ's own
+    k-hat, and using it keeps our k-hat equal to ArviZ's (tested). Only here."""
+    return import_arviz().stats.stats._gpdfit(exceedances, *args, **kwargs)
+
+
+def gaussian_parts(fn):
+    """The un-expanded parameters of a torch Gaussian: ``("lowrank", W, D)`` for
+    ``LowRankMultivariateNormal`` or ``("dense", scale_tril)`` for ``MultivariateNormal``.
+
+    torch keeps them as private ``_unbroadcasted_*`` attributes; the public ``cov_factor``,
+    ``scale_tril`` ... are expanded to the full batch shape (copies per particle and
+    sequence), which the Gaussian kernels avoid. Only here."""
+    if hasattr(fn, "_unbroadcasted_cov_factor"):
+        return "lowrank", fn._unbroadcasted_cov_factor, fn._unbroadcasted_cov_diag
+    return "dense", fn._unbroadcasted_scale_tril
