@@ -41,7 +41,12 @@ def _build_parser():
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    _add_demo_parser(sub)
+    _add_reproduce_parser(sub)
+    return parser
 
+
+def _add_demo_parser(sub):
     p = sub.add_parser(
         "demo",
         help="train PPCA with MaskedELBO and compare the MPT estimate with the exact LML",
@@ -80,6 +85,8 @@ def _build_parser():
     )
     p.set_defaults(func=_run_demo)
 
+
+def _add_reproduce_parser(sub):
     r = sub.add_parser(
         "reproduce",
         help="run the paper's experiments; write their figures and report.md",
@@ -116,7 +123,6 @@ def _build_parser():
         help="no progress bar (default: shown on a terminal)",
     )
     r.set_defaults(func=_run_reproduce)
-    return parser
 
 
 def _version():
@@ -163,7 +169,6 @@ def demo(
     import torch
     from pyro.infer import SVI
     from pyro.optim import Adam
-    from tqdm import tqdm
 
     from pyro_mpt import MaskedELBO, mpt_curve
     from pyro_mpt.experiments.reproduce import check_device
@@ -173,11 +178,10 @@ def demo(
         ppca_maximum_likelihood,
         sample_ppca,
     )
+    from pyro_mpt.progress import progress_bar
 
     file = sys.stdout if file is None else file
     device = check_device(device)
-    if progress is None:
-        progress = sys.stderr.isatty()
 
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
@@ -192,9 +196,10 @@ def demo(
         return ppca_collapsed(data, K)
 
     svi = SVI(model, None, Adam({"lr": lr}), loss=MaskedELBO(estimator="stratified", num_masks=1))
-    bar = tqdm(range(steps), desc="SVI (MaskedELBO, stratified)", disable=not progress)
-    for step in bar:
+    bar = progress_bar(steps, progress, "SVI (MaskedELBO, stratified)", unit="step")
+    for step in range(steps):
         loss = svi.step(X)
+        bar.update()
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss_per_seq=f"{loss / N:.3f}")
     bar.close()
@@ -220,13 +225,8 @@ def demo(
 
 
 def _area_stderr(curve):
-    """The standard error of the curve's area (None when unknown)."""
-    se = getattr(curve, "area_stderr", None)
-    if se is None:  # older results carried a scalar ``stderr`` only
-        se = getattr(curve, "stderr", None)
-        if se is None or getattr(se, "numel", lambda: 1)() != 1:
-            return None
-    se = float(se)
+    """The standard error of the curve's area (None when unknown: one mask per size)."""
+    se = float(curve.area_stderr)
     return None if math.isnan(se) else se
 
 

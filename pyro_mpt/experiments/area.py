@@ -40,9 +40,6 @@ class AreaResult:
         res = area(T=50, K=5, N=200, permutations=(1, 20))
         res.areas, res.area_stderr, res.z_scores     # one entry per permutations value
         print(res.headline())
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     T: int
@@ -130,9 +127,6 @@ def area(
     masked scores of ``p`` masks of size :math:`m` per sequence; its expectation is
     :math:`\log p(X)`, here the exact
     :math:`\sum_n \log \mathcal N(x_n; \mu, W W^\top + \sigma^2 I)` of data ``(N, T)``.
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)

@@ -43,9 +43,6 @@ def load_digits_binary(dtype=torch.float64):
 
         X = load_digits_binary()                 # (1797, 64), values 0. / 1.
         res = binary(data=X, steps=200)
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     try:
         from sklearn.datasets import load_digits
@@ -69,9 +66,6 @@ def synthetic_binary(num_data=500, num_pixels=64, latent_dim=2, seed=0, dtype=to
     Example::
 
         X, truth = synthetic_binary(num_data=200)   # X: (200, 64); truth["W"]: (64, 2)
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     gen = torch.Generator().manual_seed(seed)
     W = 2.0 * torch.randn(num_pixels, latent_dim, generator=gen, dtype=dtype)
@@ -93,9 +87,6 @@ def prepare_binary(data, dtype=torch.float64):
     Example::
 
         X = prepare_binary(mnist_images)         # (N, 28, 28), 0..255 -> (N, 784) of 0. / 1.
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     X = torch.as_tensor(data).to(dtype)
     if X.dim() < 2:
@@ -128,9 +119,6 @@ class BinaryResult:
         res = binary(data="synthetic", steps=200)
         res.lml_mpt - res.lml_vae, res.mpt_objective.shape    # (steps,)
         res.figure()
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     lml_mpt: float
@@ -216,6 +204,56 @@ def _quadrature_lml(X, K, W, bias, points, bounds, messages):
     return float(est.total) / X.shape[0]
 
 
+def _binary_data(data, num_data, K, seed):
+    """``(X, truth, source)``: the images as ``(N, P)`` zeros and ones, the true parameters
+    (synthetic data only, else ``None``) and where the images came from."""
+    truth = None
+    if data is None:
+        try:
+            X, source = load_digits_binary(), "digits"
+        except ImportError:
+            data = "synthetic"
+    if isinstance(data, str):
+        if data == "digits":
+            X, source = load_digits_binary(), "digits"
+        elif data == "synthetic":
+            X, truth = synthetic_binary(num_data or 500, latent_dim=K, seed=seed)
+            source = "synthetic"
+        else:
+            raise ValueError(f"data must be None, 'digits', 'synthetic' or a tensor, got {data!r}")
+    elif data is not None:
+        X, source = prepare_binary(data), "user"
+    if num_data is not None:
+        X = X[:num_data]
+    return X, truth, source
+
+
+def _linear_encoder_guide(P, K, X):
+    r"""The linear VAE's guide: :math:`q(z\mid x) = \mathcal N(Ax + a,
+    \mathrm{diag}\,\mathrm{softplus}(Bx + b)^2)`."""
+    encoder = torch.nn.Linear(P, 2 * K).to(device=X.device, dtype=X.dtype)
+
+    def guide(batch):
+        enc = pyro.module("encoder", encoder)
+        out = enc(batch)
+        loc, scale = out[..., :K], torch.nn.functional.softplus(out[..., K:]) + 1e-4
+        with pyro.plate("data", batch.shape[0]):
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    return guide
+
+
+def _train(model, make_guide, loss, X, batches, lr, seed):
+    """Adam on the minibatches from a clear parameter store and a fixed seed (the guide is
+    made after seeding, so its initial weights are seeded too); returns the objective per
+    image at each step and the learned ``W`` and ``bias``."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed + 1)
+    svi = SVI(model, make_guide(), Adam({"lr": lr}), loss=loss)
+    objective = [-svi.step(X[idx]) / idx.shape[0] for idx in batches]
+    return objective, pyro.param("W").detach().clone(), pyro.param("bias").detach().clone()
+
+
 def binary(
     data=None,
     K=2,
@@ -261,29 +299,9 @@ def binary(
     Both are scored by :math:`\log p(X)/N = \frac1N\sum_n \log \int \prod_t
     \mathrm{Bernoulli}(x_{n,t};\, \mathrm{sigmoid}(W_t^\top z + b_t))\,\mathcal N(z; 0, I_K)\,dz`
     on the quadrature grid.
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     device = torch.device(device)
-    truth = None
-    if data is None:
-        try:
-            X, source = load_digits_binary(), "digits"
-        except ImportError:
-            data = "synthetic"
-    if isinstance(data, str):
-        if data == "digits":
-            X, source = load_digits_binary(), "digits"
-        elif data == "synthetic":
-            X, truth = synthetic_binary(num_data or 500, latent_dim=K, seed=seed)
-            source = "synthetic"
-        else:
-            raise ValueError(f"data must be None, 'digits', 'synthetic' or a tensor, got {data!r}")
-    elif data is not None:
-        X, source = prepare_binary(data), "user"
-    if num_data is not None:
-        X = X[:num_data]
+    X, truth, source = _binary_data(data, num_data, K, seed)
     X = X.to(device)
     N, P = X.shape
     batch_size = min(batch_size, N)
@@ -293,10 +311,6 @@ def binary(
 
     gen = torch.Generator().manual_seed(seed)
     batches = [torch.randint(N, (batch_size,), generator=gen) for _ in range(steps)]
-
-    # --- MPT with quadrature conditionals
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed + 1)
     elbo = MaskedELBO(
         estimator=estimator,
         num_masks=num_masks,
@@ -304,42 +318,20 @@ def binary(
         quadrature_points=train_quadrature_points or quadrature_points,
         quadrature_bounds=quadrature_bounds,
     )
-    svi = SVI(model, None, Adam({"lr": lr}), loss=elbo)
-    mpt_obj = [-svi.step(X[idx]) / batch_size for idx in batches]
-    W_mpt = pyro.param("W").detach().clone()
-    b_mpt = pyro.param("bias").detach().clone()
-
-    # --- linear VAE by Trace_ELBO
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed + 1)
-    encoder = torch.nn.Linear(P, 2 * K).to(device=device, dtype=X.dtype)
-
-    def guide(batch):
-        enc = pyro.module("encoder", encoder)
-        out = enc(batch)
-        loc, scale = out[..., :K], torch.nn.functional.softplus(out[..., K:]) + 1e-4
-        with pyro.plate("data", batch.shape[0]):
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-
-    svi = SVI(model, guide, Adam({"lr": lr}), loss=Trace_ELBO())
-    vae_elbo = [-svi.step(X[idx]) / batch_size for idx in batches]
-    W_vae = pyro.param("W").detach().clone()
-    b_vae = pyro.param("bias").detach().clone()
+    mpt_obj, W_mpt, b_mpt = _train(model, lambda: None, elbo, X, batches, lr, seed)
+    vae_elbo, W_vae, b_vae = _train(
+        model, lambda: _linear_encoder_guide(P, K, X), Trace_ELBO(), X, batches, lr, seed
+    )
 
     messages = []
+    grid = (quadrature_points, quadrature_bounds, messages)
     with torch.no_grad():
-        lml_mpt = _quadrature_lml(
-            X, K, W_mpt, b_mpt, quadrature_points, quadrature_bounds, messages
-        )
-        lml_vae = _quadrature_lml(
-            X, K, W_vae, b_vae, quadrature_points, quadrature_bounds, messages
-        )
+        lml_mpt = _quadrature_lml(X, K, W_mpt, b_mpt, *grid)
+        lml_vae = _quadrature_lml(X, K, W_vae, b_vae, *grid)
         lml_truth = None
         if truth is not None:
             truth = {k: v.to(device) for k, v in truth.items()}
-            lml_truth = _quadrature_lml(
-                X, K, truth["W"], truth["bias"], quadrature_points, quadrature_bounds, messages
-            )
+            lml_truth = _quadrature_lml(X, K, truth["W"], truth["bias"], *grid)
     return BinaryResult(
         lml_mpt=lml_mpt,
         lml_vae=lml_vae,

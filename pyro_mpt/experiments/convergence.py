@@ -44,9 +44,6 @@ class ConvergenceResult:
         res = convergence(T_values=(5, 10), N=50, permutations=(1, 10, 100))
         res.errors.shape                         # (2, 3, 1)
         res.abs_errors, res.final_abs_error
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     T_values: tuple
@@ -143,9 +140,6 @@ def convergence(
     The error is :math:`\big(\sum_n \sum_{m=1}^T \hat S_n(m) - \log p(X)\big)/N`, with
     :math:`\hat S_n(m)` the mean score of ``p`` uniform masks of size :math:`m`; it shrinks as
     :math:`O(1/\sqrt p)` (the estimator is unbiased).
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     device = torch.device(device)
     noise_scale = float(noise_precision) ** -0.5

@@ -10,12 +10,12 @@ Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 
 import math
 import os
-import sys
 import time
 
 import torch
 
 from ..mlm.experiment import mlm_experiment
+from ..progress import logger, progress_bar
 from .area import area
 from .binary import binary
 from .convergence import convergence
@@ -259,12 +259,7 @@ def reproduce(output_dir, quick=True, device="cpu", seed=0, progress=None, only=
     :param bool progress: a tqdm bar over the experiments; ``None``: only on a terminal.
     :param only: an experiment name or a list of them (default: all of :data:`EXPERIMENTS`).
     :raises ValueError: for an unusable device or an unknown experiment name.
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
-    from tqdm import tqdm
-
     device = check_device(device)
     preset = _preset or ("quick" if quick else "full")
     sizes = PRESETS[preset]
@@ -276,16 +271,14 @@ def reproduce(output_dir, quick=True, device="cpu", seed=0, progress=None, only=
         if bad:
             raise ValueError(f"unknown experiment(s) {bad}; choose from {list(EXPERIMENTS)}")
         names = [n for n in EXPERIMENTS if n in names]
-    if progress is None:
-        progress = sys.stderr.isatty()
     os.makedirs(output_dir, exist_ok=True)
 
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     results, rows, details, elapsed = {}, {}, {}, {}
     try:
-        bar = tqdm(names, desc="experiments", disable=not progress)
-        for name in bar:
+        bar = progress_bar(len(names), progress, "experiments", unit="experiment")
+        for name in names:
             bar.set_postfix_str(name)
             start = time.perf_counter()
             r = _FUNCS[name](seed=seed, device=device, **sizes[name])
@@ -297,6 +290,8 @@ def reproduce(output_dir, quick=True, device="cpu", seed=0, progress=None, only=
             results[name] = r
             rows[name] = _ROWS[name](r)
             details[name] = (r.headline(), _notes(name, r))
+            bar.update()
+            logger.info("experiment %s done in %.1f s", name, elapsed[name])
         bar.close()
     finally:
         torch.set_default_dtype(old_dtype)

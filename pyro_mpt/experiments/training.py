@@ -49,9 +49,6 @@ class TrainingResult:
         res = training(N=500, steps=200)
         res.steps.shape, res.lml["stratified"].shape   # (R,), (R,)
         res.gap_to_ml("stratified")
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     steps: torch.Tensor
@@ -168,9 +165,6 @@ def training(
 
     The stratified run maximises an unbiased estimate of :math:`\log p(X) = \sum_m S(m)`; the
     fixed rate :math:`r` maximises :math:`T\,S(\mathrm{round}(rT))` instead, which is biased.
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     device = torch.device(device)
     runs = TRAINING_RUNS if runs is None else runs
