@@ -72,7 +72,7 @@ class EvidenceMessenger(Messenger):
     item plate, outside it, broadcasts afterwards.
     """
 
-    def __init__(self, masks):
+    def __init__(self, masks: dict):
         super().__init__()
         self.masks = masks
 
@@ -97,7 +97,14 @@ class Probe(TorchDistribution):
 
     arg_constraints = {}
 
-    def __init__(self, base_dist, observed, probe, store, key):
+    def __init__(
+        self,
+        base_dist: TorchDistribution,
+        observed: torch.Tensor,
+        probe: torch.Tensor,
+        store: dict,
+        key: str,
+    ):
         batch_shape = broadcast_shape(observed.shape, base_dist.batch_shape)
         if base_dist.batch_shape != batch_shape:
             base_dist = base_dist.expand(batch_shape)
@@ -106,12 +113,8 @@ class Probe(TorchDistribution):
         super().__init__(base_dist.batch_shape, base_dist.event_shape, validate_args=False)
 
     def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(Probe, _instance)
-        new.base_dist = self.base_dist.expand(torch.Size(batch_shape))
-        new._observed, new._probe = self._observed, self._probe
-        new._store, new._key = self._store, self._key
-        super(Probe, new).__init__(torch.Size(batch_shape), self.event_shape, validate_args=False)
-        return new
+        base_dist = self.base_dist.expand(torch.Size(batch_shape))
+        return Probe(base_dist, self._observed, self._probe, self._store, self._key)
 
     @constraints.dependent_property
     def support(self):
@@ -141,7 +144,7 @@ def _probe_elements(fn, observed, probe, store, key):
 class ProbeMessenger(Messenger):
     """Replaces each observed site's distribution by its :class:`Probe` for the items."""
 
-    def __init__(self, entries, store):
+    def __init__(self, entries: dict, store: dict):
         super().__init__()
         self.entries, self.store = entries, store
 
