@@ -4,7 +4,7 @@ r"""Conditional backends against exact conditionals (acceptance criteria 4 and 5
   Gaussian conditionals :math:`\log p(x_j \mid x_O)` as the number of particles grows;
 - ``"quadrature"`` (a 60 x 60 midpoint grid on :math:`[-6, 6]^2`) matches them to 1e-6;
 - ``"enumerate"`` matches the mixture's conditionals computed here by hand;
-- mixed models (THEORY.md, 3): a local enumerated latent whose observed child is a
+- mixed models (the theory page of the docs, section 3): a local enumerated latent whose observed child is a
   ``MultivariateNormal`` / ``LowRankMultivariateNormal`` (a mixture of full-covariance
   Gaussians) has exhaustive area and chain equal to the exact mixture LML to 1e-8; with a
   continuous latent parent, quadrature gives the exact LML to 1e-6 and the importance chain
@@ -304,52 +304,6 @@ def test_backends_refuse_models_they_cannot_score():
         _scorer(latent4, X, conditionals="quadrature")
     with pytest.raises(ValueError, match="unknown conditionals"):
         MPTOptions(conditionals="laplace")
-
-
-@pytest.mark.parametrize("per_sequence", [True, False], ids=["per-sequence", "shared"])
-def test_low_rank_row_scores_match_dense_conditionals(per_sequence):
-    """The low-rank kernel's summed conditionals (Woodbury, by matrix products) equal the
-    dense kernel's on the full covariance W W^T + diag(D), value and gradient, within 1e-10
-    in float64, with autograd and without; rows include an empty conditioning set and
-    tokens neither observed nor scored."""
-    from pyro_mpt.conditionals.kernels import DenseGaussianKernel, LowRankGaussianKernel
-
-    gen = torch.Generator().manual_seed(3)
-    N, T, K, R = 6, 11, 3, 10
-    f64 = dict(dtype=torch.float64)
-    W = torch.randn(T, K, generator=gen, **f64).requires_grad_()
-    D = (torch.rand(T, generator=gen, **f64) + 0.2).requires_grad_()
-    loc = torch.randn(T, generator=gen, **f64).requires_grad_()
-    x = torch.randn(N, T, generator=gen, **f64)
-    n_masks = N if per_sequence else 1
-    ranks = torch.rand(R, n_masks, T, generator=gen).argsort(-1)
-    size = torch.randint(1, T + 1, (R, n_masks, 1), generator=gen)
-    size[0] = T  # nothing observed
-    scored = ranks < size
-    observed = ~scored
-    observed[1, :, :2] = False  # marginalised tokens
-    scored[1, :, :2] = False
-
-    def low_rank():
-        kernel = LowRankGaussianKernel(x, loc.expand(1, N, T), W, D)
-        return kernel.row_scores(observed, scored)
-
-    def dense():
-        cov = W @ W.T + torch.diag(D)
-        kernel = DenseGaussianKernel(x, loc.expand(1, N, T), cov)
-        o, s = observed.expand(R, N, T), scored.expand(R, N, T)
-        _, cond = kernel(o, s, False)
-        return torch.where(s.unsqueeze(1), cond, 0.0).sum(-1)[:, 0]
-
-    a, b = low_rank(), dense()
-    assert a.shape == (R, N)
-    assert_close(a, b, atol=1e-10)
-    with torch.no_grad():  # the in-place route taken without autograd
-        assert_close(low_rank(), b.detach(), atol=1e-10)
-    for ga, gb in zip(
-        torch.autograd.grad(a.sum(), [W, D, loc]), torch.autograd.grad(b.sum(), [W, D, loc])
-    ):
-        assert_close(ga, gb, atol=1e-9)
 
 
 def test_mask_chunk_budget_defaults_by_device():

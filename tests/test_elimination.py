@@ -1,6 +1,6 @@
 r"""Tests of :class:`pyro_mpt.conditionals.elimination.EliminationScorer`: exact
 :math:`\log p(x_j \mid x_O) = \log p(x_{O+j}) - \log p(x_O)` by variable elimination with
-partial evidence (THEORY.md, 2b), checked against the forward algorithm, brute-force path
+partial evidence (the theory page of the docs, section 2b), checked against the forward algorithm, brute-force path
 enumeration and the joint-enumeration backend."""
 
 import itertools
@@ -15,8 +15,8 @@ from pyro.optim import Adam
 
 from pyro_mpt import MaskedELBO, mpt_curve
 from pyro_mpt.conditionals import EnumerateConditionals, ParticleScorer
-from pyro_mpt.conditionals.base import particle_trace
 from pyro_mpt.conditionals.elimination import EliminationScorer
+from pyro_mpt.conditionals.particles import particle_trace
 from pyro_mpt.estimators import ExhaustiveEstimator
 from pyro_mpt.models import (
     gaussian_mixture,

@@ -1,15 +1,37 @@
-"""Conditional backends: each answers, batched over masks, what
-:math:`\\log p(x_j \\mid x_O)` is for the scored tokens :math:`j`.
+r"""Conditional backends: each answers, batched over masks, what
+:math:`\log p(x_j \mid x_O)` is for the scored tokens :math:`j`.
 
 Backends are looked up by name in :data:`CONDITIONALS`; ``"auto"`` chooses by the model's
-latents (:func:`choose_conditionals`).
+latents (:func:`choose_conditionals`). Each backend is built from the options of
+:func:`get_conditionals` it names in its ``options`` table.
+
+Modules, low to high: :mod:`~pyro_mpt.conditionals.base` (the interface),
+:mod:`~pyro_mpt.conditionals.kernels` (per-site token kernels),
+:mod:`~pyro_mpt.conditionals.grid` (the midpoint grid),
+:mod:`~pyro_mpt.conditionals.particles` (weighted particles and their scorer),
+:mod:`~pyro_mpt.conditionals.sites` (observed sites to kernels),
+:mod:`~pyro_mpt.conditionals.evidence` and :mod:`~pyro_mpt.conditionals.elimination`
+(variable elimination), then one module per backend.
+
+Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 """
 
-from .base import DEFAULT_MAX_ELEMENTS, Conditionals, ParticleScorer, Scorer
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..options import check_choice, check_positive_int, renamed_keyword, resolve_max_elements
+from ..progress import logger
+from .base import Conditionals, Scorer
 from .enumerate import EnumerateConditionals
 from .gaussian import GaussianConditionals
 from .importance import ImportanceConditionals
-from .quadrature import QuadratureConditionals
+from .particles import ParticleScorer
+from .quadrature import QuadratureConditionals, check_bounds
+
+if TYPE_CHECKING:
+    from ..tokens import TokenLayout
 
 __all__ = [
     "CONDITIONALS",
@@ -25,7 +47,7 @@ __all__ = [
 ]
 
 #: The conditional backends by name.
-CONDITIONALS = {
+CONDITIONALS: dict[str, type[Conditionals]] = {
     cls.name: cls
     for cls in (
         GaussianConditionals,
@@ -36,63 +58,87 @@ CONDITIONALS = {
 }
 
 
-def choose_conditionals(layout, num_particles=256, max_elements=DEFAULT_MAX_ELEMENTS):
+def choose_conditionals(
+    layout: TokenLayout,
+    num_samples: int = 256,
+    max_elements: int | None = None,
+    *,
+    num_particles: int | None = None,
+) -> Conditionals:
     """The ``"auto"`` rule: no latents -> ``"gaussian"`` (exact); only enumerated latents ->
-    ``"enumerate"`` (exact); otherwise ``"importance"`` with ``num_particles`` prior draws.
+    ``"enumerate"`` (exact); otherwise ``"importance"`` with ``num_samples`` prior draws.
 
     :param layout: the model's :class:`~pyro_mpt.tokens.TokenLayout`.
-    :param int num_particles: prior draws of ``"importance"``.
-    :param int max_elements: memory budget of ``"enumerate"``.
+    :param int num_samples: prior draws of ``"importance"``.
+    :param int max_elements: memory budget of ``"enumerate"``; ``None``: the default of the
+        layout's device (:func:`~pyro_mpt.options.resolve_max_elements`).
+    :param int num_particles: deprecated name of ``num_samples``.
     :returns: a :class:`Conditionals` instance.
 
     Example::
 
         choose_conditionals(layout)                # GaussianConditionals() for ppca_collapsed
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
+    num_samples = renamed_keyword(
+        "choose_conditionals", "num_particles", "num_samples", num_particles, num_samples, 256
+    )
+    num_samples = check_positive_int("num_samples", num_samples)
     if not layout.latents:
-        return GaussianConditionals()
-    if all(n in layout.enumerated for n in layout.latents):
-        return EnumerateConditionals(max_elements)
-    return ImportanceConditionals(num_particles)
+        backend = GaussianConditionals()
+    elif all(n in layout.enumerated for n in layout.latents):
+        backend = EnumerateConditionals(resolve_max_elements(max_elements, layout.device))
+    else:
+        backend = ImportanceConditionals(num_samples)
+    logger.info("conditionals='auto' chose %r for latents %s", backend.name, layout.latents)
+    return backend
 
 
 def get_conditionals(
-    conditionals,
-    layout,
-    num_particles=256,
-    quadrature_points=20,
-    quadrature_bounds=(-5.0, 5.0),
-    max_elements=DEFAULT_MAX_ELEMENTS,
-):
+    conditionals: str | Conditionals,
+    layout: TokenLayout,
+    num_samples: int = 256,
+    quadrature_points: int = 20,
+    quadrature_bounds: tuple[float, float] = (-5.0, 5.0),
+    max_elements: int | None = None,
+    *,
+    num_particles: int | None = None,
+) -> Conditionals:
     """Looks a backend up by name (or passes a :class:`Conditionals` instance through).
+    Every option is checked first, whichever backend uses it.
 
     :param conditionals: ``"auto"``, a name in :data:`CONDITIONALS`, or an instance.
-    :param layout: the model's :class:`~pyro_mpt.tokens.TokenLayout` (used by ``"auto"``).
+    :param layout: the model's :class:`~pyro_mpt.tokens.TokenLayout` (used by ``"auto"``
+        and for the device of the default ``max_elements``).
+    :param int num_samples: prior draws of ``"importance"``.
+    :param int quadrature_points: grid points per latent dimension of ``"quadrature"``.
+    :param tuple quadrature_bounds: ``(low, high)`` of every grid axis.
+    :param int max_elements: memory budget of ``"enumerate"``; ``None``: the default of the
+        layout's device (:func:`~pyro_mpt.options.resolve_max_elements`).
+    :param int num_particles: deprecated name of ``num_samples``.
     :returns: a :class:`Conditionals` instance.
-    :raises ValueError: for an unknown name.
+    :raises ValueError: for an unknown name (listing the valid ones) or a bad option.
 
     Example::
 
         get_conditionals("quadrature", layout, quadrature_points=30)
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
+    num_samples = renamed_keyword(
+        "get_conditionals", "num_particles", "num_samples", num_particles, num_samples, 256
+    )
+    if not isinstance(conditionals, Conditionals):
+        check_choice("conditionals", conditionals, ["auto", *sorted(CONDITIONALS)])
+    options = {
+        "num_samples": check_positive_int("num_samples", num_samples),
+        "quadrature_points": check_positive_int("quadrature_points", quadrature_points),
+        "quadrature_bounds": check_bounds("quadrature_bounds", quadrature_bounds),
+        "max_elements": check_positive_int("max_elements", max_elements, allow_none=True),
+    }
+    if layout is not None:
+        options["max_elements"] = resolve_max_elements(max_elements, layout.device)
     if isinstance(conditionals, Conditionals):
         return conditionals
     if conditionals == "auto":
-        return choose_conditionals(layout, num_particles, max_elements)
-    if conditionals == "importance":
-        return ImportanceConditionals(num_particles)
-    if conditionals == "enumerate":
-        return EnumerateConditionals(max_elements)
-    if conditionals == "quadrature":
-        return QuadratureConditionals(quadrature_points, quadrature_bounds)
-    if isinstance(conditionals, str) and conditionals in CONDITIONALS:
-        return CONDITIONALS[conditionals]()
-    raise ValueError(
-        f"unknown conditionals {conditionals!r}; valid names are {['auto'] + sorted(CONDITIONALS)}"
-    )
+        return choose_conditionals(layout, options["num_samples"], options["max_elements"])
+    backend = CONDITIONALS[conditionals].from_options(**options)
+    logger.debug("conditionals %r built as %r", conditionals, backend)
+    return backend

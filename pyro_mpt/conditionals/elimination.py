@@ -1,8 +1,8 @@
-r"""Exact conditionals for structured discrete latents by tensor variable elimination.
+r"""Exact conditionals for structured discrete latents by variable elimination.
 
 When the enumerated latents of a model form a structure whose joint support is too large to
 list (an HMM chain under :func:`pyro.markov`, whose joint support grows as :math:`C^T`), the
-particle mixture of :mod:`pyro_mpt.conditionals.base` does not scale. Instead every
+particle mixture of :mod:`pyro_mpt.conditionals.particles` does not scale. Instead every
 conditional is a ratio of two marginal likelihoods of *partial evidence*,
 
 .. math::
@@ -13,218 +13,39 @@ conditional is a ratio of two marginal likelihoods of *partial evidence*,
 and each :math:`\log p(x_E)` is computed by variable elimination over the enumerated latents
 with the evidence of the tokens outside :math:`E` removed (their log-probabilities set to
 zero, which marginalises them exactly: :math:`\sum_{x_t} p(x_t \mid z) = 1`). This is
-THEORY.md, section 2b. For a chain the elimination is linear in :math:`T`.
+section 2b of the theory page of the docs. For a chain the elimination is linear in
+:math:`T`.
 
-Batched over masks: the model runs once per chunk inside an extra plate ``"_mpt_masks"``
-(left of the model's plates) whose index :math:`b` enumerates *evaluation items*. For mask
-row :math:`r` there is one item with evidence :math:`O_r` and one item per scored token
-:math:`j` with evidence :math:`O_r \cup \{j\}`. A messenger applies each item's evidence mask
-to every observed site (``msg["mask"]`` like :func:`pyro.poutine.mask` when a token is a whole
-batch element; an elementwise mask of the base distribution of a ``.to_event`` site when a
-token is an event element). Pyro's own machinery then does the elimination:
-:func:`pyro.poutine.enum`, :meth:`~pyro.poutine.Trace.compute_log_prob`,
-:meth:`~pyro.poutine.Trace.pack_tensors` and :func:`pyro.ops.contract.contract_to_tensor`
-with the mask plate and the sequence plates as target ordinal, exactly as
-:class:`~pyro.infer.TraceEnum_ELBO` gathers its log-factors. Everything is differentiable
-in the model's parameters.
+Batched over masks: the model runs once per chunk inside an extra plate
+(:data:`~pyro_mpt.conditionals.evidence.MASK_PLATE`) whose index :math:`b` enumerates
+*evaluation items*. For mask row :math:`r` there is one item with evidence :math:`O_r` and one
+item per scored token :math:`j` with evidence :math:`O_r \cup \{j\}` (or, by the probe
+route, one item per distinct :math:`O_r`). The evidence masks and the contraction are in
+:mod:`pyro_mpt.conditionals.evidence`.
 
-References
-
-[1] P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the Marginal
-Likelihood", NeurIPS 2023, arXiv:2306.00520.
-
-[2] F. Obermeyer, E. Bingham, M. Jankowiak, J. Chiu, N. Pradhan, A. Rush, N. Goodman,
-"Tensor Variable Elimination for Plated Factor Graphs", ICML 2019 (Pyro's
-``TraceEnum_ELBO``).
+Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 """
 
-from collections import OrderedDict
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
 
 import pyro
-import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.torch_distribution import TorchDistribution
-from pyro.distributions.util import broadcast_shape
-from pyro.ops import packed
-from pyro.ops.contract import contract_to_tensor
-from pyro.ops.rings import LogRing
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import Independent, constraints
 
-from .base import DEFAULT_MAX_ELEMENTS, Scorer, particle_trace
+from ..options import resolve_max_elements
+from .base import Scorer
+from .evidence import MASK_PLATE, EvidenceMessenger, ProbeMessenger, contract_evidence
+from .particles import particle_trace
 
-__all__ = ["EliminationScorer", "MASK_PLATE", "contract_evidence"]
+if TYPE_CHECKING:
+    from ..tokens import TokenLayout
 
-#: Name of the plate whose index enumerates the evaluation items (evidence sets).
-MASK_PLATE = "_mpt_masks"
-
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-def _mask_elements(fn, mask):
-    """Masks the event elements of a (possibly nested) ``Independent`` distribution: the
-    innermost base distribution is masked elementwise (its batch shape ends in the token
-    dims, which ``mask`` also ends in), then the ``Independent`` wrappers are restored."""
-    if isinstance(fn, Independent):
-        inner = _mask_elements(fn.base_dist, mask)
-        return dist.Independent(inner, fn.reinterpreted_batch_ndims)
-    return dist.MaskedDistribution(fn, mask)
-
-
-class _EvidenceMessenger(Messenger):
-    """Applies each evaluation item's evidence mask to the observed sites.
-
-    :param dict masks: site name -> ``(mode, mask)``; ``mode`` is ``"batch"`` (the mask is
-        combined into ``msg["mask"]``, as :class:`~pyro.poutine.mask_messenger.MaskMessenger`
-        does) or ``"event"`` (the distribution's event elements are masked).
-
-    It sits outside the model's plates, so it sees ``fn`` already broadcast over them; the
-    item plate, outside it, broadcasts afterwards.
-    """
-
-    def __init__(self, masks):
-        super().__init__()
-        self.masks = masks
-
-    def _pyro_sample(self, msg):
-        entry = self.masks.get(msg["name"])
-        if entry is None or not msg["is_observed"]:
-            return
-        mode, mask = entry
-        if mode == "batch":
-            msg["mask"] = mask if msg["mask"] is None else msg["mask"] & mask
-        else:
-            msg["fn"] = _mask_elements(msg["fn"], mask)
-
-
-class _Probe(TorchDistribution):
-    r"""Evidence of one item for an elementwise distribution: observed elements keep their
-    log-density :math:`\ell`; every other element becomes the factor
-    :math:`1 + t\,e^{\ell - \log c}` with :math:`t = 0`, i.e. no evidence (it is
-    marginalised), but with :math:`\partial \log Z / \partial t = p(x_j \mid x_O) / c`.
-    :math:`\log c` is the largest :math:`\ell` over the enumerated values (a constant in
-    them, for range), stored in ``store[key]``."""
-
-    arg_constraints = {}
-
-    def __init__(self, base_dist, observed, probe, store, key):
-        batch_shape = broadcast_shape(observed.shape, base_dist.batch_shape)
-        if base_dist.batch_shape != batch_shape:
-            base_dist = base_dist.expand(batch_shape)
-        self.base_dist = base_dist
-        self._observed, self._probe, self._store, self._key = observed, probe, store, key
-        super().__init__(base_dist.batch_shape, base_dist.event_shape, validate_args=False)
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(_Probe, _instance)
-        new.base_dist = self.base_dist.expand(torch.Size(batch_shape))
-        new._observed, new._probe = self._observed, self._probe
-        new._store, new._key = self._store, self._key
-        super(_Probe, new).__init__(torch.Size(batch_shape), self.event_shape, validate_args=False)
-        return new
-
-    @constraints.dependent_property
-    def support(self):
-        return self.base_dist.support
-
-    def sample(self, sample_shape=()):
-        return self.base_dist.sample(torch.Size(sample_shape))
-
-    def log_prob(self, value):
-        lp = self.base_dist.log_prob(value)
-        lead = lp.dim() - self._observed.dim()  # enumeration dims, left of the item plate
-        logc = lp.detach().amax(tuple(range(lead))) if lead > 0 else lp.detach()
-        logc = torch.where(torch.isfinite(logc), logc, torch.zeros_like(logc))
-        self._store[self._key] = logc
-        probe = torch.log1p(self._probe * torch.exp(lp - logc))
-        return torch.where(self._observed, lp, probe)
-
-
-def _probe_elements(fn, observed, probe, store, key):
-    """:class:`_Probe` on the innermost base distribution of ``Independent`` wrappers."""
-    if isinstance(fn, Independent):
-        inner = _probe_elements(fn.base_dist, observed, probe, store, key)
-        return dist.Independent(inner, fn.reinterpreted_batch_ndims)
-    return _Probe(fn, observed, probe, store, key)
-
-
-class _ProbeMessenger(Messenger):
-    """Replaces each observed site's distribution by its :class:`_Probe` for the items."""
-
-    def __init__(self, entries, store):
-        super().__init__()
-        self.entries, self.store = entries, store
-
-    def _pyro_sample(self, msg):
-        entry = self.entries.get(msg["name"])
-        if entry is None or not msg["is_observed"]:
-            return
-        mode, observed, probe = entry
-        if mode == "batch":
-            msg["fn"] = _Probe(msg["fn"], observed, probe, self.store, msg["name"])
-        else:
-            msg["fn"] = _probe_elements(msg["fn"], observed, probe, self.store, msg["name"])
-
-
-def contract_evidence(trace, layout, keep_plate, size, latents=()):
-    r"""``(size, N)``: :math:`\log \sum_c \prod_f f` over an enumerated trace, keeping the
-    plate ``keep_plate`` (of ``size``, left of the model's plates) and the sequence plates.
-
-    The factors are gathered by ordinal as :class:`~pyro.infer.TraceEnum_ELBO` does: the
-    enumerated sites' log-probabilities unscaled (their dims :math:`c` are summed out), the
-    observed sites' (and the named ``latents``') unscaled with their masks applied inside the
-    log-sum-exp, so masked evidence is marginalised. Subsampling scales are the caller's.
-    """
-    names = set(latents)
-
-    def relevant(name, site):
-        return not site_is_subsample(site) and (
-            site["is_observed"] or "_enumerate_dim" in site["infer"] or name in names
-        )
-
-    trace.compute_log_prob(relevant)
-    trace.pack_tensors()
-    tree, sum_dims, dim_to_size = OrderedDict(), set(), {}
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or not relevant(name, site):
-            continue
-        ordinal = frozenset(
-            trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
-        )
-        pk = site["packed"]
-        if site["infer"].get("_enumerate_dim") is not None:
-            term = pk["unscaled_log_prob"]
-            sum_dims.add(site["infer"]["_enumerate_symbol"])
-        else:
-            term = packed.scale_and_mask(pk["unscaled_log_prob"], mask=pk["mask"])
-        dim_to_size.update(zip(term._pyro_dims, term.shape))
-        for f in site["cond_indep_stack"]:  # plates of size 1 are not packed
-            if f.vectorized:
-                dim_to_size.setdefault(trace.plate_to_symbol[f.name], f.size)
-        tree.setdefault(ordinal, []).append(term)
-
-    seq_plates = {f.name for s in layout.sites for f in s.frames} - {layout.token_plate}
-    target = frozenset(
-        trace.plate_to_symbol[name]
-        for name in seq_plates | {keep_plate}
-        if name in trace.plate_to_symbol
-    )
-    logz = contract_to_tensor(
-        tree, sum_dims, target_ordinal=target, ring=LogRing(dim_to_size=dim_to_size)
-    )
-    logz = packed.unpack(logz, trace.symbol_to_dim)  # dims -P-1 (kept) .. -1 (plates)
-    P = layout.max_plate_nesting
-    logz = logz.reshape((1,) * (P + 1 - logz.dim()) + tuple(logz.shape))
-    if layout.token_plate is not None:
-        logz = logz.squeeze(1 + P + layout.token_dim)  # product-contracted: size 1
-    return logz.expand(size, *layout.seq_shape).reshape(size, layout.num_sequences)
+__all__ = ["MASK_PLATE", "EliminationScorer", "contract_evidence"]
 
 
 class EliminationScorer(Scorer):
@@ -238,19 +59,30 @@ class EliminationScorer(Scorer):
 
     :param model: the Pyro model; ``args`` and ``kwargs`` are passed to it.
     :param layout: the :class:`~pyro_mpt.tokens.TokenLayout` of the model.
-    :param trace: an enumerated trace of the model (:func:`~pyro_mpt.conditionals.base.particle_trace`
-        without particles), used to size the work per item; traced here if ``None``.
-    :param int max_elements: memory budget, in tensor elements, of one chunk of items.
+    :param trace: an enumerated trace of the model
+        (:func:`~pyro_mpt.conditionals.particles.particle_trace` without particles), used to
+        size the work per item; traced here if ``None``.
+    :param int max_elements: memory budget, in tensor elements, of one chunk of items;
+        ``None``: the default of the data's device
+        (:func:`~pyro_mpt.options.resolve_max_elements`).
     :raises ValueError: for a latent that is not enumerated or an observed site whose tokens
         cannot be masked elementwise (a Gaussian with a dense or low-rank covariance).
     """
 
-    def __init__(self, model, args, kwargs, layout, trace=None, max_elements=DEFAULT_MAX_ELEMENTS):
+    def __init__(
+        self,
+        model,
+        args: tuple,
+        kwargs: dict,
+        layout: TokenLayout,
+        trace=None,
+        max_elements: int | None = None,
+    ):
         self.model = model
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
         self.layout = layout
-        self.max_elements = int(max_elements)
+        self.max_elements = resolve_max_elements(max_elements, layout.device)
         #: ``"auto"`` (fewer eliminations), ``"probe"`` or ``"differences"``
         self.route = "auto"
         missing = [n for n in layout.latents if n not in layout.enumerated]
@@ -285,12 +117,12 @@ class EliminationScorer(Scorer):
             vshape = (
                 tuple(value.shape[: value.dim() - fn.event_dim]) if torch.is_tensor(value) else ()
             )
-            cost += _numel(torch.broadcast_shapes(tuple(fn.batch_shape), vshape))
+            cost += math.prod(torch.broadcast_shapes(tuple(fn.batch_shape), vshape))
         # evidence and the output of the contraction
         cost += self.layout.num_sequences * (self.layout.num_tokens + 1)
         return max(1, cost)
 
-    def row_cost(self, shared=False):
+    def row_cost(self, shared: bool = False) -> int:
         """Tensor elements one mask row needs at least (two items: :math:`O` and
         :math:`O\\cup\\{j\\}`); rows scoring more tokens need more items, which
         :meth:`__call__` chunks under ``max_elements`` itself. The same whether or not the
@@ -342,7 +174,7 @@ class EliminationScorer(Scorer):
         enum_model = poutine.enum(items_model, first_available_dim=-P - 2)
         return poutine.trace(enum_model).get_trace(*self.args, **self.kwargs)
 
-    def log_conditionals(self, observed):
+    def log_conditionals(self, observed: torch.Tensor) -> torch.Tensor:
         r"""``(B, N, T)``: :math:`\log p(x_{n,t} \mid x_{n,O_b})` for every token not in
         ``observed`` (bool ``(B, N, T)``; 0 at observed tokens), from ONE elimination per
         item: each unobserved token's factor becomes :math:`1 + t\,p(x_t \mid z)/c` and
@@ -362,7 +194,7 @@ class EliminationScorer(Scorer):
             for site in layout.sites:
                 mode, obs = self._to_site(site, observed)
                 entries[site.name] = (mode, obs, self._to_site(site, t)[1])
-            tr = self._items_trace(B, _ProbeMessenger(entries, store))
+            tr = self._items_trace(B, ProbeMessenger(entries, store))
             logz = contract_evidence(tr, layout, MASK_PLATE, B)
             (grad,) = torch.autograd.grad(
                 logz.sum(), t, create_graph=create_graph, allow_unused=True
@@ -374,11 +206,11 @@ class EliminationScorer(Scorer):
         out = torch.where(observed, torch.ones_like(grad), grad).log() + logc
         return torch.where(observed, out.new_zeros(()), out)
 
-    def log_evidence(self, evidence):
+    def log_evidence(self, evidence: torch.Tensor) -> torch.Tensor:
         r"""``(B, N)``: :math:`\log p(x_{n, E_b})` for the evidence sets
         ``evidence`` (bool ``(B, N, T)``), by variable elimination in one traced run."""
         B = evidence.shape[0]
-        tr = self._items_trace(B, _EvidenceMessenger(self._site_masks(evidence)))
+        tr = self._items_trace(B, EvidenceMessenger(self._site_masks(evidence)))
         return contract_evidence(tr, self.layout, MASK_PLATE, B)
 
     def _by_differences(self, observed, scored, chunk):
@@ -411,7 +243,7 @@ class EliminationScorer(Scorer):
         log_den = logz[base.expand(R, N, 1), seq]
         return log_num - log_den
 
-    def __call__(self, observed, scored):
+    def __call__(self, observed: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
         r""":param observed: bool ``(R, N, T)``, the conditioning tokens :math:`O`.
         :param scored: bool ``(R, N, T)``, the tokens :math:`j` to score (disjoint from
             ``observed``; tokens in neither are marginalised). Masks shared by all

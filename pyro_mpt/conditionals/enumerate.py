@@ -3,24 +3,34 @@ r"""Exact conditionals for discrete latents enumerated in parallel.
 Sites marked ``infer={"enumerate": "parallel"}`` are enumerated by
 :func:`pyro.poutine.enum`. When every enumerated site has a dim of its own, their joint
 support is a set of particles with weights :math:`w^0_c = p(z = c)` and the mixture formula
-of :mod:`pyro_mpt.conditionals.base` is exact. Markov chains (:func:`pyro.markov` recycles
+of :mod:`pyro_mpt.conditionals.particles` is exact. Markov chains (:func:`pyro.markov` recycles
 enumeration dims, so the joint support grows as :math:`C^T`) are scored by variable
-elimination with the masked tokens' evidence removed (THEORY.md, 2b), see
-:mod:`pyro_mpt.conditionals.elimination`.
+elimination with the masked tokens' evidence removed (the theory page of the docs,
+section 2b), see :mod:`pyro_mpt.conditionals.elimination`.
+
+Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 """
 
-from .base import (
-    DEFAULT_MAX_ELEMENTS,
-    Conditionals,
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..options import check_positive_int, resolve_max_elements
+from .base import Conditionals, Scorer
+from .elimination import EliminationScorer
+from .particles import (
     ParticleScorer,
     PerTokenLatent,
-    build_kernels,
     combine_log_weights,
     enumerated_dims,
     latent_log_prob,
     particle_trace,
 )
-from .elimination import EliminationScorer
+from .sites import build_kernels
+
+if TYPE_CHECKING:
+    from ..tokens import TokenLayout
 
 __all__ = ["EnumerateConditionals"]
 
@@ -35,25 +45,25 @@ class EnumerateConditionals(Conditionals):
     :math:`p(x_j \mid x_O) = \sum_z p(z \mid x_O)\, p(x_j \mid z, x_O)`, by variable
     elimination over the enumerated dimensions.
 
-    :param int max_elements: memory budget, in tensor elements, of one chunk.
+    :param int max_elements: memory budget, in tensor elements, of one chunk; ``None``:
+        the default of the data's device (:func:`~pyro_mpt.options.resolve_max_elements`).
 
     Example::
 
         est = MaskedELBO(conditionals="enumerate").estimate(gaussian_mixture, None, X, 3)
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     name = "enumerate"
+    options = {"max_elements": "max_elements"}
 
-    def __init__(self, max_elements=DEFAULT_MAX_ELEMENTS):
-        self.max_elements = int(max_elements)
+    def __init__(self, max_elements: int | None = None):
+        self.max_elements = check_positive_int("max_elements", max_elements, allow_none=True)
 
     def _eliminate(self, model, args, kwargs, layout, trace):
-        return EliminationScorer(model, args, kwargs, layout, trace, self.max_elements)
+        budget = resolve_max_elements(self.max_elements, layout.device)
+        return EliminationScorer(model, args, kwargs, layout, trace, budget)
 
-    def check(self, layout, trace):
+    def check(self, layout: TokenLayout, trace) -> None:
         missing = [n for n in layout.latents if n not in layout.enumerated]
         if missing:
             raise ValueError(
@@ -62,7 +72,11 @@ class EnumerateConditionals(Conditionals):
                 "conditionals='importance' or 'quadrature' for continuous ones"
             )
 
-    def scorer(self, model, args, kwargs, layout, trace):
+    def scorer(self, model, args: tuple, kwargs: dict, layout: TokenLayout, trace) -> Scorer:
+        """A :class:`~pyro_mpt.conditionals.particles.ParticleScorer` over the joint support
+        when every enumerated site has a dim of its own and the support has at most
+        :data:`MAX_JOINT_SUPPORT` configurations; an
+        :class:`~pyro_mpt.conditionals.elimination.EliminationScorer` otherwise."""
         self.check(layout, trace)
         tr = particle_trace(model, args, kwargs, layout)
         dims = list(enumerated_dims(tr).values())

@@ -9,9 +9,21 @@ Observed :class:`~pyro.distributions.MultivariateNormal` and
 the low-rank ones by Woodbury (``K x K`` work per mask). Tokens of factorized sites
 (independent ``Normal`` and any ``.to_event`` site) are independent, so
 :math:`p(x_j \mid x_O) = p(x_j)`.
+
+Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 """
 
-from .base import Conditionals, ParticleScorer, build_kernels
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import Conditionals
+from .particles import ParticleScorer
+from .sites import build_kernels
+
+if TYPE_CHECKING:
+    from ..tokens import TokenLayout
 
 __all__ = ["GaussianConditionals"]
 
@@ -26,14 +38,11 @@ class GaussianConditionals(Conditionals):
     Example::
 
         est = MaskedELBO(conditionals="gaussian").estimate(ppca_collapsed, None, X, 2)
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     name = "gaussian"
 
-    def check(self, layout, trace):
+    def check(self, layout: TokenLayout, trace) -> None:
         if layout.latents:
             raise ValueError(
                 f"conditionals='gaussian' needs a model without latent sites, but "
@@ -42,7 +51,9 @@ class GaussianConditionals(Conditionals):
                 "or 'quadrature'"
             )
 
-    def scorer(self, model, args, kwargs, layout, trace):
+    def scorer(
+        self, model, args: tuple, kwargs: dict, layout: TokenLayout, trace
+    ) -> ParticleScorer:
         self.check(layout, trace)
         kernels, _ = build_kernels(trace, layout)
         return ParticleScorer(kernels, layout, log_w0=None)

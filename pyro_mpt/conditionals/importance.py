@@ -1,4 +1,5 @@
-r"""Self-normalised importance conditionals from prior draws (THEORY.md, 2).
+r"""Self-normalised importance conditionals from prior draws (the theory page of the docs,
+section 2).
 
 ``S`` prior draws :math:`z_s` of the latents (reparameterised, so gradients reach the
 parameters), weights :math:`w^0_s = 1/S`, and for each mask
@@ -10,29 +11,36 @@ parameters), weights :math:`w^0_s = 1/S`, and for each mask
 
 Consistent as ``S`` grows, biased :math:`O(1/S)` in log space. Discrete latents marked
 ``infer={"enumerate": "parallel"}`` are enumerated jointly with the draws. Latents whose
-observed child is Gaussian mix exact Gaussian conditionals over the draws (THEORY.md, 3).
+observed child is Gaussian mix exact Gaussian conditionals over the draws (section 3).
+
+Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 """
 
-import math
+from __future__ import annotations
 
-from .base import (
-    Conditionals,
-    ParticleScorer,
-    build_kernels,
-    combine_log_weights,
-    latent_log_prob,
-    particle_trace,
-)
+import math
+from typing import TYPE_CHECKING
+
+from ..options import check_positive_int, renamed_keyword
+from .base import Conditionals
+from .particles import ParticleScorer, combine_log_weights, latent_log_prob, particle_trace
+from .sites import build_kernels
+
+if TYPE_CHECKING:
+    from ..tokens import TokenLayout
 
 __all__ = ["ImportanceConditionals"]
 
 
-def enumerated_log_weight(trace, layout):
+def enumerated_log_weight(trace, layout: TokenLayout) -> list:
     """log p(c) of the enumerated sites, as ``(tensor, extra_ndim=0)`` pairs."""
     return [(lp, 0) for lp in latent_log_prob(trace, layout.enumerated, layout)]
 
 
-def check_discrete_latents(trace, layout, backend):
+def check_discrete_latents(trace, layout: TokenLayout, backend: str) -> None:
+    """Raises ``ValueError`` for a latent that is neither enumerated nor reparameterisable
+    (so ``backend`` cannot draw it)."""
     for name in layout.latents:
         site = trace.nodes[name]
         if name in layout.enumerated:
@@ -48,33 +56,47 @@ def check_discrete_latents(trace, layout, backend):
 class ImportanceConditionals(Conditionals):
     r"""Prior draws as particles.
 
-    :param int num_particles: ``S``, the prior draws per step (per sequence for local
+    :param int num_samples: ``S``, the prior draws per step (per sequence for local
         latents).
+    :param int num_particles: deprecated name of ``num_samples``.
 
     With :math:`z_s \sim p(z)`, :math:`s = 1..S`, the self-normalised estimate
-    :math:`p(x_j \mid x_O) \approx \sum_s \bar w_s\, p(x_j \mid z_s)`,
+    :math:`p(x_j \mid x_O) \approx \sum_s \bar w_s\, p(x_j \mid x_O, z_s)`,
     :math:`\bar w_s \propto p(x_O \mid z_s)`; consistent as :math:`S \to \infty`.
 
     Example::
 
-        elbo = MaskedELBO(conditionals=ImportanceConditionals(num_particles=1024))
+        elbo = MaskedELBO(conditionals=ImportanceConditionals(num_samples=1024))
         elbo.estimate(ppca_latent, None, X, 2).total
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     name = "importance"
+    options = {"num_samples": "num_samples"}
 
-    def __init__(self, num_particles=256):
-        self.num_particles = int(num_particles)
+    def __init__(self, num_samples: int = 256, *, num_particles: int | None = None):
+        num_samples = renamed_keyword(
+            "ImportanceConditionals",
+            "num_particles",
+            "num_samples",
+            num_particles,
+            num_samples,
+            256,
+        )
+        self.num_samples = check_positive_int("num_samples", num_samples)
 
-    def check(self, layout, trace):
+    @property
+    def num_particles(self) -> int:
+        """The old name of :attr:`num_samples`."""
+        return self.num_samples
+
+    def check(self, layout: TokenLayout, trace) -> None:
         check_discrete_latents(trace, layout, self.name)
 
-    def scorer(self, model, args, kwargs, layout, trace):
+    def scorer(
+        self, model, args: tuple, kwargs: dict, layout: TokenLayout, trace
+    ) -> ParticleScorer:
         self.check(layout, trace)
-        S = self.num_particles
+        S = self.num_samples
         tr = particle_trace(model, args, kwargs, layout, num_particles=S)
         parts = enumerated_log_weight(tr, layout)
         kernels, lead = build_kernels(tr, layout, parts)

@@ -10,6 +10,8 @@ Kernels work on tensors laid out as ``(S, N, ...)``: ``S`` flattened particles (
 latents), ``N`` flattened sequences.
 """
 
+from __future__ import annotations
+
 import math
 
 import torch
@@ -24,20 +26,22 @@ class FactorizedKernel:
     :math:`\log p(x_{n,t} \mid z_s)`. Then :math:`\log p(x_O \mid z_s) = \sum_{t\in O} l` and
     :math:`\log p(x_j \mid x_O, z_s) = l[s, n, j]` (no dependence on the mask)."""
 
-    def __init__(self, table):
+    def __init__(self, table: torch.Tensor):
         self.table = table  # (S, N, T)
 
-    def row_cost(self, shared=False):
+    def row_cost(self, shared: bool = False) -> int:
         S, N, T = self.table.shape
         return N + T if shared and S == 1 else S * N * T
 
-    def __call__(self, observed, scored, need_marginal):
+    def __call__(
+        self, observed: torch.Tensor, scored: torch.Tensor, need_marginal: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         marginal = None
         if need_marginal:
             marginal = torch.einsum("rnt,snt->rsn", observed.to(self.table.dtype), self.table)
         return marginal, self.table.unsqueeze(0)
 
-    def row_scores(self, observed, scored):
+    def row_scores(self, observed: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
         """``(R, N)`` sums of the scored tokens' conditionals, without particles."""
         table = self.table[0]  # (N, T)
         s = scored.to(table.dtype)
@@ -69,7 +73,7 @@ class LowRankGaussianKernel:
     :param D: ``(T,)`` (shared) or ``(S, N, T)``.
     """
 
-    def __init__(self, x, loc, W, D):
+    def __init__(self, x: torch.Tensor, loc: torch.Tensor, W: torch.Tensor, D: torch.Tensor):
         self.x, self.loc, self.W, self.D = x, loc, W, D
         self.shared = W.dim() == 2 and D.dim() == 1
         self.resid = x - loc  # (S, N, T)
@@ -79,7 +83,7 @@ class LowRankGaussianKernel:
             self.outer = outer
             self.outer_over_D = outer / D.unsqueeze(-1)
 
-    def row_cost(self, shared=False):
+    def row_cost(self, shared: bool = False) -> int:
         S, N, T = self.resid.shape
         K = self.W.shape[-1]
         if self.shared and S == 1:
@@ -88,7 +92,7 @@ class LowRankGaussianKernel:
             return N * (8 * T + 3 * K * K)  # _per_sequence_row_scores
         return S * N * (T * (K + 4) + K * K)
 
-    def row_scores(self, observed, scored):
+    def row_scores(self, observed: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
         r"""``(R, N)``: :math:`\sum_{j \in M} \log p(x_j \mid x_O)` per mask row, without
         particles.
 
@@ -168,7 +172,9 @@ class LowRankGaussianKernel:
             log_cond = err.square_().div_(var).add_(var.log_()).add_(_LOG_2PI)
         return -0.5 * torch.where(scored, log_cond, 0.0).sum(-1)
 
-    def __call__(self, observed, scored, need_marginal):
+    def __call__(
+        self, observed: torch.Tensor, scored: torch.Tensor, need_marginal: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         W, D, r = self.W, self.D, self.resid
         o = observed.to(r.dtype)  # (R, N, T)
         R, N, T = o.shape
@@ -228,15 +234,17 @@ class DenseGaussianKernel:
         ``(S, N, T, T)``.
     """
 
-    def __init__(self, x, loc, cov):
+    def __init__(self, x: torch.Tensor, loc: torch.Tensor, cov: torch.Tensor):
         self.x, self.loc, self.cov = x, loc, cov
         self.resid = x - loc
 
-    def row_cost(self, shared=False):
+    def row_cost(self, shared: bool = False) -> int:
         S, N, T = self.resid.shape
         return S * N * T * T * 3
 
-    def __call__(self, observed, scored, need_marginal):
+    def __call__(
+        self, observed: torch.Tensor, scored: torch.Tensor, need_marginal: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         r, cov = self.resid, self.cov
         o = observed.to(r.dtype)  # (R, N, T)
         if cov.dim() == 2:

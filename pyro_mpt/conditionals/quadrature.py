@@ -1,61 +1,78 @@
-r"""Quadrature conditionals: the latents on a grid (THEORY.md, 2).
+r"""Quadrature conditionals: the latents on a grid (the theory page of the docs, section 2).
 
 For continuous latents of total dimension :math:`d \le 3` per sequence, ``G`` midpoints per
 axis on ``[low, high]`` give :math:`G^d` particles :math:`z_s` with weights
 :math:`w^0_s = p(z_s)\,\Delta^d` (:math:`\Delta` the cell width). The conditionals are exact up
 to the grid's error. The paper's binary experiment uses a 20 x 20 grid on :math:`[-5, 5]^2`.
+
+Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 """
 
-from .base import (
-    Conditionals,
-    ParticleScorer,
-    build_kernels,
-    combine_log_weights,
-    latent_log_prob,
-    particle_trace,
-)
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from ..options import check_positive_int
+from .base import Conditionals
 from .grid import midpoint_grid
 from .importance import check_discrete_latents
+from .particles import ParticleScorer, combine_log_weights, latent_log_prob, particle_trace
+from .sites import build_kernels
 
-__all__ = ["QuadratureConditionals"]
+if TYPE_CHECKING:
+    from ..tokens import TokenLayout
+
+__all__ = ["QuadratureConditionals", "check_bounds"]
 
 #: The largest latent dimension a grid is built for.
 MAX_QUADRATURE_DIM = 3
+
+
+def check_bounds(name: str, value) -> tuple[float, float]:
+    """``value`` as ``(low, high)`` floats with finite ``low < high``.
+
+    :raises ValueError: naming ``name`` and the value received.
+    """
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        low = high = math.nan
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"{name} must be a pair (low, high) of finite low < high, got {value!r}")
+    return low, high
 
 
 class QuadratureConditionals(Conditionals):
     r"""A midpoint grid over the continuous latents.
 
     :param int num_points: ``G``, points per latent dimension.
-    :param tuple bounds: ``(low, high)`` of every axis.
+    :param tuple bounds: ``(low, high)`` of every axis, finite, ``low < high``.
+    :raises ValueError: for ``num_points < 1`` or bad ``bounds``.
 
     With grid points :math:`z_g` and cell volume :math:`\Delta` (:math:`G^K` points for
     :math:`K` latent dimensions), :math:`p(x_j \mid x_O) \approx \sum_g \bar w_g\,
-    p(x_j \mid z_g)`, :math:`\bar w_g \propto p(z_g)\, p(x_O \mid z_g)\, \Delta`.
+    p(x_j \mid x_O, z_g)`, :math:`\bar w_g \propto p(z_g)\, p(x_O \mid z_g)\, \Delta`.
 
     Example::
 
         elbo = MaskedELBO(conditionals=QuadratureConditionals(num_points=30, bounds=(-4.0, 4.0)))
         elbo.estimate(bernoulli_latent_linear, None, X, 2).total   # X: (N, T) of 0. / 1.
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     name = "quadrature"
+    options = {"quadrature_points": "num_points", "quadrature_bounds": "bounds"}
 
-    def __init__(self, num_points=20, bounds=(-5.0, 5.0)):
-        self.num_points = int(num_points)
-        self.bounds = (float(bounds[0]), float(bounds[1]))
-        if self.num_points < 1 or not self.bounds[0] < self.bounds[1]:
-            raise ValueError(
-                f"quadrature needs num_points >= 1 and low < high, got {num_points}, {bounds}"
-            )
+    def __init__(self, num_points: int = 20, bounds: tuple[float, float] = (-5.0, 5.0)):
+        self.num_points = check_positive_int("num_points", num_points)
+        self.bounds = check_bounds("bounds", bounds)
 
     def _continuous(self, layout):
         return [n for n in layout.latents if n not in layout.enumerated]
 
-    def check(self, layout, trace):
+    def check(self, layout: TokenLayout, trace) -> dict:
+        """Also returns the continuous latents' dimensions: name -> size."""
         check_discrete_latents(trace, layout, self.name)
         dims = {
             n: max(1, trace.nodes[n]["fn"].event_shape.numel()) for n in self._continuous(layout)
@@ -72,15 +89,16 @@ class QuadratureConditionals(Conditionals):
             )
         return dims
 
-    def scorer(self, model, args, kwargs, layout, trace):
+    def scorer(
+        self, model, args: tuple, kwargs: dict, layout: TokenLayout, trace
+    ) -> ParticleScorer:
         dims = self.check(layout, trace)
         events = {n: tuple(trace.nodes[n]["fn"].event_shape) for n in dims}
         grid = midpoint_grid(
             dims, events, self.num_points, self.bounds, layout.dtype, layout.device
         )
-        values = grid.values
         tr = particle_trace(
-            model, args, kwargs, layout, num_particles=grid.points.shape[0], values=values
+            model, args, kwargs, layout, num_particles=grid.points.shape[0], values=grid.values
         )
         parts = [(lp, 0) for lp in latent_log_prob(tr, list(dims) + layout.enumerated, layout)]
         kernels, lead = build_kernels(tr, layout, parts)
