@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ["gaussian_parts", "generalized_pareto_fit", "import_arviz"]
+__all__ = [
+    "enumerate_dim",
+    "enumerate_symbol",
+    "gaussian_parts",
+    "generalized_pareto_fit",
+    "import_arviz",
+    "packed_dims",
+]
 
 
 def import_arviz():
@@ -38,3 +45,22 @@ def gaussian_parts(fn):
     if hasattr(fn, "_unbroadcasted_cov_factor"):
         return "lowrank", fn._unbroadcasted_cov_factor, fn._unbroadcasted_cov_diag
     return "dense", fn._unbroadcasted_scale_tril
+
+
+def enumerate_dim(site):
+    """The tensor dim Pyro's ``poutine.enum`` gave an enumerated site (``None`` if it has
+    none). Pyro keeps it under the private key ``_enumerate_dim`` of ``site["infer"]``; the
+    elimination code needs it to name the dims it sums. Only here."""
+    return site["infer"].get("_enumerate_dim")
+
+
+def enumerate_symbol(site):
+    """The einsum symbol Pyro's ``poutine.enum`` gave an enumerated site (private key
+    ``_enumerate_symbol`` of ``site["infer"]``; ``None`` if it has none). Only here."""
+    return site["infer"].get("_enumerate_symbol")
+
+
+def packed_dims(tensor):
+    """The dim symbols of a tensor packed by ``Trace.pack_tensors()`` (Pyro stores them as the
+    private attribute ``_pyro_dims``). Only here."""
+    return tensor._pyro_dims

@@ -100,7 +100,7 @@ def prepare(model, args, kwargs, options):
     backend = get_conditionals(
         options.conditionals,
         layout,
-        num_particles=options.num_particles,
+        num_samples=options.num_particles,
         quadrature_points=options.quadrature_points,
         quadrature_bounds=options.quadrature_bounds,
         max_elements=resolve_max_elements(options.max_elements, layout.device),

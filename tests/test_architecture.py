@@ -108,7 +108,7 @@ def test_imports_run_down_the_layers(path):
 
 
 PRIVATE_UPSTREAM = re.compile(
-    r"\._unbroadcasted|\._gpdfit|\btorch\._(?!_)|\bpyro\.[\w.]*\._[a-z]|\barviz\.[\w.]*\._[a-z]"
+    r"\._unbroadcasted|\._gpdfit|_enumerate_dim|_enumerate_symbol|_pyro_dims|\btorch\._(?!_)|\bpyro\.[\w.]*\._[a-z]|\barviz\.[\w.]*\._[a-z]"
 )
 
 

@@ -42,6 +42,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, constraints
 
+from ..compat import enumerate_dim, enumerate_symbol, packed_dims
+
 if TYPE_CHECKING:
     from ..tokens import TokenLayout
 
@@ -174,7 +176,7 @@ def contract_evidence(
 
     def relevant(name, site):
         return not site_is_subsample(site) and (
-            site["is_observed"] or "_enumerate_dim" in site["infer"] or name in names
+            site["is_observed"] or enumerate_dim(site) is not None or name in names
         )
 
     trace.compute_log_prob(relevant)
@@ -187,12 +189,12 @@ def contract_evidence(
             trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
         )
         pk = site["packed"]
-        if site["infer"].get("_enumerate_dim") is not None:
+        if enumerate_dim(site) is not None:
             term = pk["unscaled_log_prob"]
-            sum_dims.add(site["infer"]["_enumerate_symbol"])
+            sum_dims.add(enumerate_symbol(site))
         else:
             term = packed.scale_and_mask(pk["unscaled_log_prob"], mask=pk["mask"])
-        dim_to_size.update(zip(term._pyro_dims, term.shape))
+        dim_to_size.update(zip(packed_dims(term), term.shape))
         for f in site["cond_indep_stack"]:  # plates of size 1 are not packed
             if f.vectorized:
                 dim_to_size.setdefault(trace.plate_to_symbol[f.name], f.size)

@@ -24,6 +24,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from ..compat import enumerate_dim
 from ..tokens import PARTICLE_PLATE
 from .base import Scorer
 
@@ -158,9 +159,9 @@ def flatten_particles(t: torch.Tensor, layout: TokenLayout, lead: tuple, extra: 
 def enumerated_dims(trace) -> dict:
     """The enumeration dim of every enumerated latent site: name -> dim."""
     return {
-        name: site["infer"]["_enumerate_dim"]
+        name: enumerate_dim(site)
         for name, site in trace.nodes.items()
-        if site["type"] == "sample" and "_enumerate_dim" in site["infer"]
+        if site["type"] == "sample" and enumerate_dim(site) is not None
     }
 
 
