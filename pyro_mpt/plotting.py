@@ -9,9 +9,13 @@ Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520 (Figure 2: the curve and its area).
 """
 
+from __future__ import annotations
+
 import math
 
-__all__ = ["plot_curve", "plot_fixed_rate_bias"]
+from .options import check_bool
+
+__all__ = ["bare_axes", "plot_curve", "plot_fixed_rate_bias", "reference_parts"]
 
 
 def _new_axes(ax):
@@ -27,7 +31,7 @@ def _new_axes(ax):
     return ax
 
 
-def bare_axes(ax=None, figsize=(7.0, 4.5)):
+def bare_axes(ax=None, figsize: tuple = (7.0, 4.5)):
     """``(fig, ax)``: ``ax`` and its figure, or a new bare
     :class:`matplotlib.figure.Figure` with one Axes, which no pyplot state holds (the
     experiments' figures, saved to files)."""
@@ -47,9 +51,9 @@ def _numpy(x):
     return x.detach().cpu().double().numpy()
 
 
-def reference_parts(reference):
+def reference_parts(reference) -> tuple:
     """``(value, stderr, method, trustworthy, khat_max, khat_threshold)`` of a reference given
-    as a number, a tensor or an :class:`~pyro_mpt.evaluation.LMLEstimate`-like object."""
+    as a number, a tensor or an :class:`~pyro_mpt.LMLEstimate`-like object."""
     if hasattr(reference, "total"):
         value = float(reference.total)
         stderr = float(getattr(reference, "stderr", 0.0) or 0.0)
@@ -63,7 +67,15 @@ def reference_parts(reference):
     return float(reference), 0.0, "reference", True, None, None
 
 
-def plot_curve(curve, reference=None, ax=None, *, per_sequence=False, color=None, label=None):
+def plot_curve(
+    curve,
+    reference=None,
+    ax=None,
+    *,
+    per_sequence: bool = False,
+    color=None,
+    label: str | None = None,
+):
     r"""The paper's curve figure: :math:`S(m)` against the mask rate :math:`m/T`, with a
     :math:`\pm 1` standard-error band, the area under it shaded, and the reference log
     marginal likelihood marked.
@@ -77,7 +89,7 @@ def plot_curve(curve, reference=None, ax=None, *, per_sequence=False, color=None
 
     :param curve: an :class:`~pyro_mpt.MPTCurve`.
     :param reference: optional reference :math:`\log p(X)`: a number, a tensor, or an
-        :class:`~pyro_mpt.evaluation.LMLEstimate` (its method, standard error and trust flag
+        :class:`~pyro_mpt.LMLEstimate` (its method, standard error and trust flag
         are shown).
     :param ax: a :class:`matplotlib.axes.Axes`; a new figure when ``None``.
     :param bool per_sequence: divide by the number of sequences ``N`` (nats per sequence).
@@ -90,10 +102,8 @@ def plot_curve(curve, reference=None, ax=None, *, per_sequence=False, color=None
         curve = mpt_curve(ppca_collapsed, X, 2, num_masks=8)
         ref = log_marginal_likelihood(ppca_collapsed, X, 2)
         ax = plot_curve(curve, ref)
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
+    check_bool("per_sequence", per_sequence)
     ax = _new_axes(ax)
     T = curve.num_tokens
     N = int(curve.per_sequence.shape[0])
@@ -161,13 +171,13 @@ def plot_curve(curve, reference=None, ax=None, *, per_sequence=False, color=None
     return ax
 
 
-def plot_fixed_rate_bias(report, ax=None, *, per_sequence=False):
+def plot_fixed_rate_bias(report, ax=None, *, per_sequence: bool = False):
     r"""The bias of a fixed mask rate, :math:`T\,S(m) - \log p(X)`, against the rate
     :math:`m/T` (the line: every size of the curve, with a :math:`\pm 1` s.e. band), with the
     report's fixed rates as points with error bars. Zero is the unbiased level; only the
     cumulative estimators (the curve's area) reach it on average.
 
-    :param report: an :class:`~pyro_mpt.report.EvaluationReport` with a curve.
+    :param report: an :class:`~pyro_mpt.EvaluationReport` with a curve.
     :param ax: a :class:`matplotlib.axes.Axes`; a new figure when ``None``.
     :param bool per_sequence: divide by the number of sequences.
     :returns: the :class:`~matplotlib.axes.Axes`.
@@ -176,10 +186,8 @@ def plot_fixed_rate_bias(report, ax=None, *, per_sequence=False):
 
         report = evaluate(ppca_collapsed, X, 2, fixed_rates=(0.15, 0.5))
         ax = plot_fixed_rate_bias(report)
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
+    check_bool("per_sequence", per_sequence)
     curve = report.curve
     if curve is None:
         raise ValueError(

@@ -1,204 +1,26 @@
-"""``evaluate`` / ``EvaluationReport`` / ``compare``: the report holds the numbers of the
-separate calls, prints them, exports them to arviz, and draws them."""
+"""``EvaluationReport`` (pyro_mpt.report): its text holds every number of the report, and
+an untrustworthy reference is printed as such."""
 
-import dataclasses
 import math
-import warnings
 
-import pyro
 import pytest
 import torch
 
-from pyro_mpt import MaskedELBO, models, mpt_curve
-from pyro_mpt.evaluation import log_marginal_likelihood
-from pyro_mpt.report import EvaluationReport, compare, draws_variable, evaluate
-from tests.conftest import assert_close
-
-N, T, K = 20, 6, 2
-
-
-def _ppca():
-    X, truth = models.sample_ppca(N, T, K, noise_scale=0.5)
-    return X, truth
-
-
-def _import_arviz():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
-        return pytest.importorskip("arviz")
+from pyro_mpt import models
+from pyro_mpt.report import EstimatorResult, EvaluationReport, FixedRateBias
+from tests import report_cases
+from tests.report_cases import K
 
 
 @pytest.fixture
 def ppca_data():
-    return _ppca()
+    return report_cases.ppca_data()
 
 
 @pytest.fixture
 def ppca_report(ppca_data):
     X, truth = ppca_data
-    pyro.set_rng_seed(1)
-    report = evaluate(
-        models.ppca_collapsed, X, K, num_masks=4, curve_masks=3, progress=False, **truth
-    )
-    return report, X, truth
-
-
-def _check_matches_separate_calls(
-    report,
-    model,
-    args,
-    kwargs,
-    *,
-    seed,
-    reference,
-    estimators,
-    num_masks,
-    curve_masks,
-    num_particles,
-    mpt_particles,
-    token_plate=None,
-):
-    """Replays evaluate()'s calls in its documented order from the same seed."""
-    pyro.set_rng_seed(seed)
-    ref = log_marginal_likelihood(
-        model,
-        *args,
-        method=reference,
-        num_particles=num_particles,
-        guide=None,
-        token_plate=token_plate,
-        progress=False,
-        **kwargs,
-    )
-    with torch.no_grad():
-        ests = {
-            name: MaskedELBO(
-                estimator=name,
-                num_masks=num_masks,
-                num_particles=mpt_particles,
-                token_plate=token_plate,
-            ).estimate(model, None, *args, **kwargs)
-            for name in estimators
-        }
-    curve = mpt_curve(
-        model,
-        *args,
-        num_masks=curve_masks,
-        num_particles=mpt_particles,
-        token_plate=token_plate,
-        **kwargs,
-    )
-    # the reference
-    assert report.reference.method == ref.method
-    assert_close(report.reference.total, ref.total, atol=1e-10)
-    assert_close(report.reference.per_sequence, ref.per_sequence, atol=1e-10)
-    ref_value, ref_se = float(ref.total), float(ref.stderr)
-    # every estimator row
-    assert list(report.estimators) == list(estimators)
-    for name, e in ests.items():
-        row = report.estimators[name]
-        assert_close(row.value, e.total, atol=1e-10)
-        assert_close(row.estimate.draws, e.draws, atol=1e-10)
-        if math.isnan(e.stderr):
-            assert math.isnan(row.stderr)
-        else:
-            assert_close(row.stderr, e.stderr, atol=1e-10)
-        assert_close(row.difference, float(e.total) - ref_value, atol=1e-10)
-        se = math.hypot(e.stderr, ref_se)
-        assert_close(row.difference_stderr, se, atol=1e-10)
-        if se > 1e-6:  # a Monte Carlo error: the z-score is the plain ratio
-            assert_close(row.z_score, (float(e.total) - ref_value) / se, atol=0, rtol=1e-12)
-        elif not se > 1e-9:  # no error above rounding on either side: no z-score
-            assert math.isnan(row.z_score)
-    # the curve and every fixed-rate row: curve.fixed_rate_estimate(r) - reference
-    assert_close(report.curve.scores, curve.scores, atol=1e-10)
-    assert_close(report.curve.stderr, curve.stderr, atol=1e-10)
-    assert_close(report.curve.area, curve.area, atol=1e-10)
-    assert [b.rate for b in report.fixed_rates] == [0.15, 0.5, 0.8]
-    for b in report.fixed_rates:
-        m = curve.mask_size(b.rate)
-        assert b.mask_size == m
-        assert_close(b.estimate, curve.fixed_rate_estimate(b.rate), atol=1e-10)
-        assert_close(b.bias, curve.fixed_rate_estimate(b.rate) - ref.total, atol=1e-10)
-        assert_close(b.stderr, curve.num_tokens * curve.stderr[m - 1], atol=1e-10)
-        assert_close(b.bias_stderr, math.hypot(b.stderr, ref_se), atol=1e-10)
-    return ref, ests, curve
-
-
-def test_report_holds_the_numbers_exact_reference(ppca_report):
-    report, X, truth = ppca_report
-    assert isinstance(report, EvaluationReport)
-    ref, ests, curve = _check_matches_separate_calls(
-        report,
-        models.ppca_collapsed,
-        (X, K),
-        truth,
-        seed=1,
-        reference="auto",
-        estimators=("stratified", "uniform", "chain"),
-        num_masks=4,
-        curve_masks=3,
-        num_particles=4096,
-        mpt_particles=256,
-    )
-    # "auto" picks exact for a Gaussian without latents: the closed form, with s.e. 0
-    assert report.reference.method == "exact"
-    assert_close(report.reference.total, models.ppca_log_marginal(X, **truth), atol=1e-8)
-    assert report.reference.stderr == 0.0
-    # chain rule with exact conditionals: zero variance, equal to the LML; exact against
-    # exact has no sampling error, so no z-score (rounding over rounding means nothing)
-    chain = report.estimators["chain"]
-    assert_close(chain.value, report.reference.total, atol=1e-8)
-    assert chain.stderr < 1e-8 and math.isnan(chain.z_score)
-    # unbiased estimators within 5 s.e. of the exact LML
-    for name in ("stratified", "uniform"):
-        row = report.estimators[name]
-        assert abs(row.z_score) < 5, (name, row)
-    assert report.device == "cpu"
-    assert set(report.timings) == {"reference", "stratified", "uniform", "chain", "curve", "total"}
-    assert all(t >= 0 for t in report.timings.values())
-    assert (
-        report.timings["total"] >= sum(v for k, v in report.timings.items() if k != "total") - 1e-6
-    )
-    assert (report.num_sequences, report.num_tokens) == (N, T)
-
-
-def test_report_holds_the_numbers_importance_reference():
-    """Latent-variable PPCA: an importance reference, importance conditionals for MPT, all
-    reproduced by the separate calls from the same seed."""
-    X, truth = models.sample_ppca(8, 4, K, noise_scale=1.0)
-    pyro.set_rng_seed(3)
-    report = evaluate(
-        models.ppca_latent,
-        X,
-        K,
-        estimators=("stratified", "chain"),
-        num_masks=3,
-        curve_masks=2,
-        num_particles=2000,
-        mpt_particles=64,
-        progress=False,
-        **truth,
-    )
-    _check_matches_separate_calls(
-        report,
-        models.ppca_latent,
-        (X, K),
-        truth,
-        seed=3,
-        reference="auto",
-        estimators=("stratified", "chain"),
-        num_masks=3,
-        curve_masks=2,
-        num_particles=2000,
-        mpt_particles=64,
-    )
-    ref = report.reference
-    assert ref.method == "importance"
-    assert ref.log_weights is not None and ref.log_weights.shape == (2000, 8)
-    exact = float(models.ppca_log_marginal(X, **truth))
-    # importance with 2000 prior draws on 4 tokens: within 4 of its s.e. (+ a small bias)
-    assert abs(float(ref.total) - exact) < 4 * ref.stderr + 0.05
+    return report_cases.ppca_report(X, truth), X, truth
 
 
 def test_summary_contains_every_number(ppca_report):
@@ -228,9 +50,87 @@ def test_summary_contains_every_number(ppca_report):
     assert "EvaluationReport(reference=exact" in repr(report)
 
 
+class _Reference:
+    """A hand-made importance reference with every field the report reads."""
+
+    method = "importance"
+    total = torch.tensor(-10.0)
+    stderr = 0.25
+    num_particles = 64
+    khat = torch.tensor([0.2, 0.9])
+    khat_threshold = 0.6
+    ess = torch.tensor([30.0, 2.5])
+    trustworthy = False
+    messages = ["UNRELIABLE: k-hat 0.90 > 0.60"]
+
+
+def _hand_made_report():
+    estimate = EstimatorResult(
+        name="uniform",
+        value=-9.5,
+        stderr=0.3,
+        difference=0.5,
+        difference_stderr=math.hypot(0.3, 0.25),
+        z_score=0.5 / math.hypot(0.3, 0.25),
+        num_masks=8,
+        conditionals="importance",
+        unbiased=False,
+        seconds=0.5,
+        estimate=None,
+    )
+    bias = FixedRateBias(
+        rate=0.5, mask_size=2, estimate=-12.0, stderr=1.0, bias=-2.0, bias_stderr=1.25
+    )
+    return EvaluationReport(
+        reference=_Reference(),
+        estimators={"uniform": estimate},
+        curve=None,
+        fixed_rates=[bias],
+        timings={"reference": 1.5, "uniform": 0.5, "total": 2.0},
+        device="cpu",
+        num_sequences=2,
+        num_tokens=None,
+        settings={"mpt_samples": 32},
+    )
+
+
+def test_summary_lines_of_a_hand_made_report():
+    """The exact lines, from numbers chosen by hand."""
+    report = _hand_made_report()
+    status = "UNRELIABLE (k-hat 0.90 > 0.60, min ESS 2.5 of 64 particles)"
+    assert report.reference_status == status
+    lines = report.summary().splitlines()
+    assert lines[0] == "MPT evaluation: N = 2 sequences, T = ? tokens, device cpu"
+    assert lines[4] == f"  importance          -10.000      0.250  64 particles     {status}"
+    assert lines[5] == "  k-hat max 0.900 (threshold 0.600), ESS min 2.5"
+    se = math.hypot(0.3, 0.25)
+    row = (
+        f"  uniform*         8 importance           -9.500      0.300       +0.500 "
+        f"{se:>10.3f} {0.5 / se:>+8.2f}"
+    )
+    assert row in lines
+    assert "  * biased: its expectation is not log p(X)" in lines
+    assert any("(mpt_samples = 32)" in line for line in lines)
+    assert "  (z-scores against an UNRELIABLE reference are not meaningful)" in lines
+    assert "   0.500     2        -12.000      1.000       -2.000      1.250    -1.0000" in lines
+    assert lines[-4:] == [
+        "  reference 1.5000  uniform 0.5000  total 2.0000",
+        "",
+        "Reference messages",
+        "  - UNRELIABLE: k-hat 0.90 > 0.60",
+    ]
+    assert "Curve S(m)" not in report.summary()
+    assert repr(report) == (
+        f"EvaluationReport(reference=importance -10.000 [{status}], estimators=[uniform], "
+        "device=cpu)"
+    )
+
+
 def test_summary_marks_an_untrustworthy_importance_reference():
     """Prior importance sampling with 16 particles on 40 tokens: k-hat far above arviz's
     threshold. The reference is kept, warned about, and printed UNRELIABLE, never as ok."""
+    from pyro_mpt import evaluate
+
     X, truth = models.sample_ppca(5, 40, K, noise_scale=0.3)
     with pytest.warns(UserWarning):
         report = evaluate(
@@ -241,8 +141,8 @@ def test_summary_marks_an_untrustworthy_importance_reference():
             num_masks=2,
             curve_masks=None,
             reference="importance",
-            num_particles=16,
-            mpt_particles=16,
+            reference_samples=16,
+            mpt_samples=16,
             progress=False,
             **truth,
         )
@@ -256,272 +156,27 @@ def test_summary_marks_an_untrustworthy_importance_reference():
     assert "UNRELIABLE" in repr(report)
 
 
-def test_summary_marks_a_flagged_reference_monkeypatched(monkeypatch, ppca_data):
+def test_summary_marks_a_flagged_reference(ppca_report):
     """Whatever the reason a reference is flagged, the table says so."""
-    import pyro_mpt.report as report_module
-
-    real = report_module.log_marginal_likelihood
-
-    def flagged(*args, **kwargs):
-        return dataclasses.replace(real(*args, **kwargs), trustworthy=False)
-
-    monkeypatch.setattr(report_module, "log_marginal_likelihood", flagged)
-    X, truth = ppca_data
-    report = evaluate(
-        models.ppca_collapsed,
-        X,
-        K,
-        estimators=("stratified",),
-        num_masks=2,
-        curve_masks=2,
-        progress=False,
-        **truth,
-    )
+    report = report_cases.flagged(ppca_report[0])
+    assert report.reference_status == "UNRELIABLE"  # exact: no k-hat or ESS to cite
     assert "UNRELIABLE" in report.summary()
-    assert "UNRELIABLE" in report.plot_fixed_rate_bias(ax=_axes()).get_title()
+    assert "(z-scores against an UNRELIABLE reference are not meaningful)" in report.summary()
 
 
-def test_to_inference_data_passes_through_arviz(ppca_report, tmp_path):
-    az = _import_arviz()
-    report, _, _ = ppca_report
-    idata = report.to_inference_data()
-    assert isinstance(idata, az.InferenceData)
-    assert {"mpt", "mpt_draws", "reference"} <= set(idata.groups())
-    mpt = idata["mpt"]
-    assert mpt["curve"].dims == ("sequence", "mask_size")
-    assert_close(torch.as_tensor(mpt["curve"].values), report.curve.per_sequence, atol=0)
-    assert_close(torch.as_tensor(mpt["curve_total"].values), report.curve.scores, atol=0)
-    assert list(mpt["mask_size"].values) == list(range(1, T + 1))
-    assert_close(torch.as_tensor(mpt["mask_rate"].values), report.curve.mask_rates, atol=0)
-    assert mpt.attrs["area"] == float(report.curve.area)
-    draws = idata["mpt_draws"]
-    for name, row in report.estimators.items():
-        var = draws_variable(name)
-        assert draws[var].dims == ("chain", "draw", "sequence")
-        assert_close(torch.as_tensor(draws[var].values[0]), row.estimate.draws, atol=0)
-        assert draws.attrs[f"{var}_total"] == row.value
-    assert idata["reference"].attrs["method"] == "exact"
-    assert idata["reference"].attrs["trustworthy"] == 1
-    assert idata.attrs["device"] == "cpu"
-    # arviz's own functions run on it
-    table = az.summary(idata, group="mpt_draws", kind="stats", round_to="none")
-    assert_close(
-        torch.as_tensor(table.loc["mpt_stratified[0]", "mean"]),
-        report.estimators["stratified"].estimate.per_sequence[0],
-        atol=1e-10,
-    )
-    ess = az.ess(idata["mpt_draws"], var_names=["mpt_uniform"])
-    assert ess["mpt_uniform"].dims == ("sequence",)
-    # and it survives a netCDF round trip (numbers and strings only in the attributes)
-    pytest.importorskip("h5netcdf")
-    path = tmp_path / "report.nc"
-    idata.to_netcdf(str(path))
-    back = az.from_netcdf(str(path))
-    assert_close(torch.as_tensor(back["mpt"]["curve"].values), report.curve.per_sequence, atol=0)
+def test_summary_without_curve(ppca_data):
+    report = report_cases.report_without_curve(*ppca_data)
+    text = report.summary()
+    assert "Fixed mask rates" not in text and "Curve S(m)" not in text
+    assert f"N = {report.num_sequences} sequences, T = ? tokens" in text
 
 
-def test_to_inference_data_importance_weights_and_psis():
-    """The importance log-weights go in with dims (particle, sequence); arviz's psislw on
-    them reproduces the reference's k-hat."""
-    az = _import_arviz()
-    X, truth = models.sample_ppca(6, 4, K, noise_scale=1.0)
-    report = evaluate(
-        models.ppca_latent,
-        X,
-        K,
-        estimators=("stratified",),
-        num_masks=2,
-        curve_masks=2,
-        reference="importance",
-        num_particles=1000,
-        mpt_particles=32,
-        progress=False,
-        **truth,
-    )
-    ref = report.reference
-    idata = report.to_inference_data()
-    lw = idata["reference"]["log_weights"]
-    assert lw.dims == ("particle", "sequence") and lw.shape == (1000, 6)
-    assert_close(torch.as_tensor(lw.values), ref.log_weights, atol=0)
-    # arviz's psislw wants the sample dimension last
-    _, khat = az.psislw(lw.rename(particle="__sample__").transpose("sequence", "__sample__"))
-    assert_close(torch.as_tensor(khat.values), ref.khat, atol=1e-8)
-    assert_close(torch.as_tensor(idata["reference"]["khat"].values), ref.khat, atol=0)
-    assert_close(torch.as_tensor(idata["reference"]["ess"].values), ref.ess, atol=0)
-    assert idata["reference"].attrs["khat_threshold"] == pytest.approx(ref.khat_threshold)
+def test_evaluate_and_compare_still_import_from_report():
+    import pyro_mpt.evaluator
+    from pyro_mpt.report import compare, evaluate
 
+    assert evaluate is pyro_mpt.evaluator.evaluate and compare is pyro_mpt.evaluator.compare
+    import pyro_mpt.report
 
-def _axes():
-    from matplotlib.figure import Figure
-
-    return Figure().add_subplot()
-
-
-def test_plot_draws_the_curve_area_band_and_reference(ppca_report):
-    pytest.importorskip("matplotlib")
-    from matplotlib.collections import PolyCollection
-
-    report, _, _ = ppca_report
-    ax = _axes()
-    out = report.plot(ax=ax)
-    assert out is ax
-    curve = report.curve
-    lines = ax.get_lines()
-    assert_close(torch.as_tensor(lines[0].get_xdata()), curve.mask_rates, atol=0)
-    assert_close(torch.as_tensor(lines[0].get_ydata()), curve.scores, atol=0)
-    levels = [line.get_ydata()[0] for line in lines[1:]]
-    assert float(report.reference.total) / T in levels  # the reference line at LML / T
-    fills = [c for c in ax.collections if isinstance(c, PolyCollection)]
-    assert len(fills) == 2  # the shaded area and the s.e. band
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert any(f"{float(curve.area):.3f}" in s for s in labels)
-    assert any("reference" in s and "exact" in s for s in labels)
-    assert ax.get_xlabel() == "mask rate m / T"
-
-    ax2 = report.plot_fixed_rate_bias(ax=_axes())
-    assert len(ax2.containers) == 1  # the fixed rates' error bars
-    notes = [t.get_text() for t in ax2.texts]
-    assert len(notes) == 3 and any(f"{report.fixed_rates[0].bias:+.2f}" in s for s in notes)
-
-
-def test_plot_makes_its_own_figure_without_ax(ppca_report):
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.collections import PolyCollection
-
-    from pyro_mpt.plotting import plot_curve
-
-    report, _, _ = ppca_report
-    ax = report.plot()
-    try:
-        assert ax.figure is not None and len(ax.get_lines()) >= 2
-    finally:
-        plt.close(ax.figure)
-    # a bare curve with one mask per size (no s.e.: no band), a plain number as the
-    # reference, per sequence
-    X, truth = models.sample_ppca(4, T, K)
-    curve = mpt_curve(models.ppca_collapsed, X, K, num_masks=1, **truth)
-    ax = plot_curve(curve, reference=-123.0, per_sequence=True)
-    try:
-        fills = [c for c in ax.collections if isinstance(c, PolyCollection)]
-        assert len(fills) == 1  # the area only
-        labels = [t.get_text() for t in ax.get_legend().get_texts()]
-        assert any("reference log p(X) = -30.750" in s for s in labels)  # -123 / 4 sequences
-        assert_close(torch.as_tensor(ax.get_lines()[0].get_ydata()), curve.scores / 4, atol=1e-12)
-        assert "per sequence" in ax.get_ylabel()
-    finally:
-        plt.close(ax.figure)
-
-
-def test_compare_ranks_the_true_model_first():
-    X, truth = _ppca()
-    zero_W = dict(truth, W=torch.zeros(T, K))
-
-    def true_model(data):
-        return models.ppca_collapsed(data, K, **truth)
-
-    def wrong_model(data):
-        return models.ppca_collapsed(data, K, **zero_W)
-
-    table = compare({"wrong": wrong_model, "true": true_model}, X, num_masks=4, progress=False)
-    assert list(table.index) == ["true", "wrong"]
-    assert list(table["rank"]) == [0, 1]
-    lml_true = float(models.ppca_log_marginal(X, **truth))
-    lml_wrong = float(models.ppca_log_marginal(X, **zero_W))
-    assert lml_true > lml_wrong
-    assert_close(table.loc["true", "lml"], lml_true, atol=1e-8)
-    assert_close(table.loc["wrong", "lml"], lml_wrong, atol=1e-8)
-    assert_close(table.loc["wrong", "d_lml"], lml_true - lml_wrong, atol=1e-8)
-    assert table.loc["true", "d_lml"] == 0.0 and table.loc["true", "dse"] == 0.0
-    assert list(table["se"]) == [0.0, 0.0] and list(table["method"]) == ["exact", "exact"]
-    assert not table["warning"].any()
-    assert_close(table["weight"].sum(), 1.0, atol=1e-12)
-    # the masked estimate ranks them the same way and sits within 5 s.e. of each LML
-    for name in ("true", "wrong"):
-        row = table.loc[name]
-        assert abs(row["mpt"] - row["lml"]) < 5 * row["mpt_se"], (name, row)
-    assert table.loc["true", "mpt"] > table.loc["wrong", "mpt"]
-
-
-def test_compare_dse_of_independent_importance_estimates():
-    X, truth = models.sample_ppca(6, 4, K, noise_scale=1.0)
-    noisier = dict(truth, noise_scale=torch.tensor(1.5))
-
-    def a(data):
-        return models.ppca_latent(data, K, **truth)
-
-    def b(data):
-        return models.ppca_latent(data, K, **noisier)
-
-    table = compare(
-        {"a": a, "b": b},
-        X,
-        reference="importance",
-        num_particles=2000,
-        estimator=None,
-        progress=False,
-    )
-    best, other = table.index
-    assert list(table["method"]) == ["importance", "importance"]
-    se = table["se"]
-    assert (se > 0).all()
-    assert_close(table.loc[other, "dse"], math.hypot(se[best], se[other]), atol=1e-12)
-    assert table["mpt"].isna().all()
-
-
-def test_bad_input_raises_clear_errors(ppca_data):
-    X, truth = ppca_data
-    with pytest.raises(ValueError, match="unknown estimator 'bogus'.*valid names"):
-        evaluate(models.ppca_collapsed, X, K, estimators=("stratified", "bogus"), **truth)
-    with pytest.raises(ValueError, match="listed twice"):
-        evaluate(models.ppca_collapsed, X, K, estimators=("chain", "chain"), **truth)
-    with pytest.raises(ValueError, match="mask_rate must lie in"):
-        evaluate(models.ppca_collapsed, X, K, fixed_rates=(0.0,), **truth)
-    with pytest.raises(ValueError, match="num_masks must be an integer"):
-        evaluate(models.ppca_collapsed, X, K, num_masks=0, **truth)
-    with pytest.raises(ValueError, match="curve_masks must be an integer >= 1 or None"):
-        evaluate(models.ppca_collapsed, X, K, curve_masks=0, **truth)
-    with pytest.raises(TypeError, match="model must be a callable"):
-        evaluate("ppca", X, K)
-    with pytest.raises(ValueError, match="at least one model"):
-        compare({}, X)
-    with pytest.raises(TypeError, match="dict of name -> Pyro model"):
-        compare([models.ppca_collapsed], X)
-    with pytest.raises(TypeError, match=r"models\['a'\] must be a callable"):
-        compare({"a": 3}, X)
-    with pytest.raises(ValueError, match="unknown estimator 'bogus'"):
-        compare({"a": models.ppca_collapsed}, X, K, estimator="bogus")
-    with pytest.raises(ValueError, match="guides for models not in"):
-        compare({"a": models.ppca_collapsed}, X, K, guides={"b": None})
-
-
-def test_without_curve_there_are_no_fixed_rate_rows(ppca_data):
-    X, truth = ppca_data
-    report = evaluate(
-        models.ppca_collapsed,
-        X,
-        K,
-        estimators=("stratified",),
-        num_masks=2,
-        curve_masks=None,
-        progress=False,
-        **truth,
-    )
-    assert report.curve is None and report.fixed_rates == [] and report.num_tokens is None
-    assert "Fixed mask rates" not in report.summary()
-    assert "mpt" not in report.to_inference_data().groups()
-    with pytest.raises(ValueError, match="curve_masks"):
-        report.plot(ax=_axes())
-
-
-def test_progress_bar_on_request_and_off_otherwise(ppca_data, capsys):
-    X, truth = ppca_data
-    kw = dict(estimators=("stratified",), num_masks=2, curve_masks=2, **truth)
-    evaluate(models.ppca_collapsed, X, K, progress=True, **kw)
-    assert "evaluate" in capsys.readouterr().err
-    evaluate(models.ppca_collapsed, X, K, progress=False, **kw)
-    assert "evaluate" not in capsys.readouterr().err
-    # default: only on a terminal (pytest's captured stderr is not one)
-    evaluate(models.ppca_collapsed, X, K, **kw)
-    assert "evaluate" not in capsys.readouterr().err
+    with pytest.raises(AttributeError, match="no attribute 'bogus'"):
+        pyro_mpt.report.bogus  # noqa: B018
