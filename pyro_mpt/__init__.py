@@ -9,7 +9,8 @@ from .curve import MPTCurve, mpt_curve
 from .evaluation import LMLEstimate, log_marginal_likelihood
 from .masked_elbo import MaskedELBO
 from .plotting import plot_curve, plot_fixed_rate_bias
-from .report import EstimatorResult, EvaluationReport, FixedRateBias, compare, evaluate
+from .evaluator import compare, evaluate
+from .report import EstimatorResult, EvaluationReport, FixedRateBias
 from .scoring import MPTEstimate
 
 __version__ = "0.1.0"

@@ -16,13 +16,13 @@ MAX_FUNCTION_LINES = 80
 
 #: Layers, low to high: a module may import its own layer or lower ones only.
 LAYERS = [
-    {"options", "compat", "progress"},
+    {"options", "compat", "progress", "clock"},
     {"tokens", "estimators", "models", "diagnostics", "plotting", "export"},
     {"conditionals"},
     {"engine", "scoring"},
     {"masked_elbo", "curve", "reference", "evaluation"},
     {"report"},
-    {"evaluator", "mlm"},
+    {"evaluator", "evaluator_options", "mlm"},
     {"experiments"},
     {"cli", "__main__", "__init__"},
 ]

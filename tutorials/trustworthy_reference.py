@@ -34,14 +34,14 @@ print(f"exact log p(X) (closed form): {float(ppca_log_marginal(X, W, loc, noise)
 # A good reference: many prior particles per sequence.
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    report = evaluate(model, X, reference="importance", num_particles=16384, num_masks=num_masks)
+    report = evaluate(model, X, reference="importance", reference_samples=16384, num_masks=num_masks)
 print(f"warnings raised: {len(caught)}")
 print(report.summary())
 
 # A poor reference: 32 particles from the prior. k-hat exceeds its threshold, and evaluate() warns.
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    poor = evaluate(model, X, reference="importance", num_particles=32, num_masks=num_masks)
+    poor = evaluate(model, X, reference="importance", reference_samples=32, num_masks=num_masks)
 for w in caught:
     if "k-hat" in str(w.message) or "ESS" in str(w.message) or "Pareto" in str(w.message):
         print("warning:", str(w.message).splitlines()[0])
@@ -56,7 +56,7 @@ def wrong_noise(X):
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     table = compare(
-        {"true": model, "noise x3": wrong_noise}, X, num_particles=2048, num_masks=num_masks
+        {"true": model, "noise x3": wrong_noise}, X, reference_samples=2048, num_masks=num_masks
     )
 print(table.to_string() if hasattr(table, "to_string") else table)
 
