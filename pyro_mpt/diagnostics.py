@@ -28,11 +28,14 @@ Pareto Distribution", Technometrics 51(3):316-325, 2009.
 [3] L. Kish, "Survey Sampling", Wiley, 1965 (the effective sample size).
 """
 
+from __future__ import annotations
+
 import math
-import warnings
 
 import numpy as np
 import torch
+
+from .compat import generalized_pareto_fit, import_arviz
 
 __all__ = [
     "effective_sample_size",
@@ -43,17 +46,6 @@ __all__ = [
     "pareto_khat_from_tail",
     "tail_size",
 ]
-
-
-def _import_arviz():
-    """ArviZ, imported on first use (slow to import); its notice about the coming 1.0
-    refactor (a ``FutureWarning`` on import) says nothing about the caller's code."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning
-        )
-        import arviz
-    return arviz
 
 
 def khat_threshold(num_samples):
@@ -69,9 +61,6 @@ def khat_threshold(num_samples):
 
         khat_threshold(4096)                       # 0.7
         khat_threshold(100)                        # 0.5
-
-    Reference: A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed
-    Importance Sampling", JMLR 25(72), 2024.
     """
     S = int(num_samples)
     if S < 1:
@@ -97,9 +86,6 @@ def effective_sample_size(log_weights, dim=0):
 
         ess = effective_sample_size(ref.log_weights)   # (S, N) -> (N,)
         (ess < 100).any()
-
-    Reference: L. Kish, "Survey Sampling", Wiley, 1965 (the ESS); Vehtari et al. 2024
-    (its use with PSIS).
     """
     lw = torch.as_tensor(log_weights)
     return torch.exp(2 * torch.logsumexp(lw, dim) - torch.logsumexp(2 * lw, dim))
@@ -117,9 +103,6 @@ def tail_size(num_samples):
     Example::
 
         tail_size(4096)                            # 192 = ceil(min(819.2, 192))
-
-    Reference: A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed
-    Importance Sampling", JMLR 25(72), 2024.
     """
     S = int(num_samples)
     return int(np.ceil(min(S / 5.0, 3 * S**0.5)))
@@ -141,16 +124,13 @@ def merge_tail(tail, log_weights, k, dim=0):
         for chunk in chunks:                       # each (S_c, N)
             tail = merge_tail(tail, chunk, tail_size(S) + 1)
         khat = pareto_khat_from_tail(tail, S)      # (N,)
-
-    Reference: A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed
-    Importance Sampling", JMLR 25(72), 2024.
     """
     both = log_weights if tail is None else torch.cat([tail, log_weights], dim)
     k = min(k, both.shape[dim])
     return torch.topk(both, k, dim=dim, sorted=False).values
 
 
-def _khat_1d(x_desc, num_samples, gpdfit):
+def _khat_1d(x_desc, num_samples):
     """k-hat of one sequence from its largest log-weights ``x_desc`` (float64, sorted
     descending, the ``M + 1`` largest or all ``S``), exactly as ArviZ's ``_psislw`` computes
     it from all the weights."""
@@ -169,7 +149,7 @@ def _khat_1d(x_desc, num_samples, gpdfit):
         return math.inf
     tail = np.sort(np.exp(tail) - np.exp(xcutoff))
     with np.errstate(all="ignore"):
-        k, _ = gpdfit(tail)
+        k, _ = generalized_pareto_fit(tail)
     return float(k)
 
 
@@ -197,9 +177,6 @@ def gpdfit(exceedances):
     Example::
 
         k, sigma = gpdfit(torch.sort(exceedances, dim=-1).values)   # (R, n) -> (R,), (R,)
-
-    Reference: J. Zhang, M. A. Stephens, "A New and Efficient Estimation Method for the
-    Generalized Pareto Distribution", Technometrics 51(3), 2009; Vehtari et al. 2024.
     """
     x = exceedances
     R, n = x.shape
@@ -252,9 +229,6 @@ def pareto_khat_from_tail(tail, num_samples, dim=0):
 
         k = tail_size(S) + 1
         khat = pareto_khat_from_tail(log_weights.topk(k, dim=0).values, S)   # (S, N) -> (N,)
-
-    Reference: A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed
-    Importance Sampling", JMLR 25(72), 2024.
     """
     is_tensor = torch.is_tensor(tail)
     t = torch.as_tensor(tail).detach().to(torch.float64).movedim(dim, -1)
@@ -273,9 +247,8 @@ def pareto_khat_from_tail(tail, num_samples, dim=0):
             out[regular] = gpdfit(ex.flip(-1))[0]
     rest = (~regular).nonzero().flatten()
     if len(rest):
-        gpd = _import_arviz().stats.stats._gpdfit
         rows = x[rest].cpu().numpy()
-        k = [_khat_1d(row, S, gpd) for row in rows]
+        k = [_khat_1d(row, S) for row in rows]
         out[rest] = torch.as_tensor(k, dtype=torch.float64).to(out.device)
     out = out.reshape(shape)
     if is_tensor:
@@ -300,11 +273,8 @@ def pareto_khat(log_weights, dim=0):
 
         khat = pareto_khat(ref.log_weights)        # (S, N) -> (N,)
         (khat > khat_threshold(ref.log_weights.shape[0])).any()
-
-    Reference: A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed
-    Importance Sampling", JMLR 25(72), 2024.
     """
-    az = _import_arviz()
+    az = import_arviz()
     is_tensor = torch.is_tensor(log_weights)
     lw = log_weights.detach().to("cpu", torch.float64).numpy() if is_tensor else log_weights
     lw = np.moveaxis(np.asarray(lw, dtype=float), dim, -1)

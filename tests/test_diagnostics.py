@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from pyro_mpt.compat import generalized_pareto_fit, import_arviz
 from pyro_mpt.diagnostics import (
     effective_sample_size,
     gpdfit,
@@ -16,12 +17,6 @@ from pyro_mpt.diagnostics import (
     tail_size,
 )
 from tests.conftest import assert_close
-
-
-def _arviz():
-    import arviz
-
-    return arviz
 
 
 def test_khat_threshold_is_arviz_rule():
@@ -48,7 +43,7 @@ def test_effective_sample_size_matches_definition():
 
 def test_pareto_khat_is_arviz_psislw():
     lw = torch.randn(1000, 4) * torch.tensor([0.2, 1.0, 2.0, 4.0])
-    _, expected = _arviz().psislw(lw.T.numpy().copy())
+    _, expected = import_arviz().psislw(lw.T.numpy().copy())
     khat = pareto_khat(lw)
     assert isinstance(khat, torch.Tensor) and khat.shape == (4,)
     assert_close(khat, expected, atol=1e-12)
@@ -88,7 +83,7 @@ def test_streaming_tail_khat_equals_arviz_on_all_weights(scale):
         tail = merge_tail(tail, chunk, M1)
     assert tail.shape == (M1, N)
     from_tail = pareto_khat_from_tail(tail, S)
-    _, expected = _arviz().psislw(lw.T.numpy().copy())
+    _, expected = import_arviz().psislw(lw.T.numpy().copy())
     assert_close(from_tail, expected, atol=1e-10)
 
 
@@ -98,15 +93,15 @@ def test_streaming_tail_with_ties_and_minus_inf():
     lw = torch.randn(S, 2).round(decimals=1)  # many ties
     lw[:1500, 1] = -math.inf  # most weights zero
     tail = merge_tail(None, lw, tail_size(S) + 1)
-    _, expected = _arviz().psislw(lw.T.numpy().copy())
+    _, expected = import_arviz().psislw(lw.T.numpy().copy())
     assert_close(pareto_khat_from_tail(tail, S), expected, atol=1e-10)
 
 
 def test_batched_gpdfit_equals_arviz_gpdfit():
-    """The batched torch port of arviz.stats.stats._gpdfit gives ArviZ's (k, sigma) row by
+    """The batched torch port of ArviZ's private _gpdfit (compat.generalized_pareto_fit) gives ArviZ's (k, sigma) row by
     row, for light, moderate and heavy tails (1e-10: the same float64 formulas, summed in
     another order)."""
-    gpd = _arviz().stats.stats._gpdfit
+    gpd = generalized_pareto_fit
     g = torch.Generator().manual_seed(0)
     rows = []
     for k in (-0.3, 0.2, 0.6, 1.2):  # generalized Pareto draws by inversion
@@ -125,4 +120,4 @@ def test_tail_khat_numpy_in_numpy_out():
     tail = -np.sort(-lw, axis=0)[: tail_size(400) + 1]
     out = pareto_khat_from_tail(tail, 400)
     assert isinstance(out, np.ndarray) and out.shape == (2,)
-    assert_close(out, _arviz().psislw(lw.T.copy())[1], atol=1e-10)
+    assert_close(out, import_arviz().psislw(lw.T.copy())[1], atol=1e-10)

@@ -1,0 +1,201 @@
+r"""Reference log marginal likelihoods: the number a masked estimate is checked against.
+
+:func:`log_marginal_likelihood` returns :math:`\log p(X) = \sum_n \log p(x_n)` of a Pyro
+model and data, per sequence (the sequences of :mod:`pyro_mpt.tokens`), by one of the
+methods in :data:`METHODS`, one module each:
+
+- ``"exact"`` (:mod:`~pyro_mpt.reference.exact`): observed sites without latents, and
+  discrete latents marked ``infer={"enumerate": "parallel"}`` summed out exactly;
+- ``"importance"`` (:mod:`~pyro_mpt.reference.importance`): per-sequence importance
+  sampling with the prior or a guide as proposal,
+  :math:`\log p(x_n) \approx \log \frac1S \sum_s w_{s,n}`, with standard errors, ESS and
+  Pareto :math:`\hat k`;
+- ``"quadrature"`` (:mod:`~pyro_mpt.reference.quadrature`): a midpoint grid of
+  :math:`G^d` points over the continuous latents (:math:`d \le 3` per sequence);
+- ``"auto"``: ``"exact"`` when every latent is enumerated (or there is none), otherwise
+  ``"importance"``.
+
+A method is a function ``(problem, options, messages) -> LMLEstimate``
+(:class:`~pyro_mpt.reference.problem.Problem`,
+:class:`~pyro_mpt.reference.problem.ReferenceOptions`, a list of messages to extend); a new
+one is a module registered with :func:`register_method`. The sampling methods stream their
+particles in chunks of bounded memory (:mod:`~pyro_mpt.reference.streaming`), optionally
+compiled (:mod:`~pyro_mpt.reference.compile`).
+
+Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pyro.poutine as poutine
+
+from ..options import check_choice, renamed_keyword
+from ..progress import logger
+from ..tokens import read_layout
+from .exact import exact_reference
+from .importance import importance_reference
+from .problem import Problem, ReferenceOptions, check_options
+from .quadrature import quadrature_reference
+from .result import LMLEstimate
+
+__all__ = [
+    "LMLEstimate",
+    "METHODS",
+    "Problem",
+    "ReferenceOptions",
+    "log_marginal_likelihood",
+    "register_method",
+]
+
+#: The methods of :func:`log_marginal_likelihood`, by name (``"auto"`` chooses among them).
+METHODS: dict[str, Callable] = {
+    "exact": exact_reference,
+    "importance": importance_reference,
+    "quadrature": quadrature_reference,
+}
+
+_DEFAULT_NUM_SAMPLES = 4096
+
+
+def register_method(name: str, method: Callable) -> None:
+    """Adds ``method`` (``(problem, options, messages) -> LMLEstimate``) as
+    ``log_marginal_likelihood(..., method=name)``.
+
+    :raises ValueError: for ``"auto"`` or a name already registered."""
+    if not isinstance(name, str) or name == "auto" or name in METHODS:
+        raise ValueError(f"method name {name!r} is taken or invalid; taken: {_valid_methods()}")
+    METHODS[name] = method
+
+
+def _valid_methods() -> list:
+    return ["auto", *METHODS]
+
+
+def _choose_auto(problem, messages) -> str:
+    """``"exact"`` when every latent is enumerated (or there is none), else
+    ``"importance"``; says why in ``messages``."""
+    continuous, layout = problem.continuous, problem.layout
+    if continuous:
+        messages.append(
+            f"method='auto' chose 'importance': the latent site(s) {continuous} are not "
+            "enumerated, so no exact value is available"
+        )
+        return "importance"
+    why = (
+        "the model has no latent sites"
+        if not layout.latents
+        else f"every latent site ({layout.enumerated}) is enumerated"
+    )
+    messages.append(f"method='auto' chose 'exact': {why}")
+    return "exact"
+
+
+def log_marginal_likelihood(
+    model,
+    *args,
+    method: str = "auto",
+    num_samples: int = _DEFAULT_NUM_SAMPLES,
+    guide=None,
+    chunk_size: int | None = None,
+    token_plate: str | None = None,
+    max_plate_nesting=float("inf"),
+    quadrature_points: int = 20,
+    quadrature_bounds: tuple = (-5.0, 5.0),
+    max_elements: int | None = None,
+    progress: bool | None = None,
+    compile=None,
+    num_particles: int | None = None,
+    **kwargs,
+) -> LMLEstimate:
+    r"""A reference :math:`\log p(X) = \sum_n \log p(x_n)` of a Pyro model and its data, per
+    sequence, with its Monte Carlo standard error and, for importance sampling, the effective
+    sample size and Pareto :math:`\hat k` of each sequence's weights (see
+    :mod:`pyro_mpt.reference.importance` for the estimators and their error).
+
+    Example::
+
+        from pyro.infer import SVI, Trace_ELBO
+        from pyro.infer.autoguide import AutoNormal
+        from pyro_mpt.reference import log_marginal_likelihood
+
+        ref = log_marginal_likelihood(model, X)                   # exact, or prior IS
+        guide = AutoNormal(model)                                 # a better proposal
+        ...  # train guide with SVI(model, guide, optim, Trace_ELBO())
+        ref = log_marginal_likelihood(model, X, guide=guide, num_samples=100_000)
+        print(ref)            # says NOT TRUSTWORTHY when k-hat or the ESS fail
+
+    The estimate is a reference, not an objective: importance and quadrature run under
+    :func:`torch.no_grad` (``"exact"`` stays differentiable). Distribution argument
+    validation runs on the first trace of the model only, not on every chunk. Every option
+    is checked before the model is run.
+
+    :param model: a Pyro model; ``*args`` and ``**kwargs`` are passed to it (so they must
+        not use the keyword names below).
+    :param str method: ``"auto"`` (default: exact where possible, else importance), or a
+        name in :data:`METHODS`: ``"exact"``, ``"importance"``, ``"quadrature"``.
+    :param int num_samples: :math:`S`, draws per sequence for importance sampling.
+    :param guide: a proposal for ``"importance"`` (e.g. an
+        :class:`~pyro.infer.autoguide.AutoNormal` trained by SVI) sampling exactly the
+        model's continuous latent sites, inside the sequence plates; the prior if ``None``.
+    :param int chunk_size: particles per chunk; by default as many as ``max_elements``
+        allows.
+    :param str token_plate: mask along this plate (see :func:`pyro_mpt.tokens.read_layout`):
+        its elements are the tokens of one sequence; needed when a global latent couples
+        the data points.
+    :param int max_plate_nesting: the model's plate depth; found by tracing if omitted.
+    :param int quadrature_points: :math:`G`, grid points per latent dimension.
+    :param tuple quadrature_bounds: ``(low, high)`` of every grid axis.
+    :param int max_elements: memory budget of one chunk (of the enumeration, for
+        ``"exact"``), in elements of its largest tensor; by default
+        :func:`pyro_mpt.options.resolve_max_elements` of the data's device.
+    :param bool progress: a tqdm bar over the chunks; by default shown when there is more
+        than one chunk and stderr is a terminal.
+    :param compile: ``None`` (default: ``"graph"`` on CUDA when :math:`S N T \ge 10^{12}`,
+        else off), ``False``, ``True`` or ``"graph"`` (capture each chunk, model included,
+        and compile it; later calls with the same model and arguments reuse the graph), or
+        ``"log_prob"`` (compile the observed sites' log-densities only); see
+        :mod:`pyro_mpt.reference.compile`. Any failure falls back to eager evaluation with
+        a message.
+    :param int num_particles: deprecated name of ``num_samples``.
+    :returns: an :class:`LMLEstimate`.
+    :raises ValueError: for an unknown ``method``, bad sizes, a model ``"exact"`` or
+        ``"quadrature"`` cannot handle, or a guide that does not match the model.
+    :raises TypeError: for an option of the wrong kind (``progress="yes"``).
+    :warns UserWarning: when importance sampling is unreliable for some sequence
+        (:math:`\hat k` above the threshold, or a small ESS) or a quadrature grid cuts
+        off posterior mass.
+    """
+    num_samples = renamed_keyword(
+        "log_marginal_likelihood",
+        "num_particles",
+        "num_samples",
+        num_particles,
+        num_samples,
+        _DEFAULT_NUM_SAMPLES,
+    )
+    method = check_choice("method", method, _valid_methods())
+    options = check_options(
+        num_samples=num_samples,
+        guide=guide,
+        chunk_size=chunk_size,
+        quadrature_points=quadrature_points,
+        quadrature_bounds=quadrature_bounds,
+        max_elements=max_elements,
+        progress=progress,
+        compile=compile,
+        token_plate=token_plate,
+        max_plate_nesting=max_plate_nesting,
+    )
+    trace = poutine.trace(model).get_trace(*args, **kwargs)
+    layout = read_layout(trace, token_plate=token_plate, max_plate_nesting=max_plate_nesting)
+    problem = Problem(model, tuple(args), dict(kwargs), trace, layout)
+    messages = []
+    if method == "auto":
+        method = _choose_auto(problem, messages)
+    if guide is not None and method != "importance":
+        messages.append(f"guide ignored: method={method!r} does not sample from a proposal")
+    logger.info("log_marginal_likelihood: method %r", method)
+    return METHODS[method](problem, options, messages)

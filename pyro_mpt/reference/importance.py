@@ -1,0 +1,165 @@
+r"""The importance-sampling reference: per-sequence importance sampling with the prior or a
+guide as proposal,
+
+.. math::
+    \log p(x_n) \approx \log \frac1S \sum_{s=1}^S w_{s,n}, \qquad
+    \log w_{s,n} = \log p(x_n, z_{s,n}) - \log q(z_{s,n}), \quad z_{s,n} \sim q,
+
+with the log-mean-exp *inside* the data plate (one weight per particle and sequence, as
+the IWAE bound of Burda et al. (2016) and unlike Pyro's :class:`~pyro.infer.Importance`,
+whose one weight per particle for the whole data set degenerates as :math:`N` grows). With
+the prior as proposal :math:`\log w_{s,n}` is just :math:`\log p(x_n \mid z_{s,n})`.
+Enumerated latents are summed out inside each weight.
+
+**Standard error and bias.** With :math:`\mathrm{ESS}_n = (\sum_s w_{s,n})^2 / \sum_s
+w_{s,n}^2`, the delta method (Owen 2013, chapter 9) gives
+
+.. math:: \mathrm{SE}\big(\log \hat p(x_n)\big) \approx
+    \frac{\mathrm{sd}(w)}{\sqrt S\,\overline w}
+    = \sqrt{\frac{S/\mathrm{ESS}_n - 1}{S - 1}},
+
+and the estimate is biased *down* by about :math:`\mathrm{SE}^2/2` (Jensen; the bias is
+:math:`O(1/S)`). Both, and the Pareto :math:`\hat k` of the weights
+(:mod:`pyro_mpt.diagnostics`), are only as good as the weights' tail: when :math:`\hat k`
+exceeds :math:`\min(1 - 1/\log_{10}S, 0.7)` the variance of the weights may be infinite
+and the reported SE meaningless (Vehtari et al. 2024). Such sequences, and those with a
+small ESS, raise a :class:`UserWarning` and set ``trustworthy=False``. :math:`\hat k` is
+fitted on the device from a running top-:math:`M` of the log-weights
+(:func:`pyro_mpt.diagnostics.pareto_khat_from_tail`).
+
+References: Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders",
+ICLR 2016; A. B. Owen, "Monte Carlo theory, methods and examples", 2013; A. Vehtari,
+D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed Importance Sampling", JMLR
+25(72), 2024.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..diagnostics import effective_sample_size, khat_threshold, pareto_khat_from_tail, tail_size
+from .guide import check_guide
+from .result import LMLEstimate, flag_nonfinite, flag_unreliable
+from .sampler import Sampler
+from .streaming import stream
+
+__all__ = ["KEEP_LOG_WEIGHTS", "MIN_ESS", "importance_reference"]
+
+#: Log-weights are returned (``LMLEstimate.log_weights``) when ``S * N`` is at most this.
+KEEP_LOG_WEIGHTS = 2**22
+
+#: The ESS floor is ``min(MIN_ESS, 0.01 * S)`` per sequence.
+MIN_ESS = 100.0
+
+
+def _sampler(problem, guide):
+    """The sampler of the proposal, and its name for the messages."""
+    p = problem
+    if guide is None:
+        return Sampler(p.model, p.args, p.kwargs, p.layout, "prior"), "the prior"
+    check_guide(guide, p.args, p.kwargs, p.layout, p.continuous)
+    sampler = Sampler(p.model, p.args, p.kwargs, p.layout, "guide", p.continuous, guide=guide)
+    return sampler, f"the guide {type(guide).__name__}"
+
+
+def _khat(stats, S, tail_k, messages):
+    # PSIS k-hat from the M + 1 largest log-weights: the fit ArviZ's psislw makes from all
+    # of them, batched over sequences on the device (diagnostics.pareto_khat_from_tail)
+    khat = pareto_khat_from_tail(stats.tail, S, dim=0)
+    constant = torch.isfinite(stats.low) & (stats.low == stats.tail.amax(0))  # bounded: exact
+    messages.append(
+        f"Pareto k-hat from the {tail_k - 1} largest weights per sequence (a running top-k; "
+        "the same generalized Pareto fit ArviZ's psislw makes from all the weights)"
+    )
+    return torch.where(constant, -math.inf, khat)
+
+
+def _standard_errors(ess, S, per_seq):
+    """Per-sequence delta-method standard errors (NaN for one draw)."""
+    if S > 1:
+        return ((S / ess - 1).clamp(min=0) / (S - 1)).sqrt()
+    return torch.full_like(per_seq, math.nan)
+
+
+def _check_diagnostics(ess, khat, S, per_seq, messages):
+    """Flags the (finite) sequences whose k-hat or ESS fail; returns ``trustworthy``."""
+    threshold = khat_threshold(S)
+    floor = min(MIN_ESS, 0.01 * S)
+    bad_k, bad_ess = khat > threshold, ess < floor
+    bad = (bad_k | bad_ess) & torch.isfinite(per_seq)
+    n_bad = int(bad.sum())
+    if not n_bad:
+        return True
+    return flag_unreliable(
+        messages,
+        f"importance sampling failed its diagnostics for {n_bad} of {per_seq.numel()} "
+        f"sequences: Pareto k-hat up to {float(khat[bad].max()):.2f} (threshold "
+        f"{threshold:.2f}, {int(bad_k.sum())} above), ESS down to {float(ess[bad].min()):.1f} "
+        f"(floor {floor:g}, {int(bad_ess.sum())} below); the estimate and its standard error "
+        "may be far off: use a better proposal (a guide trained by SVI, e.g. AutoNormal) or "
+        "more particles",
+    )
+
+
+def _note_method(messages, S, proposal, stats):
+    at = 0 if not messages or not messages[0].startswith("method=") else 1
+    messages.insert(
+        at,
+        f"importance: {S} draws per sequence from {proposal} in {stats.num_chunks} chunk(s) of "
+        f"up to {stats.chunk_size}; log p(x_n) = logmeanexp_s [log p(x_n, z_s) - log q(z_s)], "
+        "delta-method standard errors (the estimate is biased down by about SE^2/2)",
+    )
+
+
+def importance_reference(problem, options, messages) -> LMLEstimate:
+    """Importance sampling of every sequence's :math:`\\log p(x_n)` with ``options.guide``
+    (the prior if ``None``) as proposal, ``options.num_samples`` draws per sequence.
+
+    :raises ValueError: for a guide that does not match the model.
+    :warns UserWarning: when :math:`\\hat k` or the ESS fail for some sequence, or an
+        estimate is not finite."""
+    S, layout = options.num_samples, problem.layout
+    sampler, proposal = _sampler(problem, options.guide)
+    if not problem.continuous:
+        messages.append(
+            "importance: the model has no continuous latents, so every weight is exact "
+            "(use method='exact')"
+        )
+    keep = S * layout.num_sequences <= KEEP_LOG_WEIGHTS
+    tail_k = tail_size(S) + 1
+    stats = stream(
+        problem,
+        sampler,
+        S,
+        options,
+        keep=keep,
+        tail_k=tail_k,
+        desc="log p(x) importance",
+        messages=messages,
+    )
+    per_seq = stats.lse1 - math.log(S)
+    _note_method(messages, S, proposal, stats)
+    lw = stats.log_weights
+    ess = effective_sample_size(lw, 0) if keep else torch.exp(2 * stats.lse1 - stats.lse2)
+    khat = _khat(stats, S, tail_k, messages)
+    se = _standard_errors(ess, S, per_seq)
+    trustworthy = _check_diagnostics(ess, khat, S, per_seq, messages)
+    trustworthy = flag_nonfinite(per_seq, messages) and trustworthy
+    scale = layout.scale
+    return LMLEstimate(
+        total=(scale * per_seq).sum(),
+        per_sequence=per_seq,
+        stderr=float(((scale * se) ** 2).sum().sqrt()),
+        per_sequence_stderr=se,
+        method="importance",
+        num_samples=S,
+        ess=ess,
+        khat=khat,
+        khat_threshold=khat_threshold(S),
+        trustworthy=trustworthy,
+        messages=messages,
+        log_weights=lw,
+        device=layout.device,
+    )
