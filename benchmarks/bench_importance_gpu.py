@@ -2,7 +2,7 @@
 
 The reference log marginal likelihood of the paper's binary experiment,
 log p(x_n) ~= logmeanexp_s sum_t log Bernoulli(x_nt | sigmoid(W_t z_s + b_t)), z_s ~ N(0, I),
-through ``pyro_mpt.evaluation.log_marginal_likelihood(method="importance")`` (eager, and with
+through ``pyro_mpt.reference.log_marginal_likelihood(method="importance")`` (eager, and with
 its compiled chunks), against two baselines timed in the same process:
 
 - an unfused plain PyTorch expression of the same sum, chunked the same way;
@@ -15,7 +15,7 @@ median of ``--repeats`` runs after a warm-up (which also compiles), with CUDA sy
 around each run. The issue's target is >= 2e11 evaluations/s on an H100 or H200 at
 N = 1000, T = 784, K = 2, S = 65536. Each line of output is one result.
 
-The compiled mode ("graph") is what reaches the target: see pyro_mpt.evaluation's module
+The compiled mode ("graph") is what reaches the target: see pyro_mpt.reference.compile's module
 docstring. "steady state" lines time the chunk loop alone (S particles minus S/4).
 
 Run:  python benchmarks/bench_importance_gpu.py                       (CUDA if available)
@@ -46,7 +46,8 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 
-from pyro_mpt.evaluation import DEFAULT_LML_MAX_ELEMENTS, log_marginal_likelihood
+from pyro_mpt.options import DEFAULT_CUDA_MAX_ELEMENTS
+from pyro_mpt.reference import log_marginal_likelihood
 from pyro_mpt.models import bernoulli_latent_linear
 
 TARGET = 2e11
@@ -153,8 +154,8 @@ def main(argv=None):
         type=int,
         default=2**29,
         help="chunk memory budget in elements of the largest (chunk, N, T) tensor: 2**29 "
-        f"(2 GiB in float32) suits an 80 GB GPU; the library's default is "
-        f"{DEFAULT_LML_MAX_ELEMENTS} (safe on 16 GB)",
+        f"(2 GiB in float32) suits an 80 GB GPU; the library's CUDA default is "
+        f"{DEFAULT_CUDA_MAX_ELEMENTS} (safe on 16 GB)",
     )
     parser.add_argument(
         "--modes",
@@ -216,7 +217,7 @@ def main(argv=None):
                     model,
                     X,
                     method="importance",
-                    num_particles=num,
+                    num_samples=num,
                     chunk_size=chunk,
                     compile=compile_mode,
                     progress=False,

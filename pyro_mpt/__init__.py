@@ -6,7 +6,7 @@ Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 
 from . import conditionals, diagnostics, estimators, mlm, models
 from .curve import MPTCurve, mpt_curve
-from .evaluation import LMLEstimate, log_marginal_likelihood
+from .reference import LMLEstimate, log_marginal_likelihood
 from .masked_elbo import MaskedELBO
 from .plotting import plot_curve, plot_fixed_rate_bias
 from .evaluator import compare, evaluate

@@ -23,7 +23,7 @@ import torch
 
 from .clock import Clock, find_device
 from .curve import mpt_curve
-from .evaluation import log_marginal_likelihood
+from .reference import log_marginal_likelihood
 from .evaluator_options import (
     check_model,
     check_models_and_guides,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .curve import mpt_curve
 from .estimators import get_estimator
-from .evaluation import METHODS, log_marginal_likelihood
+from .reference import METHODS, log_marginal_likelihood
 from .masked_elbo import MaskedELBO
 from .options import check_bool, check_choice, check_positive_int, check_probability
 
@@ -75,7 +75,7 @@ class RunOptions:
         """The keyword arguments of :func:`~pyro_mpt.log_marginal_likelihood`."""
         return dict(
             method=self.reference,
-            num_particles=self.reference_samples,
+            num_samples=self.reference_samples,
             guide=guide,
             token_plate=self.token_plate,
             progress=self.progress,
@@ -170,7 +170,7 @@ def check_run_options(
 ) -> RunOptions:
     """The options shared by evaluate and compare, checked; ``guides`` maps each guide's
     argument name (for the error) to the guide."""
-    check_choice("reference", reference, METHODS)
+    check_choice("reference", reference, ("auto", *METHODS))
     check_positive_int("reference_samples", reference_samples)
     check_positive_int("mpt_samples", mpt_samples)
     if token_plate is not None and not isinstance(token_plate, str):

@@ -148,8 +148,8 @@ def _reference_group(report):
         "status": report.reference_status,
         "messages": "\n".join(ref.messages or []),
     }
-    if ref.num_particles is not None:
-        attrs["num_particles"] = int(ref.num_particles)
+    if ref.num_samples is not None:
+        attrs["num_samples"] = int(ref.num_samples)
     if ref.khat_threshold is not None:
         attrs["khat_threshold"] = float(ref.khat_threshold)
     return xr.Dataset(data, coords=coords, attrs=attrs)

@@ -139,7 +139,7 @@ class EvaluationReport:
                 reasons.append(f"k-hat {kmax:.2f} > {float(threshold):.2f}")
         ess = getattr(ref, "ess", None)
         if ess is not None:
-            reasons.append(f"min ESS {float(ess.min()):.1f} of {ref.num_particles} particles")
+            reasons.append(f"min ESS {float(ess.min()):.1f} of {ref.num_samples} particles")
         return "UNRELIABLE" + (f" ({', '.join(reasons)})" if reasons else "")
 
     def summary(self) -> str:
@@ -218,9 +218,9 @@ def _reference_lines(report):
     ref = report.reference
     draws = ""
     if ref.method == "importance":
-        draws = f"{ref.num_particles} particles"
+        draws = f"{ref.num_samples} particles"
     elif ref.method == "quadrature":
-        draws = f"{ref.num_particles} grid points"
+        draws = f"{ref.num_samples} grid points"
     lines = [
         "",
         "Reference log p(X)",

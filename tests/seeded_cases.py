@@ -104,7 +104,7 @@ def case_reference():
     args = (2, truth["W"], truth["loc"], truth["noise_scale"])
     out = {"exact": _floats(log_marginal_likelihood(ppca_collapsed, X, *args).per_sequence)}
     pyro.set_rng_seed(7)
-    ref = log_marginal_likelihood(ppca_latent, X, *args, num_particles=64)
+    ref = log_marginal_likelihood(ppca_latent, X, *args, num_samples=64)
     out["importance"] = _floats(ref.per_sequence) + _floats(ref.khat) + _floats(ref.ess)
     pyro.set_rng_seed(8)
     ref = log_marginal_likelihood(

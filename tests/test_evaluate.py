@@ -11,7 +11,7 @@ import torch
 
 import pyro_mpt.evaluator as evaluator_module
 from pyro_mpt import MaskedELBO, models, mpt_curve
-from pyro_mpt.evaluation import log_marginal_likelihood
+from pyro_mpt.reference import log_marginal_likelihood
 from pyro_mpt.evaluator import compare, evaluate
 from pyro_mpt.report import EvaluationReport
 from tests import report_cases
@@ -51,7 +51,7 @@ def _check_matches_separate_calls(
         model,
         *args,
         method=reference,
-        num_particles=reference_samples,
+        num_samples=reference_samples,
         guide=None,
         token_plate=token_plate,
         progress=False,

@@ -47,7 +47,7 @@ def test_run_options_hand_on_the_keywords():
     guide = object()
     assert opts.reference_kwargs(guide) == dict(
         method="auto",
-        num_particles=100,
+        num_samples=100,
         guide=guide,
         token_plate=None,
         progress=None,

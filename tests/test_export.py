@@ -142,7 +142,7 @@ def test_to_inference_data_importance_weights_and_psis():
     assert_close(torch.as_tensor(idata["reference"]["khat"].values), ref.khat, atol=0)
     assert_close(torch.as_tensor(idata["reference"]["ess"].values), ref.ess, atol=0)
     assert idata["reference"].attrs["khat_threshold"] == pytest.approx(ref.khat_threshold)
-    assert idata["reference"].attrs["num_particles"] == 1000
+    assert idata["reference"].attrs["num_samples"] == 1000
 
 
 def test_without_curve_there_is_no_curve_group(ppca_data):

@@ -56,7 +56,7 @@ class _Reference:
     method = "importance"
     total = torch.tensor(-10.0)
     stderr = 0.25
-    num_particles = 64
+    num_samples = 64
     khat = torch.tensor([0.2, 0.9])
     khat_threshold = 0.6
     ess = torch.tensor([30.0, 2.5])

@@ -25,7 +25,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
-from ..evaluation import log_marginal_likelihood
+from ..reference import log_marginal_likelihood
 from ..masked_elbo import MaskedELBO
 from ..models import bernoulli_latent_linear
 from ..plotting import bare_axes
