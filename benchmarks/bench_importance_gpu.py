@@ -46,9 +46,9 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 
+from pyro_mpt.models import bernoulli_latent_linear
 from pyro_mpt.options import DEFAULT_CUDA_MAX_ELEMENTS
 from pyro_mpt.reference import log_marginal_likelihood
-from pyro_mpt.models import bernoulli_latent_linear
 
 TARGET = 2e11
 

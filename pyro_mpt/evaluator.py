@@ -23,7 +23,6 @@ import torch
 
 from .clock import Clock, find_device
 from .curve import mpt_curve
-from .reference import log_marginal_likelihood
 from .evaluator_options import (
     check_model,
     check_models_and_guides,
@@ -33,6 +32,7 @@ from .evaluator_options import (
 )
 from .options import check_positive_int, renamed_keyword
 from .progress import logger, progress_bar
+from .reference import log_marginal_likelihood
 from .report import EstimatorResult, EvaluationReport, FixedRateBias
 
 __all__ = ["compare", "evaluate"]

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from .curve import mpt_curve
 from .estimators import get_estimator
-from .reference import METHODS, log_marginal_likelihood
 from .masked_elbo import MaskedELBO
 from .options import check_bool, check_choice, check_positive_int, check_probability
+from .reference import METHODS, log_marginal_likelihood
 
 __all__ = [
     "RunOptions",

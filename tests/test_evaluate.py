@@ -11,8 +11,8 @@ import torch
 
 import pyro_mpt.evaluator as evaluator_module
 from pyro_mpt import MaskedELBO, models, mpt_curve
-from pyro_mpt.reference import log_marginal_likelihood
 from pyro_mpt.evaluator import compare, evaluate
+from pyro_mpt.reference import log_marginal_likelihood
 from pyro_mpt.report import EvaluationReport
 from tests import report_cases
 from tests.conftest import assert_close

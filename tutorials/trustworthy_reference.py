@@ -34,7 +34,9 @@ print(f"exact log p(X) (closed form): {float(ppca_log_marginal(X, W, loc, noise)
 # A good reference: many prior particles per sequence.
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    report = evaluate(model, X, reference="importance", reference_samples=16384, num_masks=num_masks)
+    report = evaluate(
+        model, X, reference="importance", reference_samples=16384, num_masks=num_masks
+    )
 print(f"warnings raised: {len(caught)}")
 print(report.summary())
 

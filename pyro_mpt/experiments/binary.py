@@ -25,10 +25,10 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
-from ..reference import log_marginal_likelihood
 from ..masked_elbo import MaskedELBO
 from ..models import bernoulli_latent_linear
 from ..plotting import bare_axes
+from ..reference import log_marginal_likelihood
 
 __all__ = ["BinaryResult", "binary", "load_digits_binary", "synthetic_binary", "prepare_binary"]
 
