@@ -87,7 +87,7 @@ def test_svi_with_latent_model_and_empty_guide_has_no_guide_warnings():
     "site in model but not in guide" checks must not fire, the backend integrates ``z``."""
     X, _ = _data()
     model = lambda X: ppca_latent(X, K)  # noqa: E731
-    elbo = MaskedELBO(estimator="stratified", conditionals="importance", num_particles=32)
+    elbo = MaskedELBO(estimator="stratified", conditionals="importance", num_samples=32)
     svi = SVI(model, empty_guide, Adam({"lr": 0.05}), loss=elbo)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -403,7 +403,7 @@ def test_subsample_scale_with_importance_latent():
     def full_model(X):
         ppca_latent(X, K, t["W"], t["loc"], t["noise_scale"])
 
-    elbo = MaskedELBO(estimator="chain", num_particles=64)
+    elbo = MaskedELBO(estimator="chain", num_samples=64)
     pyro.set_rng_seed(5)
     sub = elbo.loss(sub_model, None, X)
     pyro.set_rng_seed(5)

@@ -12,7 +12,7 @@ from pyro_mpt.mlm import (
     mlm_estimate,
     pseudo_log_likelihood,
 )
-from pyro_mpt.scoring import MPTOptions, prepare
+from pyro_mpt.engine import MPTOptions, prepare
 from tests.conftest import assert_close, random_hmm_params, sample_hmm_data
 
 C, V = 3, 5
