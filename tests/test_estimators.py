@@ -27,6 +27,7 @@ from pyro_mpt.estimators import (
     MaskEstimator,
     StratifiedEstimator,
     UniformEstimator,
+    check_mask_rate,
     get_estimator,
 )
 from pyro_mpt.models import ppca_collapsed, ppca_log_marginal, sample_ppca
@@ -424,3 +425,26 @@ def test_fixed_rate_one_scores_independent_marginals():
     est = MaskedELBO(estimator="fixed", mask_rate=1.0, num_masks=3).estimate(model, None, X)
     assert_close(est.draws, est.draws[:1].expand(3, -1), atol=0.0)
     assert_close(est.total, marginals, atol=1e-10)
+
+
+def test_exhaustive_with_several_draws_enumerates_every_mask_in_each():
+    """Each of ``num_draws`` draws gets all ``2^T - 1`` masks (each draw is exact); one
+    chunk never spans two draws."""
+    N, T = 2, 4
+    rows, batches = _collect(ExhaustiveEstimator(), N, T, 3, max_rows=6)
+    assert rows["scored"].shape[0] == 3 * (2**T - 1)
+    assert all(len(set(b.draw.tolist())) == 1 for b in batches)
+    counts = torch.bincount(rows["draw"], minlength=3)
+    assert counts.tolist() == [2**T - 1] * 3
+    for d in range(3):
+        weights = rows["weight"][rows["draw"] == d][:, 0]
+        sizes = rows["scored"][rows["draw"] == d][:, 0].sum(-1)
+        # total weight of a draw: sum_m C(T, m) m / (m C(T, m)) = T
+        assert_close((weights * sizes).sum(), float(T), atol=1e-12)
+
+
+def test_mask_rate_checks_are_options_checks():
+    assert check_mask_rate(0.25) == 0.25
+    for bad in (True, "x", float("nan")):
+        with pytest.raises(ValueError, match=r"mask_rate must lie in \(0, 1\]"):
+            check_mask_rate(bad)

@@ -21,6 +21,7 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from pyro_mpt import MaskedELBO, mpt_curve
+from pyro_mpt.engine import MPTOptions, prepare, score
 from pyro_mpt.estimators import get_estimator
 from pyro_mpt.models import (
     bayesian_linear_regression_collapsed,
@@ -33,7 +34,6 @@ from pyro_mpt.models import (
     ppca_log_marginal,
     sample_ppca,
 )
-from pyro_mpt.engine import MPTOptions, prepare, score
 from tests.conftest import assert_close
 
 IDENTITY_ATOL = 1e-8

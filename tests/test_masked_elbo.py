@@ -529,3 +529,25 @@ def test_cuda_data_gives_cuda_loss_and_grads():
     svi = SVI(_model, None, Adam({"lr": 0.05}), loss=MaskedELBO())
     assert math.isfinite(svi.step(X))
     assert pyro.param("W").device.type == "cuda"
+
+
+def test_num_particles_is_a_deprecated_alias_of_num_samples():
+    X, t = _data()
+    args = (X[:4], K, t["W"], t["loc"], t["noise_scale"])
+    pyro.set_rng_seed(3)
+    new = MaskedELBO(estimator="chain", num_samples=16).loss(ppca_latent, None, *args)
+    with pytest.warns(DeprecationWarning, match="MaskedELBO: num_particles= is deprecated"):
+        elbo = MaskedELBO(estimator="chain", num_particles=16)
+    assert elbo.options.num_samples == 16
+    pyro.set_rng_seed(3)
+    assert elbo.loss(ppca_latent, None, *args) == new
+    with pytest.raises(TypeError, match="pass num_samples= only"):
+        MaskedELBO(num_particles=16, num_samples=32)
+
+
+def test_pyro_num_particles_is_the_number_of_masks():
+    """Pyro's ``num_particles`` (independent estimates averaged) is ``num_masks``; the
+    importance prior draws are ``num_samples``."""
+    elbo = MaskedELBO(num_masks=5, num_samples=64)
+    assert elbo.num_particles == 5 and elbo.options.num_samples == 64
+    assert MaskedELBO().num_particles == 1

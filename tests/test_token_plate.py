@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from pyro_mpt import MaskedELBO, mpt_curve
+from pyro_mpt.engine import MPTOptions, prepare, score
 from pyro_mpt.estimators import get_estimator
 from pyro_mpt.models import (
     bayesian_linear_regression_latent,
     bayesian_linear_regression_log_marginal,
 )
-from pyro_mpt.engine import MPTOptions, prepare, score
 from pyro_mpt.tokens import read_layout
 from tests.conftest import assert_close
 
