@@ -82,7 +82,8 @@ class MPTOptions:
         low, high = self.quadrature_bounds
         if not float(low) < float(high):
             raise ValueError(
-                f"quadrature_bounds must be (low, high) with low < high, got {self.quadrature_bounds!r}"
+                "quadrature_bounds must be (low, high) with low < high, got "
+                f"{self.quadrature_bounds!r}"
             )
         if self.token_plate is not None and not isinstance(self.token_plate, str):
             raise TypeError(f"token_plate must be a plate name (str), got {self.token_plate!r}")

@@ -1,8 +1,8 @@
 r"""``MaskedELBO`` as a Pyro objective: it is a real :class:`pyro.infer.ELBO` (SVI, empty or
 ``None`` guides, ``evaluate_loss``, the ``nn.Module`` form), its three loss methods agree,
-its gradient is the exact LML's gradient where the
-estimator is exact (``"chain"`` / ``"exhaustive"`` with exact conditionals), its keywords (``num_samples``,
-the deprecated ``num_particles``). Its values on Trace_ELBO's scale: test_masked_elbo_values."""
+its gradient is the exact LML's gradient where the estimator is exact (``"chain"`` /
+``"exhaustive"`` with exact conditionals), and its keywords (``num_samples``, the deprecated
+``num_particles``). Its values on Trace_ELBO's scale: ``test_masked_elbo_values.py``."""
 
 import math
 import warnings

@@ -23,8 +23,9 @@ sequences are grouped by length and each group's real tokens are packed to the l
 predictor never sees padding and every mask is uniform over the real tokens only.
 
 Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520; J. Salazar, D. Liang, T. Q. Nguyen, K. Kirchhoff,
-"Masked Language Model Scoring", ACL 2020, arXiv:1910.14659 (the pseudo-log-likelihood).
+Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520; J. Salazar, D. Liang, T. Q. Nguyen,
+K. Kirchhoff, "Masked Language Model Scoring", ACL 2020, arXiv:1910.14659 (the
+pseudo-log-likelihood).
 """
 
 from __future__ import annotations

@@ -243,8 +243,7 @@ def mlm_experiment(
     :param int num_test: held-out sequences, on which every number is reported (default 200
         when ``quick``, 1000 otherwise).
     :param int steps: Adam steps per model (default 800 when ``quick``, 4000 otherwise).
-    :param bool quick: the quick size (about 20 s on two CPU cores at the defaults) or the
-        full size (for a GPU).
+    :param bool quick: the quick size (for a CPU) or the full size (for a GPU).
     :param int seed: seeds the HMM, the data, the initialisation, the masks.
     :param device: where the models train and are scored (``"cpu"`` or ``"cuda"``).
     :param int batch_size: sequences per training step.

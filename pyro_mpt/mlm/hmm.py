@@ -3,8 +3,8 @@ r"""A ground-truth masked predictor: the exact posterior predictive of a discret
 For a hidden Markov model (:func:`pyro_mpt.models.hmm`) the ideal masked language model is
 the posterior predictive :math:`p(x_j \mid x_{\text{visible}})`. It is computed here by a
 batched forward-backward pass in which the hidden (masked) positions carry emission
-likelihood 1, i.e. their evidence is marginalised (the theory page of the docs, section 2b). Plugged into
-:func:`pyro_mpt.mlm.mlm_curve`, its area is the exact log marginal likelihood (up to Monte
+likelihood 1, i.e. their evidence is marginalised (the theory page of the docs, section 2b).
+Plugged into :func:`pyro_mpt.mlm.mlm_curve`, its area is the exact log marginal likelihood (up to Monte
 Carlo error; exactly for the exhaustive and chain estimators).
 
 Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
