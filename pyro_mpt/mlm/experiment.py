@@ -251,7 +251,7 @@ def mlm_experiment(
     :param int num_masks: masks per size for each held-out curve (stratified estimator;
         default 4 when ``quick``, 16 otherwise).
     :param dict model_kwargs: extra :class:`TinyMLM` arguments (d_model, num_layers, ...).
-    :param progress: tqdm bars while training (None: only on a terminal).
+    :param progress: tqdm bars while training and scoring (None: only on a terminal).
     :param int threads: torch's CPU threads during the experiment (restored after); ``None``
         leaves the setting. One thread is many times faster for these tiny models on a CPU
         shared with other work.
