@@ -6,12 +6,12 @@ Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 
 from . import conditionals, diagnostics, estimators, mlm, models
 from .curve import MPTCurve, mpt_curve
+from .engine import MPTEstimate
 from .evaluator import compare, evaluate
 from .masked_elbo import MaskedELBO
 from .plotting import plot_curve, plot_fixed_rate_bias
 from .reference import LMLEstimate, log_marginal_likelihood
 from .report import EstimatorResult, EvaluationReport, FixedRateBias
-from .scoring import MPTEstimate
 
 __version__ = "0.1.0"
 

@@ -1,12 +1,19 @@
-r"""The masked pre-training curve :math:`m \mapsto S(m)` and its area, the LML estimate."""
+r"""The masked pre-training curve :math:`m \mapsto S(m)` and its area, the LML estimate.
+
+Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+"""
+
+from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 import torch
 
+from .engine import MPTOptions, prepare, score
 from .estimators import ExhaustiveEstimator, StratifiedEstimator, check_mask_rate
-from .scoring import MPTOptions, prepare, score
+from .options import check_bool, check_positive_int, renamed_keyword
 
 __all__ = ["MPTCurve", "mpt_curve"]
 
@@ -29,9 +36,6 @@ class MPTCurve:
         curve = mpt_curve(ppca_collapsed, X, 2, num_masks=8)   # X: (N, T)
         curve.scores.shape, curve.per_sequence.shape           # (T,), (N, T)
         curve.area, curve.fixed_rate_estimate(0.15)
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     sizes: torch.Tensor
@@ -42,6 +46,74 @@ class MPTCurve:
     area_stderr: float
     exhaustive: bool
     conditionals: str
+
+    @classmethod
+    def from_bins(
+        cls,
+        bins: torch.Tensor,
+        draws: torch.Tensor,
+        *,
+        conditionals: str,
+        exhaustive: bool = False,
+        scale: torch.Tensor | None = None,
+        share_masks: bool = False,
+        **fields,
+    ) -> MPTCurve:
+        r"""The curve of ``K`` draws binned by mask size (what
+        :func:`~pyro_mpt.engine.score_masks` returns with ``by_size=True``).
+
+        With the subsampling scale :math:`c_n` (``scale``; ``None``: 1) and bins
+        :math:`b_{k,n,m}`: :math:`S_n(m) = \frac1K \sum_k b_{k,n,m}`,
+        :math:`S(m) = \sum_n c_n S_n(m)`, area :math:`\sum_m S(m)`, and standard errors
+
+        .. math:: \mathrm{se}(S(m)) = \sqrt{\textstyle\sum_n c_n^2\,
+            \widehat{\mathrm{Var}}_k(b_{k,n,m}) / K}, \qquad
+            \mathrm{se}(\text{area}) = \sqrt{\textstyle\sum_n c_n^2\,
+            \widehat{\mathrm{Var}}_k(d_{k,n}) / K}
+
+        over the draws :math:`d_{k,n}`; with ``share_masks`` the sequences are correlated and
+        the spread of the draws' totals over :math:`n` is used instead. Exhaustive curves are
+        exact (standard errors 0); one draw gives NaN.
+
+        :param bins: ``(K, N, T + 1)``, entry ``m`` the draws' part from masks of size ``m``.
+        :param draws: ``(K, N)`` the draws (the sums of the bins).
+        :param fields: extra fields of a subclass (e.g. ``lengths`` of an MLM curve).
+        """
+        K = draws.shape[0]
+        T = bins.shape[-1] - 1
+        bins = bins[..., 1:]  # (K, N, T): sizes 1..T
+        per_sequence = bins.mean(0)
+        c = None if scale is None else scale.unsqueeze(-1)
+        scores = (per_sequence if c is None else c * per_sequence).sum(0)
+        area = scores.sum()
+        if exhaustive:
+            stderr = torch.zeros_like(scores)
+            area_stderr = 0.0
+        elif K > 1 and share_masks:
+            # shared masks correlate the sequences: use the spread of the draws' totals
+            totals = (bins if c is None else c * bins).sum(1)  # (K, T)
+            stderr = (totals.var(0) / K).sqrt()
+            area_stderr = math.sqrt(
+                float((draws if scale is None else draws * scale).sum(-1).var() / K)
+            )
+        elif K > 1:
+            stderr = ((bins.var(0) if c is None else c**2 * bins.var(0)).sum(0) / K).sqrt()
+            dvar = draws.var(0) if scale is None else scale**2 * draws.var(0)
+            area_stderr = math.sqrt(float(dvar.sum() / K))
+        else:
+            stderr = torch.full_like(scores, float("nan"))
+            area_stderr = float("nan")
+        return cls(
+            sizes=torch.arange(1, T + 1, device=scores.device),
+            scores=scores,
+            stderr=stderr,
+            per_sequence=per_sequence,
+            area=area,
+            area_stderr=area_stderr,
+            exhaustive=exhaustive,
+            conditionals=conditionals,
+            **fields,
+        )
 
     @property
     def num_tokens(self):
@@ -72,15 +144,16 @@ def mpt_curve(
     num_masks=1,
     exhaustive=False,
     conditionals="auto",
-    num_particles=256,
+    num_samples=256,
     token_plate=None,
     max_plate_nesting=float("inf"),
     quadrature_points=20,
     quadrature_bounds=(-5.0, 5.0),
     max_elements=None,
     share_masks=False,
+    num_particles=None,
     **kwargs,
-):
+) -> MPTCurve:
     r"""The curve :math:`S(m)`, :math:`m = 1..T`, and its area :math:`\sum_m S(m)`, which
     equals :math:`\log p(X)` (Moreno-Muñoz et al. 2023).
 
@@ -96,22 +169,26 @@ def mpt_curve(
     :param model: a Pyro model; ``*args`` and ``**kwargs`` are passed to it.
     :param int num_masks: masks per size and sequence.
     :param bool exhaustive: enumerate every mask.
+    :param int num_samples: prior draws for ``"importance"`` conditionals.
     :param bool share_masks: the same masks for every sequence (see
         :class:`~pyro_mpt.MaskedELBO`); much faster for long low-rank Gaussian sequences.
+    :param int num_particles: deprecated old name of ``num_samples``.
     :returns: :class:`MPTCurve`.
 
     The other options are those of :class:`~pyro_mpt.MaskedELBO`.
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
-    if isinstance(num_masks, bool) or not isinstance(num_masks, int) or num_masks < 1:
-        raise ValueError(f"num_masks must be an integer >= 1, got {num_masks!r}")
+    num_masks = check_positive_int("num_masks", num_masks)
+    exhaustive = check_bool("exhaustive", exhaustive)
+    if num_particles is not None:
+        check_positive_int("num_particles", num_particles)
+    num_samples = renamed_keyword(
+        "mpt_curve", "num_particles", "num_samples", num_particles, num_samples, 256
+    )
     estimator = ExhaustiveEstimator() if exhaustive else StratifiedEstimator()
     options = MPTOptions(
         estimator=estimator,
         num_masks=1 if exhaustive else num_masks,
-        num_particles=num_particles,
+        num_samples=num_samples,
         conditionals=conditionals,
         token_plate=token_plate,
         max_plate_nesting=max_plate_nesting,
@@ -127,38 +204,15 @@ def mpt_curve(
             scorer,
             estimator,
             options.num_masks,
-            max_elements=max_elements,
+            max_elements=options.max_elements,
             by_size=True,
-            share_masks=share_masks,
+            share_masks=options.share_masks,
         )
-    K, T = draws.shape[0], layout.num_tokens
-    scale = layout.scale
-    bins = bins[..., 1:]  # (K, N, T): sizes 1..T
-    per_sequence = bins.mean(0)
-    scores = (scale.unsqueeze(-1) * per_sequence).sum(0)
-    area = scores.sum()
-    if exhaustive:
-        stderr = torch.zeros_like(scores)
-        area_stderr = 0.0
-    elif K > 1 and share_masks:
-        # shared masks correlate the sequences: use the spread of the draws' totals
-        totals = (scale.unsqueeze(-1) * bins).sum(1)  # (K, T)
-        stderr = (totals.var(0) / K).sqrt()
-        area_stderr = math.sqrt(float((draws * scale).sum(-1).var() / K))
-    elif K > 1:
-        stderr = ((scale.unsqueeze(-1) ** 2 * bins.var(0)).sum(0) / K).sqrt()
-        area_stderr = math.sqrt(float((scale**2 * draws.var(0)).sum() / K))
-    else:
-        stderr = torch.full_like(scores, float("nan"))
-        area_stderr = float("nan")
-    sizes = torch.arange(1, T + 1, device=scores.device)
-    return MPTCurve(
-        sizes=sizes,
-        scores=scores,
-        stderr=stderr,
-        per_sequence=per_sequence,
-        area=area,
-        area_stderr=area_stderr,
-        exhaustive=exhaustive,
+    return MPTCurve.from_bins(
+        bins,
+        draws,
         conditionals=backend.name,
+        exhaustive=exhaustive,
+        scale=layout.scale,
+        share_masks=options.share_masks,
     )

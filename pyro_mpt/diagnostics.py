@@ -11,8 +11,8 @@ For log-weights :math:`\log w_s`, :math:`s = 1..S`, of an importance sampler
   for :math:`\hat k < \min(1 - 1/\log_{10} S,\ 0.7)` (:func:`khat_threshold`), the rule
   ArviZ applies.
 
-:math:`\hat k` is ArviZ's own estimate (:func:`arviz.psislw`, which calls
-``arviz.stats.stats._gpdfit``, the empirical-Bayes fit of Zhang & Stephens (2009) with
+:math:`\hat k` is ArviZ's own estimate (:func:`arviz.psislw`, whose generalized Pareto fit,
+:func:`pyro_mpt.compat.generalized_pareto_fit`, is the empirical-Bayes fit of Zhang & Stephens (2009) with
 ArviZ's weakly informative prior on :math:`k`). When the weights are too many to keep,
 :func:`pareto_khat_from_tail` gives the same number from the :math:`M + 1` largest
 log-weights only (:func:`tail_size`), which a streaming sampler keeps with a running top-k.
@@ -159,8 +159,8 @@ _GPDFIT_ELEMENTS = 2**25
 
 def gpdfit(exceedances):
     r"""ArviZ's generalized Pareto fit, batched over rows: a line-by-line port of
-    ``arviz.stats.stats._gpdfit`` (the empirical-Bayes estimate of Zhang & Stephens (2009)
-    with ArviZ's prior: ``prior_bs = 3``, ``prior_k = 10``) to torch, so that thousands of
+    :func:`pyro_mpt.compat.generalized_pareto_fit` (the empirical-Bayes estimate of Zhang &
+    Stephens (2009) with ArviZ's prior: ``prior_bs = 3``, ``prior_k = 10``) to torch, so that thousands of
     sequences are fitted in one pass on their device. Tested equal to ArviZ's function.
 
     With :math:`x_{(1)} \le \dots \le x_{(n)}` one row, :math:`m = 30 + \lfloor\sqrt n\rfloor`
@@ -208,14 +208,14 @@ def pareto_khat_from_tail(tail, num_samples, dim=0):
     computes from all :math:`S` log-weights.
 
     With :math:`x_{(1)} \ge x_{(2)} \ge \dots` the sorted log-weights, ArviZ fits the
-    generalized Pareto distribution (``arviz.stats.stats._gpdfit``) to the exceedances
+    generalized Pareto distribution to the exceedances
     :math:`e^{x_{(i)} - x_{(1)}} - e^{c - x_{(1)}}` of the weights above the cutoff
     :math:`c = x_{(M+1)}` (floored at the smallest positive double relative to the largest
     weight), i.e. to at most the :math:`M` largest weights. Those lie in the kept tail, so
     the fit is identical. Sequences with :math:`M` weights strictly above the cutoff (the
     usual case) are fitted together by :func:`gpdfit` on the tail's device; the others
     (ties at the cutoff, zero weights, fewer than 5 tail weights) one by one by ArviZ's own
-    ``_gpdfit``, with ArviZ's conventions (:math:`\infty` for fewer than 5 tail weights). A
+    fit, with ArviZ's conventions (:math:`\infty` for fewer than 5 tail weights). A
     sequence whose weights are all equal (a tail of all :math:`S` weights) gets
     :math:`-\infty` (bounded weights: the estimate is exact).
 

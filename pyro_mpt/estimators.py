@@ -23,6 +23,8 @@ from itertools import combinations
 
 import torch
 
+from .options import check_probability
+
 __all__ = [
     "ESTIMATORS",
     "ChainEstimator",
@@ -56,9 +58,6 @@ class MaskBatch:
         batch = next(iter(StratifiedEstimator().batches(2, 5, 1, device="cpu",
                                                        dtype=torch.float64, max_rows=100)))
         batch.observed.shape, batch.weight.shape    # (5, 2, 5), (5, 2)
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     observed: torch.Tensor
@@ -95,9 +94,6 @@ class MaskEstimator:
         est = get_estimator("stratified")
         batch = next(iter(est.batches(N, T, 1, device="cpu", dtype=torch.float64, max_rows=1024)))
         batch.observed.shape                        # (R, N, T)
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     name = None
@@ -123,9 +119,6 @@ class UniformEstimator(MaskEstimator):
     Example::
 
         MaskedELBO(estimator=UniformEstimator())    # same as estimator="uniform"
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     name = "uniform"
@@ -153,9 +146,6 @@ class FixedRateEstimator(MaskEstimator):
     Example::
 
         MaskedELBO(estimator=FixedRateEstimator(0.15))   # same as estimator="fixed", mask_rate=0.15
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     name = "fixed"
@@ -191,9 +181,6 @@ class StratifiedEstimator(MaskEstimator):
     Example::
 
         MaskedELBO(estimator=StratifiedEstimator(), num_masks=4)   # same as estimator="stratified"
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     name = "stratified"
@@ -220,9 +207,6 @@ class ChainEstimator(MaskEstimator):
     Example::
 
         mpt_estimate = MaskedELBO(estimator=ChainEstimator()).estimate(model, None, X)
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     name = "chain"
@@ -246,15 +230,13 @@ class ChainEstimator(MaskEstimator):
 
 class ExhaustiveEstimator(MaskEstimator):
     r"""Every non-empty mask, weighted :math:`1/(m\binom{T}{m})`: returns
-    :math:`\sum_m S(m)` exactly (no randomness). ``2^T - 1`` rows: small ``T`` only
-    (at most :data:`MAX_EXHAUSTIVE_TOKENS`).
+    :math:`\sum_m S(m)` exactly (no randomness). ``2^T - 1`` rows per draw: small ``T`` only
+    (at most :data:`MAX_EXHAUSTIVE_TOKENS`). Every one of ``num_draws`` draws enumerates the
+    same masks, so each draw is exact and their spread is 0; one draw is enough.
 
     Example::
 
         mpt_curve(model, X, exhaustive=True).area   # uses it; X: (N, T) with T <= 16
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     name = "exhaustive"
@@ -278,12 +260,16 @@ class ExhaustiveEstimator(MaskEstimator):
         counts = torch.tensor([math.comb(T, int(m)) for m in range(T + 1)], dtype=dtype)
         weight_by_size = 1.0 / (torch.arange(T + 1, dtype=dtype).clamp(min=1) * counts)
         weights = weight_by_size.to(device)[sizes]
-        for start, stop in _row_chunks(masks.shape[0], max_rows):
-            scored = masks[start:stop].unsqueeze(1).expand(-1, N, -1)
-            size = sizes[start:stop].unsqueeze(1).expand(-1, N)
-            weight = weights[start:stop].unsqueeze(1).expand(-1, N)
-            draw = torch.zeros(stop - start, dtype=torch.long, device=device)
-            yield MaskBatch(~scored, scored, weight, size, draw)
+        R0 = masks.shape[0]
+        # every draw enumerates the same masks (each draw is exact); one chunk never spans
+        # two draws, so a single draw chunks exactly as before
+        for d in range(num_draws):
+            for start, stop in _row_chunks(R0, max_rows):
+                scored = masks[start:stop].unsqueeze(1).expand(-1, N, -1)
+                size = sizes[start:stop].unsqueeze(1).expand(-1, N)
+                weight = weights[start:stop].unsqueeze(1).expand(-1, N)
+                draw = torch.full((stop - start,), d, dtype=torch.long, device=device)
+                yield MaskBatch(~scored, scored, weight, size, draw)
 
 
 #: The estimators by name.
@@ -300,10 +286,11 @@ ESTIMATORS = {
 
 
 def check_mask_rate(mask_rate):
-    rate = float(mask_rate)
-    if not 0.0 < rate <= 1.0:
-        raise ValueError(f"mask_rate must lie in (0, 1], got {mask_rate!r}")
-    return rate
+    """``mask_rate`` as a float in :math:`(0, 1]`.
+
+    :raises ValueError: naming ``mask_rate`` and the value received.
+    """
+    return check_probability("mask_rate", mask_rate)
 
 
 def get_estimator(estimator, mask_rate=None):
@@ -317,9 +304,6 @@ def get_estimator(estimator, mask_rate=None):
     Example::
 
         get_estimator("fixed", mask_rate=0.5)      # FixedRateEstimator(mask_rate=0.5)
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     if isinstance(estimator, MaskEstimator):
         return estimator

@@ -58,7 +58,7 @@ class RunOptions:
         return MaskedELBO(
             estimator=estimator,
             num_masks=num_masks,
-            num_particles=self.mpt_samples,
+            num_samples=self.mpt_samples,
             conditionals=self.conditionals,
             token_plate=self.token_plate,
             share_masks=self.share_masks,
@@ -87,7 +87,7 @@ class RunOptions:
         return dict(
             num_masks=curve_masks,
             conditionals=self.conditionals,
-            num_particles=self.mpt_samples,
+            num_samples=self.mpt_samples,
             token_plate=self.token_plate,
             share_masks=self.share_masks,
             **self.mpt_options,

@@ -1,10 +1,16 @@
-r"""``MaskedELBO``: masked self-supervision as a guide-free Pyro objective."""
+r"""``MaskedELBO``: masked self-supervision as a guide-free Pyro objective.
+
+Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520; E. Fong, C. Holmes, "On the marginal
+likelihood and cross-validation", Biometrika 107(2), 2020.
+"""
 
 import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO
 
-from .scoring import MPTOptions, prepare, score, summarize
+from .engine import MPTEstimate, MPTOptions, prepare, score, summarize
+from .options import check_positive_int, renamed_keyword
 
 __all__ = ["MaskedELBO"]
 
@@ -34,7 +40,7 @@ class MaskedELBO(ELBO):
 
     With exact conditionals (``"gaussian"``, ``"enumerate"``) the unbiased estimators and
     their gradients are unbiased for :math:`\log p(x)` and its gradient. ``"importance"``
-    (self-normalised, prior draws) is consistent as ``num_particles`` grows, and
+    (self-normalised, prior draws) is consistent as ``num_samples`` grows, and
     ``"quadrature"`` exact up to the grid's error. The conditionals
     :math:`\log p(x_j \mid x_O)` come from a backend of :mod:`pyro_mpt.conditionals`.
 
@@ -56,8 +62,10 @@ class MaskedELBO(ELBO):
         :data:`pyro_mpt.estimators.ESTIMATORS`), or a
         :class:`~pyro_mpt.estimators.MaskEstimator`.
     :param float mask_rate: the rate of ``"fixed"``, in :math:`(0, 1]`. Default 0.15.
-    :param int num_masks: independent draws averaged per step (variance / ``num_masks``).
-    :param int num_particles: prior draws for ``"importance"`` conditionals.
+    :param int num_masks: independent draws averaged per step (variance / ``num_masks``);
+        passed to Pyro's :class:`~pyro.infer.ELBO` as its ``num_particles`` (Pyro's meaning:
+        independent estimates averaged).
+    :param int num_samples: prior draws for ``"importance"`` conditionals.
     :param str conditionals: ``"auto"`` (default), ``"gaussian"``, ``"enumerate"``,
         ``"importance"`` or ``"quadrature"``, or a
         :class:`~pyro_mpt.conditionals.Conditionals`.
@@ -73,14 +81,7 @@ class MaskedELBO(ELBO):
         ``False``: masks are drawn independently per sequence). Still unbiased, but the
         sequences' errors become correlated; the low-rank Gaussian backend then scores a
         mask for all sequences by matrix products, much faster for long sequences.
-
-    References
-
-    [1] P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
-
-    [2] E. Fong, C. Holmes, "On the marginal likelihood and cross-validation",
-    Biometrika 107(2), 2020.
+    :param int num_particles: deprecated old name of ``num_samples``.
     """
 
     def __init__(
@@ -88,7 +89,7 @@ class MaskedELBO(ELBO):
         estimator="stratified",
         mask_rate=0.15,
         num_masks=1,
-        num_particles=256,
+        num_samples=256,
         conditionals="auto",
         token_plate=None,
         max_plate_nesting=float("inf"),
@@ -96,12 +97,18 @@ class MaskedELBO(ELBO):
         quadrature_bounds=(-5.0, 5.0),
         max_elements=None,
         share_masks=False,
+        num_particles=None,
     ):
+        if num_particles is not None:
+            check_positive_int("num_particles", num_particles)
+        num_samples = renamed_keyword(
+            "MaskedELBO", "num_particles", "num_samples", num_particles, num_samples, 256
+        )
         self.options = MPTOptions(
             estimator=estimator,
             mask_rate=mask_rate,
             num_masks=num_masks,
-            num_particles=num_particles,
+            num_samples=num_samples,
             conditionals=conditionals,
             token_plate=token_plate,
             max_plate_nesting=max_plate_nesting,
@@ -110,18 +117,18 @@ class MaskedELBO(ELBO):
             max_elements=max_elements,
             share_masks=share_masks,
         )
-        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+        super().__init__(num_particles=self.options.num_masks, max_plate_nesting=max_plate_nesting)
 
     @property
     def estimator(self):
         """The :class:`~pyro_mpt.estimators.MaskEstimator` in use."""
         return self.options.estimator
 
-    def estimate(self, model, guide, *args, **kwargs):
+    def estimate(self, model, guide, *args, **kwargs) -> MPTEstimate:
         r"""The masked estimate of :math:`\sum_n \log p(x_n)` with its draws and standard
         error, differentiable in the model's parameters.
 
-        :returns: :class:`~pyro_mpt.scoring.MPTEstimate`.
+        :returns: :class:`~pyro_mpt.engine.MPTEstimate`.
         """
         opts = self.options
         layout, scorer, backend = prepare(model, args, kwargs, opts)

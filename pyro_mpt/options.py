@@ -14,6 +14,7 @@ from __future__ import annotations
 import numbers
 import warnings
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -57,7 +58,7 @@ def check_bool(name: str, value, *, allow_none: bool = False) -> bool | None:
     """
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, (bool, np.bool_)):
         return bool(value)
     extra = ", False or None" if allow_none else " or False"
     raise TypeError(f"{name} must be True{extra}, got {value!r}")

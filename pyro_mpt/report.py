@@ -304,9 +304,19 @@ def _fixed_rate_lines(report):
 
 def __getattr__(name):
     """``evaluate`` and ``compare`` live in :mod:`pyro_mpt.evaluator` (which imports this
-    module); ``from pyro_mpt.report import evaluate`` still works, resolved lazily."""
+    module); ``from pyro_mpt.report import evaluate`` still works for one release, resolved
+    lazily, with a ``DeprecationWarning``."""
     if name in ("evaluate", "compare"):
+        import warnings
+
         from . import evaluator
+
+        warnings.warn(
+            f"pyro_mpt.report.{name} is deprecated; import it from pyro_mpt (or "
+            "pyro_mpt.evaluator)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
 
         return getattr(evaluator, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

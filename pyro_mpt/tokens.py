@@ -13,7 +13,6 @@ data points (Bayesian linear regression with a latent weight vector).
 
 from dataclasses import dataclass, field
 
-import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal
@@ -134,7 +133,95 @@ def _check_finite(name, value):
         )
 
 
-def read_layout(trace, *, token_plate=None, max_plate_nesting=None):
+def _token_plate_dim(observed, token_plate):
+    """The batch dim of ``token_plate`` around the observed sites (``None`` without one)."""
+    if token_plate is None:
+        return None
+    plates = {f.name: f for s in observed for f in _plate_frames(s)}
+    if token_plate not in plates:
+        raise ValueError(
+            f"token_plate {token_plate!r} not found around any observed site; the observed "
+            f"sites sit in the plates {sorted(plates) or '(none)'}"
+        )
+    frame = plates[token_plate]
+    if frame.full_size is not None and frame.full_size != frame.size:
+        raise ValueError(
+            f"token_plate {token_plate!r} is subsampled ({frame.size} of {frame.full_size}); "
+            "the masked identity needs every token of a sequence: do not subsample it"
+        )
+    return frame.dim
+
+
+def _read_site(s, offset, P, token_plate, token_dim):
+    """One observed site: its :class:`ObservedSite` and its sequence batch shape."""
+    name, fn, value = s["name"], s["fn"], s["value"]
+    _check_finite(name, value)
+    batch = torch.broadcast_shapes(
+        tuple(fn.batch_shape), tuple(value.shape[: value.dim() - fn.event_dim])
+    )
+    batch = (1,) * (P - len(batch)) + tuple(batch)
+    if len(batch) > P:
+        raise ValueError(
+            f"observed site {name!r} has batch shape {batch} with more dims than the "
+            f"{P} plates around it: declare the batch dims with pyro.plate"
+        )
+    if token_plate is None:
+        token_shape = _token_event_shape(fn, name)
+        num = 1
+        for d in token_shape:
+            num *= d
+        kind = _gaussian_kind(fn) or "factorized"
+    else:
+        if token_plate not in {f.name for f in _plate_frames(s)}:
+            raise ValueError(f"observed site {name!r} is not inside token_plate {token_plate!r}")
+        i = P + token_dim
+        num = batch[i]
+        batch = batch[:i] + batch[i + 1 :]
+        token_shape = (num,)
+        kind = "factorized"
+    return ObservedSite(name, offset, num, kind, token_shape, _plate_frames(s)), batch
+
+
+def _check_latents(latents, sites, token_plate):
+    """Every latent must sit in the plates that index the sequences."""
+    seq_frames = frozenset(
+        f for s in sites for f in s.frames if f.name != token_plate and f.size > 1
+    )
+    for lat in latents:
+        frames = _plate_frames(lat)
+        missing = [f.name for f in seq_frames if f not in frames]
+        if missing:
+            hint = (
+                f"mask along a plate with token_plate={sorted(missing)[0]!r} (the data points "
+                "become the tokens of one sequence)"
+                if token_plate is None
+                else "move the latent inside those plates or choose another token_plate"
+            )
+            raise ValueError(
+                f"latent site {lat['name']!r} is shared by the sequences of plate(s) "
+                f"{sorted(missing)}, so they are not independent given the parameters: {hint}"
+            )
+
+
+def _sequence_scale(scales, seq_shape, dtype, device):
+    """``(N,)`` the subsampling scale of each sequence (one scale shared by the sites)."""
+    for s in scales[1:]:
+        if torch.is_tensor(s) or torch.is_tensor(scales[0]):
+            continue
+        if s != scales[0]:
+            raise ValueError(
+                "observed sites have different subsampling scales; pooled tokens must share one"
+            )
+    N = 1
+    for d in seq_shape:
+        N *= d
+    scale = scales[0]
+    if torch.is_tensor(scale):
+        return scale.expand(seq_shape).reshape(N)
+    return torch.full((N,), float(scale), dtype=dtype, device=device)
+
+
+def read_layout(trace, *, token_plate=None, max_plate_nesting=None) -> TokenLayout:
     """Reads the token layout off a trace of the model (run once, without particles).
 
     :param trace: a :class:`pyro.poutine.Trace` of the model.
@@ -161,60 +248,19 @@ def read_layout(trace, *, token_plate=None, max_plate_nesting=None):
     P = _max_plate_nesting(trace)
     if max_plate_nesting is not None and max_plate_nesting != float("inf"):
         P = max(P, int(max_plate_nesting))
-
-    token_dim = None
-    if token_plate is not None:
-        plates = {f.name: f for s in observed for f in _plate_frames(s)}
-        if token_plate not in plates:
-            raise ValueError(
-                f"token_plate {token_plate!r} not found around any observed site; the observed "
-                f"sites sit in the plates {sorted(plates) or '(none)'}"
-            )
-        frame = plates[token_plate]
-        token_dim = frame.dim
-        if frame.full_size is not None and frame.full_size != frame.size:
-            raise ValueError(
-                f"token_plate {token_plate!r} is subsampled ({frame.size} of {frame.full_size}); "
-                "the masked identity needs every token of a sequence: do not subsample it"
-            )
+    token_dim = _token_plate_dim(observed, token_plate)
 
     sites, offset, batch_shapes, scales = [], 0, [], []
     dtype, device = None, None
     for s in observed:
-        name, fn, value = s["name"], s["fn"], s["value"]
-        _check_finite(name, value)
+        value = s["value"]
         if dtype is None and torch.is_tensor(value):
             # integer data (an HMM's symbols): the dtype its log-densities come out in
-            dtype = value.dtype if value.is_floating_point() else fn.log_prob(value).dtype
+            dtype = value.dtype if value.is_floating_point() else s["fn"].log_prob(value).dtype
             device = value.device
-        event_ndim = fn.event_dim
-        batch = torch.broadcast_shapes(
-            tuple(fn.batch_shape), tuple(value.shape[: value.dim() - event_ndim])
-        )
-        batch = (1,) * (P - len(batch)) + tuple(batch)
-        if len(batch) > P:
-            raise ValueError(
-                f"observed site {name!r} has batch shape {batch} with more dims than the "
-                f"{P} plates around it: declare the batch dims with pyro.plate"
-            )
-        if token_plate is None:
-            token_shape = _token_event_shape(fn, name)
-            num = 1
-            for d in token_shape:
-                num *= d
-            kind = _gaussian_kind(fn) or "factorized"
-        else:
-            if token_plate not in {f.name for f in _plate_frames(s)}:
-                raise ValueError(
-                    f"observed site {name!r} is not inside token_plate {token_plate!r}"
-                )
-            i = P + token_dim
-            num = batch[i]
-            batch = batch[:i] + batch[i + 1 :]
-            token_shape = (num,)
-            kind = "factorized"
-        sites.append(ObservedSite(name, offset, num, kind, token_shape, _plate_frames(s)))
-        offset += num
+        site, batch = _read_site(s, offset, P, token_plate, token_dim)
+        sites.append(site)
+        offset += site.num_tokens
         batch_shapes.append(batch)
         scales.append(s["scale"])
 
@@ -227,41 +273,7 @@ def read_layout(trace, *, token_plate=None, max_plate_nesting=None):
             + " sit in different plates; their tokens can only be pooled within one sequence"
             " batch"
         ) from None
-
-    seq_frames = frozenset(
-        f for s in sites for f in s.frames if f.name != token_plate and f.size > 1
-    )
-    for lat in latents:
-        frames = _plate_frames(lat)
-        missing = [f.name for f in seq_frames if f not in frames]
-        if missing:
-            hint = (
-                f"mask along a plate with token_plate={sorted(missing)[0]!r} (the data points "
-                "become the tokens of one sequence)"
-                if token_plate is None
-                else "move the latent inside those plates or choose another token_plate"
-            )
-            raise ValueError(
-                f"latent site {lat['name']!r} is shared by the sequences of plate(s) "
-                f"{sorted(missing)}, so they are not independent given the parameters: {hint}"
-            )
-
-    for s in scales[1:]:
-        if torch.is_tensor(s) or torch.is_tensor(scales[0]):
-            continue
-        if s != scales[0]:
-            raise ValueError(
-                "observed sites have different subsampling scales; pooled tokens must share one"
-            )
-    N = 1
-    for d in seq_shape:
-        N *= d
-    scale = scales[0]
-    if torch.is_tensor(scale):
-        scale = scale.expand(seq_shape).reshape(N)
-    else:
-        scale = torch.full((N,), float(scale), dtype=dtype, device=device)
-
+    _check_latents(latents, sites, token_plate)
     return TokenLayout(
         sites=sites,
         latents=[s["name"] for s in latents],
@@ -270,13 +282,8 @@ def read_layout(trace, *, token_plate=None, max_plate_nesting=None):
         max_plate_nesting=P,
         token_plate=token_plate,
         token_dim=token_dim,
-        scale=scale,
+        scale=_sequence_scale(scales, seq_shape, dtype, device),
         dtype=dtype,
         device=device,
         enumerated=[s["name"] for s in latents if s["infer"].get("enumerate") == "parallel"],
     )
-
-
-def run_layout_trace(model, args, kwargs):
-    """Runs the model once and returns its trace (latents drawn from the prior)."""
-    return poutine.trace(model).get_trace(*args, **kwargs)

@@ -46,7 +46,7 @@ def case_masked_elbo():
             )
             out[f"{est}/share={share}"] = _floats(e.draws)
     pyro.set_rng_seed(2)
-    e = MaskedELBO(estimator="stratified", num_masks=2, num_particles=16).estimate(
+    e = MaskedELBO(estimator="stratified", num_masks=2, num_samples=16).estimate(
         ppca_latent, None, X[:4], 2, truth["W"], truth["loc"], truth["noise_scale"]
     )
     out["importance"] = _floats(e.draws)

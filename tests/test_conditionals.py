@@ -84,7 +84,7 @@ def test_importance_conditionals_converge_to_exact_ppca():
     errors = {}
     for S in (100, 10_000, 100_000):
         scorer, backend = _scorer(
-            lambda X: ppca_latent(X, K, **truth), X, conditionals="importance", num_particles=S
+            lambda X: ppca_latent(X, K, **truth), X, conditionals="importance", num_samples=S
         )
         assert backend.name == "importance" and scorer.log_w0.shape == (S, N)
         approx = scorer(observed, scored)
@@ -266,7 +266,7 @@ def test_mixed_continuous_latent_dense_child_quadrature_and_importance():
     # telescopes to logmeanexp_s log N(x_n; mu + z_s a, Sigma) of the scorer's particles
     S = 500
     layout, scorer, backend = prepare(
-        model, (X,), {}, MPTOptions(conditionals="importance", num_particles=S)
+        model, (X,), {}, MPTOptions(conditionals="importance", num_samples=S)
     )
     kernel = scorer.kernels[0][1]
     assert kernel.loc.shape == (S, N, T)
@@ -292,7 +292,7 @@ def test_backends_refuse_models_they_cannot_score():
         _scorer(latent, X, conditionals="gaussian")
     with pytest.raises(ValueError, match="enumerate"):
         _scorer(latent, X, conditionals="enumerate")
-    _, backend = _scorer(latent, X, conditionals="auto", num_particles=10)
+    _, backend = _scorer(latent, X, conditionals="auto", num_samples=10)
     assert backend.name == "importance"
     _, backend = _scorer(lambda X: ppca_collapsed(X, K, **truth), X, conditionals="auto")
     assert backend.name == "gaussian"

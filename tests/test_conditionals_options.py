@@ -4,6 +4,7 @@ backend is built from its own options, every option is checked up front with one
 style, and ``num_particles`` is a deprecated alias of ``num_samples``."""
 
 import numpy as np
+import pyro.poutine as poutine
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from pyro_mpt.conditionals import (
     get_conditionals,
 )
 from pyro_mpt.models import gaussian_mixture, ppca_collapsed, ppca_latent, sample_ppca
-from pyro_mpt.tokens import read_layout, run_layout_trace
+from pyro_mpt.tokens import read_layout
 
 
 def _gen(seed):
@@ -33,7 +34,7 @@ def _layouts():
         "continuous": lambda X: ppca_latent(X, K, **truth),
         "enumerated": lambda X: gaussian_mixture(X, 2, weights, locs, torch.tensor(1.0)),
     }
-    return {k: read_layout(run_layout_trace(m, (X,), {})) for k, m in models.items()}
+    return {k: read_layout(poutine.trace(m).get_trace(X)) for k, m in models.items()}
 
 
 def test_get_conditionals_builds_each_backend_from_its_options():

@@ -69,7 +69,7 @@ def test_dense_gaussian_exhaustive_on_cuda():
 def test_particle_backends_on_cuda(conditionals):
     X, t = _ppca("cuda")
     W = t["W"].clone().requires_grad_()
-    est = MaskedELBO(estimator="chain", conditionals=conditionals, num_particles=64).estimate(
+    est = MaskedELBO(estimator="chain", conditionals=conditionals, num_samples=64).estimate(
         lambda X: ppca_latent(X, 2, W, t["loc"], t["noise_scale"]), None, X
     )
     assert est.total.device.type == "cuda"

@@ -7,6 +7,7 @@ import itertools
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
 from pyro.infer import SVI
@@ -24,7 +25,7 @@ from pyro_mpt.models import (
     hmm,
     hmm_log_marginal,
 )
-from pyro_mpt.tokens import read_layout, run_layout_trace
+from pyro_mpt.tokens import read_layout
 from tests.conftest import assert_close, random_hmm_params, sample_hmm_data
 
 C, V = 3, 4
@@ -39,7 +40,7 @@ def _hmm_data(N, T, seed=0):
 
 
 def _scorer(model, X, token_plate=None):
-    layout = read_layout(run_layout_trace(model, (X,), {}), token_plate=token_plate)
+    layout = read_layout(poutine.trace(model).get_trace(X), token_plate=token_plate)
     tr = particle_trace(model, (X,), {}, layout)
     return layout, EliminationScorer(model, (X,), {}, layout, tr)
 
@@ -59,7 +60,7 @@ def _exhaustive_masks(N, T):
 def test_hmm_dispatches_to_elimination():
     X, init, trans, emit = _hmm_data(2, 4)
     model = lambda X: hmm(X, init, trans, emit)  # noqa: E731
-    layout = read_layout(run_layout_trace(model, (X,), {}))
+    layout = read_layout(poutine.trace(model).get_trace(X))
     scorer = EnumerateConditionals().scorer(model, (X,), {}, layout, None)
     assert isinstance(scorer, EliminationScorer)
 
@@ -289,7 +290,7 @@ def test_rejects_unmaskable_gaussian_site():
             cov = torch.eye(X.shape[1]) * scale**2
             pyro.sample("x", dist.MultivariateNormal(locs[c], cov), obs=X)
 
-    layout = read_layout(run_layout_trace(model, (X,), {}))
+    layout = read_layout(poutine.trace(model).get_trace(X))
     with pytest.raises(ValueError, match="cannot be masked"):
         EliminationScorer(model, (X,), {}, layout, None)
 

@@ -105,10 +105,11 @@ def test_num_masks_must_be_positive_int(entry, value):
 
 
 @ENTRY_POINTS
+@pytest.mark.parametrize("name", ["num_samples", "num_particles"])  # new name, deprecated alias
 @pytest.mark.parametrize("value", [0, -5, 2.5])
-def test_num_particles_must_be_positive_int(entry, value):
-    with pytest.raises((ValueError, TypeError), match="num_particles must be an integer >= 1"):
-        entry(_ppca, _X(), num_particles=value)
+def test_num_samples_must_be_positive_int(entry, name, value):
+    with pytest.raises((ValueError, TypeError), match=f"{name} must be an integer >= 1"):
+        entry(_ppca, _X(), **{name: value})
 
 
 @pytest.mark.parametrize("option", ["quadrature_points", "max_elements"])
@@ -241,7 +242,7 @@ def test_global_latent_without_token_plate(entry):
 @pytest.mark.parametrize(
     "options, atol",
     [
-        (dict(conditionals="importance", num_particles=16384), 0.2),
+        (dict(conditionals="importance", num_samples=16384), 0.2),
         (dict(conditionals="quadrature", quadrature_points=80), 1e-4),
     ],
     ids=["importance", "quadrature"],

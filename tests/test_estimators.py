@@ -17,7 +17,7 @@ from itertools import combinations
 import pytest
 import torch
 
-from pyro_mpt import MaskedELBO, mpt_curve
+from pyro_mpt import MaskedELBO
 from pyro_mpt.estimators import (
     ESTIMATORS,
     MAX_EXHAUSTIVE_TOKENS,
@@ -27,6 +27,7 @@ from pyro_mpt.estimators import (
     MaskEstimator,
     StratifiedEstimator,
     UniformEstimator,
+    check_mask_rate,
     get_estimator,
 )
 from pyro_mpt.models import ppca_collapsed, ppca_log_marginal, sample_ppca
@@ -302,15 +303,6 @@ def test_fixed_rate_mask_size_rounding(rate, T, m):
     assert (rows["size"] == m).all() and (rows["scored"].sum(-1) == m).all()
 
 
-def test_fixed_rate_mask_size_matches_curve():
-    """``MPTCurve.mask_size`` and ``FixedRateEstimator.mask_size`` use one rule (ties
-    included: Python's round-half-to-even, e.g. rate 0.25 of T = 10 gives m = 2)."""
-    X, truth = sample_ppca(2, 12, 1, generator=torch.Generator().manual_seed(0))
-    curve = mpt_curve(ppca_collapsed, X, 1, num_masks=1, **truth)
-    for rate in (0.05, 0.1, 0.125, 0.15, 0.25, 0.375, 0.5, 0.625, 0.8, 0.95, 1.0):
-        assert curve.mask_size(rate) == FixedRateEstimator(rate).mask_size(12), rate
-
-
 # ----------------------------------------------------------------------------------------
 # Unbiasedness of uniform and stratified (criterion 3)
 # ----------------------------------------------------------------------------------------
@@ -370,57 +362,24 @@ def test_unbiased_estimators_mean_and_gradient(estimator, share_masks):
     assert_close(g_total.reshape(-1), g_mean, atol=1e-10)
 
 
-# ----------------------------------------------------------------------------------------
-# The fixed rate is biased (criterion 6)
-# ----------------------------------------------------------------------------------------
+def test_exhaustive_with_several_draws_enumerates_every_mask_in_each():
+    """Each of ``num_draws`` draws gets all ``2^T - 1`` masks (each draw is exact); one
+    chunk never spans two draws."""
+    N, T = 2, 4
+    rows, batches = _collect(ExhaustiveEstimator(), N, T, 3, max_rows=6)
+    assert rows["scored"].shape[0] == 3 * (2**T - 1)
+    assert all(len(set(b.draw.tolist())) == 1 for b in batches)
+    counts = torch.bincount(rows["draw"], minlength=3)
+    assert counts.tolist() == [2**T - 1] * 3
+    for d in range(3):
+        weights = rows["weight"][rows["draw"] == d][:, 0]
+        sizes = rows["scored"][rows["draw"] == d][:, 0].sum(-1)
+        # total weight of a draw: sum_m C(T, m) m / (m C(T, m)) = T
+        assert_close((weights * sizes).sum(), float(T), atol=1e-12)
 
 
-@pytest.mark.parametrize("rate", [0.15, 0.5])
-def test_fixed_rate_bias_is_real_and_monte_carlo_matches_curve(rate):
-    N, T, K, num = 4, 8, 2, 400
-    X, truth = sample_ppca(N, T, K, 0.5, generator=torch.Generator().manual_seed(2))
-
-    def model(X):
-        ppca_collapsed(X, K, **truth)
-
-    exact = ppca_log_marginal(X, **truth)
-    curve = mpt_curve(model, X, exhaustive=True)
-    assert_close(curve.area, exact, atol=1e-8)
-    m = curve.mask_size(rate)
-    assert_close(curve.fixed_rate_estimate(rate), T * curve.scores[m - 1], atol=1e-12)
-    bias = curve.fixed_rate_bias(rate)
-    assert_close(bias, curve.fixed_rate_estimate(rate) - exact, atol=1e-8)
-    # conditioning on T - m of T tokens scores far above the LML: |bias| > 1 nat here
-    assert abs(float(bias)) > 1.0, float(bias)
-
-    est = MaskedELBO(estimator="fixed", mask_rate=rate, num_masks=num).estimate(model, None, X)
-    assert not est.unbiased and est.estimator == "fixed"
-    totals = est.draws.sum(-1)
-    se = float(totals.std()) / math.sqrt(num)
-    assert se > 1e-3
-    mc = float(totals.mean())
-    assert abs(mc - float(curve.fixed_rate_estimate(rate))) < NUM_SE * se, (
-        mc,
-        float(curve.fixed_rate_estimate(rate)),
-        se,
-    )
-    # and the Monte Carlo estimate resolves the bias: it is not the LML
-    assert abs(mc - float(exact)) > NUM_SE * se
-
-
-def test_fixed_rate_one_scores_independent_marginals():
-    """At rate 1 every token is masked and nothing is observed: T S(T) = sum_j log p(x_j),
-    the sum of the tokens' marginals, and the fixed estimator has zero variance."""
-    N, T, K = 3, 5, 2
-    X, truth = sample_ppca(N, T, K, 0.5, generator=torch.Generator().manual_seed(3))
-
-    def model(X):
-        ppca_collapsed(X, K, **truth)
-
-    var = (truth["W"] ** 2).sum(-1) + truth["noise_scale"] ** 2
-    marginals = torch.distributions.Normal(truth["loc"], var.sqrt()).log_prob(X).sum()
-    curve = mpt_curve(model, X, exhaustive=True)
-    assert_close(curve.fixed_rate_estimate(1.0), marginals, atol=1e-10)
-    est = MaskedELBO(estimator="fixed", mask_rate=1.0, num_masks=3).estimate(model, None, X)
-    assert_close(est.draws, est.draws[:1].expand(3, -1), atol=0.0)
-    assert_close(est.total, marginals, atol=1e-10)
+def test_mask_rate_checks_are_options_checks():
+    assert check_mask_rate(0.25) == 0.25
+    for bad in (True, "x", float("nan")):
+        with pytest.raises(ValueError, match=r"mask_rate must lie in \(0, 1\]"):
+            check_mask_rate(bad)

@@ -62,7 +62,7 @@ def _check_matches_separate_calls(
             name: MaskedELBO(
                 estimator=name,
                 num_masks=num_masks,
-                num_particles=mpt_samples,
+                num_samples=mpt_samples,
                 token_plate=token_plate,
             ).estimate(model, None, *args, **kwargs)
             for name in estimators
@@ -71,7 +71,7 @@ def _check_matches_separate_calls(
         model,
         *args,
         num_masks=curve_masks,
-        num_particles=mpt_samples,
+        num_samples=mpt_samples,
         token_plate=token_plate,
         **kwargs,
     )

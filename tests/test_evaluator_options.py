@@ -56,7 +56,7 @@ def test_run_options_hand_on_the_keywords():
     assert opts.curve_kwargs(3) == dict(
         num_masks=3,
         conditionals="auto",
-        num_particles=8,
+        num_samples=8,
         token_plate=None,
         share_masks=False,
         max_elements=99,

@@ -7,12 +7,13 @@ and the probe factor :math:`1 + t\,p(x_t \mid z)/c` whose derivative at :math:`t
 the conditionals."""
 
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
 
 from pyro_mpt.conditionals.elimination import EliminationScorer
 from pyro_mpt.conditionals.evidence import Probe
 from pyro_mpt.models import gaussian_mixture
-from pyro_mpt.tokens import read_layout, run_layout_trace
+from pyro_mpt.tokens import read_layout
 from tests.conftest import assert_close
 
 N, T, C = 3, 5, 4
@@ -31,7 +32,7 @@ def test_contracted_evidence_matches_hand_sum():
     """Evidence sets: empty (log 1 = 0), full, and random per sequence, all at once."""
     X, weights, locs, scale = _mixture()
     model = lambda X: gaussian_mixture(X, C, weights, locs, scale)  # noqa: E731
-    layout = read_layout(run_layout_trace(model, (X,), {}))
+    layout = read_layout(poutine.trace(model).get_trace(X))
     scorer = EliminationScorer(model, (X,), {}, layout)
     gen = torch.Generator().manual_seed(1)
     evidence = torch.rand(6, N, T, generator=gen) < 0.5

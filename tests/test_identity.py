@@ -21,6 +21,7 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from pyro_mpt import MaskedELBO, mpt_curve
+from pyro_mpt.engine import MPTOptions, prepare, score
 from pyro_mpt.estimators import get_estimator
 from pyro_mpt.models import (
     bayesian_linear_regression_collapsed,
@@ -33,7 +34,6 @@ from pyro_mpt.models import (
     ppca_log_marginal,
     sample_ppca,
 )
-from pyro_mpt.scoring import MPTOptions, prepare, score
 from tests.conftest import assert_close
 
 IDENTITY_ATOL = 1e-8
@@ -240,7 +240,7 @@ def test_chain_importance_telescopes_to_importance_estimate(max_elements):
         ppca_latent(X, K, **truth)
 
     layout, scorer, backend = prepare(
-        model, (X,), {}, MPTOptions(conditionals="importance", num_particles=S)
+        model, (X,), {}, MPTOptions(conditionals="importance", num_samples=S)
     )
     assert backend.name == "importance"
     table = scorer.kernels[0][1].table
@@ -262,11 +262,11 @@ def test_chain_importance_masked_elbo_matches_reseeded_particles():
         ppca_latent(X, K, **truth)
 
     pyro.set_rng_seed(123)
-    _, scorer, _ = prepare(model, (X,), {}, MPTOptions(conditionals="importance", num_particles=S))
+    _, scorer, _ = prepare(model, (X,), {}, MPTOptions(conditionals="importance", num_samples=S))
     table = scorer.kernels[0][1].table
     expected = torch.logsumexp(scorer.log_w0 + table.sum(-1), 0).sum()
     pyro.set_rng_seed(123)
-    est = MaskedELBO(estimator="chain", conditionals="importance", num_particles=S).estimate(
+    est = MaskedELBO(estimator="chain", conditionals="importance", num_samples=S).estimate(
         model, None, X
     )
     assert_close(est.total, expected, atol=IDENTITY_ATOL)

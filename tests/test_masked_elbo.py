@@ -1,8 +1,8 @@
 r"""``MaskedELBO`` as a Pyro objective: it is a real :class:`pyro.infer.ELBO` (SVI, empty or
 ``None`` guides, ``evaluate_loss``, the ``nn.Module`` form), its three loss methods agree,
-its value is :math:`-\sum_n \widehat{\log p}(x_n)` on :class:`~pyro.infer.Trace_ELBO`'s scale
-(plate subsampling included), and its gradient is the exact LML's gradient where the
-estimator is exact (``"chain"`` / ``"exhaustive"`` with exact conditionals)."""
+its gradient is the exact LML's gradient where the estimator is exact (``"chain"`` /
+``"exhaustive"`` with exact conditionals), and its keywords (``num_samples``, the deprecated
+``num_particles``). Its values on Trace_ELBO's scale: ``test_masked_elbo_values.py``."""
 
 import math
 import warnings
@@ -11,14 +11,12 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer import ELBO, SVI, Trace_ELBO
+from pyro.infer import ELBO, SVI
 from pyro.nn import PyroModule, PyroParam
 from pyro.optim import Adam
 
 from pyro_mpt import MaskedELBO
 from pyro_mpt.models import (
-    gaussian_mixture_log_marginal,
-    multivariate_normal,
     ppca_collapsed,
     ppca_latent,
     ppca_log_marginal,
@@ -87,7 +85,7 @@ def test_svi_with_latent_model_and_empty_guide_has_no_guide_warnings():
     "site in model but not in guide" checks must not fire, the backend integrates ``z``."""
     X, _ = _data()
     model = lambda X: ppca_latent(X, K)  # noqa: E731
-    elbo = MaskedELBO(estimator="stratified", conditionals="importance", num_particles=32)
+    elbo = MaskedELBO(estimator="stratified", conditionals="importance", num_samples=32)
     svi = SVI(model, empty_guide, Adam({"lr": 0.05}), loss=elbo)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -268,150 +266,6 @@ def test_module_form_trains_with_torch_optimizer(module_local_params):
 
 
 # ----------------------------------------------------------------------------------------
-# Scale: the same number as Trace_ELBO where there is nothing to infer
-# ----------------------------------------------------------------------------------------
-
-
-def _independent_normal(X, loc, scale):
-    with pyro.plate("data", X.shape[0]):
-        pyro.sample("x", dist.Normal(loc, scale).to_event(1), obs=X)
-
-
-@pytest.mark.parametrize("kind", ["lowrank", "dense", "independent"])
-def test_loss_equals_trace_elbo_without_latents(kind):
-    """No latents and an empty guide: Trace_ELBO's loss is exactly -log p(X), and so is
-    MaskedELBO(estimator="chain") on the exact Gaussian backend."""
-    X, t = _data()
-    if kind == "lowrank":
-        model = lambda X: ppca_collapsed(X, K, t["W"], t["loc"], t["noise_scale"])  # noqa: E731
-        exact = ppca_log_marginal(X, t["W"], t["loc"], t["noise_scale"])
-    elif kind == "dense":
-        cov = t["W"] @ t["W"].T + t["noise_scale"] ** 2 * torch.eye(T)
-        model = lambda X: multivariate_normal(X, t["loc"], cov)  # noqa: E731
-        exact = dist.MultivariateNormal(t["loc"], cov).log_prob(X).sum()
-    else:
-        scale = torch.linspace(0.5, 2.0, T)
-        model = lambda X: _independent_normal(X, t["loc"], scale)  # noqa: E731
-        exact = dist.Normal(t["loc"], scale).log_prob(X).sum()
-    trace_elbo = Trace_ELBO().loss(model, empty_guide, X)
-    assert_close(trace_elbo, -exact.item(), atol=1e-8)
-    for estimator in ("chain", "exhaustive"):
-        masked = MaskedELBO(estimator=estimator, conditionals="gaussian").loss(model, None, X)
-        assert_close(masked, trace_elbo, atol=1e-8, msg=f"{kind} {estimator}")
-
-
-def test_stratified_is_unbiased_around_trace_elbo():
-    """The stratified loss averages to Trace_ELBO's (= -log p(X)) over many draws."""
-    X, t = _data()
-    model = lambda X: ppca_collapsed(X, K, t["W"], t["loc"], t["noise_scale"])  # noqa: E731
-    trace_elbo = Trace_ELBO().loss(model, empty_guide, X)
-    est = MaskedELBO(estimator="stratified", num_masks=200).estimate(model, None, X)
-    assert math.isfinite(est.stderr) and est.stderr > 0
-    assert abs(-est.total.item() - trace_elbo) < 5 * est.stderr, (
-        -est.total.item(),
-        trace_elbo,
-        est.stderr,
-    )
-
-
-# ----------------------------------------------------------------------------------------
-# Plate subsampling: scaled by N / n as Pyro does
-# ----------------------------------------------------------------------------------------
-
-
-def _subsampled_ppca(X, W, loc, noise_scale, subsample=None, subsample_size=None, record=None):
-    n_all, t = X.shape
-    with pyro.plate("data", n_all, subsample=subsample, subsample_size=subsample_size) as idx:
-        if record is not None:
-            record.append(idx.clone())
-        pyro.sample(
-            "x",
-            dist.LowRankMultivariateNormal(loc, W, (noise_scale**2).expand(t)),
-            obs=X[idx],
-        )
-
-
-def test_subsample_fixed_indices_matches_trace_elbo():
-    X, t = _data()
-    idx = torch.tensor([0, 3, 7, 9, 20, 33, 39])
-    n = len(idx)
-
-    def model(X):
-        _subsampled_ppca(X, t["W"], t["loc"], t["noise_scale"], subsample=idx)
-
-    trace_elbo = Trace_ELBO().loss(model, empty_guide, X)
-    exact_subset = ppca_log_marginal(X[idx], t["W"], t["loc"], t["noise_scale"]).item()
-    assert_close(trace_elbo, -(N / n) * exact_subset, atol=1e-8)
-    masked = MaskedELBO(estimator="chain").loss(model, None, X)
-    assert_close(masked, trace_elbo, atol=1e-8)
-    # per_sequence is unscaled, total is scaled
-    est = MaskedELBO(estimator="chain").estimate(model, None, X)
-    assert est.per_sequence.shape == (n,)
-    assert_close(est.per_sequence.sum(), exact_subset, atol=1e-8)
-    assert_close(est.total, (N / n) * exact_subset, atol=1e-8)
-
-
-def test_subsample_size_scales_by_N_over_n():
-    X, t = _data()
-    n = 8
-    record = []
-
-    def model(X):
-        _subsampled_ppca(X, t["W"], t["loc"], t["noise_scale"], subsample_size=n, record=record)
-
-    masked = MaskedELBO(estimator="chain").loss(model, None, X)
-    idx = record[0]
-    assert len(idx) == n and len(set(idx.tolist())) == n
-    # the Gaussian backend scores the subsample of the trace it read
-    assert all(torch.equal(r, idx) for r in record)
-    exact_subset = ppca_log_marginal(X[idx], t["W"], t["loc"], t["noise_scale"]).item()
-    assert_close(masked, -(N / n) * exact_subset, atol=1e-8)
-
-
-def test_subsample_scale_with_enumerated_latent():
-    """Exact enumeration backend with a subsampled mixture: -(N/n) * exact subset LML."""
-    g = torch.Generator().manual_seed(3)
-    C = 3
-    X = torch.randn(N, T, generator=g)
-    weights = torch.tensor([0.2, 0.3, 0.5])
-    locs = torch.randn(C, T, generator=g)
-    scale = torch.tensor(0.8)
-    idx = torch.tensor([1, 5, 6, 11, 30])
-
-    def model(X):
-        with pyro.plate("data", X.shape[0], subsample=idx) as i:
-            c = pyro.sample("c", dist.Categorical(weights), infer={"enumerate": "parallel"})
-            pyro.sample("x", dist.Normal(locs[c], scale).to_event(1), obs=X[i])
-
-    masked = MaskedELBO(estimator="chain").loss(model, None, X)
-    exact_subset = gaussian_mixture_log_marginal(X[idx], weights, locs, scale).item()
-    assert_close(masked, -(N / len(idx)) * exact_subset, atol=1e-8)
-
-
-def test_subsample_scale_with_importance_latent():
-    """Importance backend: the subsampled model's loss is N/n times the loss of the same
-    model run on X[idx] without subsampling, with the same random draws."""
-    X, t = _data()
-    idx = torch.tensor([2, 4, 8, 16, 32])
-
-    def sub_model(X):
-        with pyro.plate("data", X.shape[0], subsample=idx) as i:
-            z = pyro.sample("z", dist.Normal(torch.zeros(K), 1.0).to_event(1))
-            mean = z @ t["W"].T + t["loc"]
-            pyro.sample("x", dist.Normal(mean, t["noise_scale"]).to_event(1), obs=X[i])
-
-    def full_model(X):
-        ppca_latent(X, K, t["W"], t["loc"], t["noise_scale"])
-
-    elbo = MaskedELBO(estimator="chain", num_particles=64)
-    pyro.set_rng_seed(5)
-    sub = elbo.loss(sub_model, None, X)
-    pyro.set_rng_seed(5)
-    full = elbo.loss(full_model, None, X[idx])
-    assert_close(sub, (N / len(idx)) * full, atol=1e-8, rtol=1e-12)
-
-
-# ----------------------------------------------------------------------------------------
 # Gradients
 # ----------------------------------------------------------------------------------------
 
@@ -429,34 +283,6 @@ def test_gradient_matches_exact_lml_gradient(estimator):
     assert_close(loss.item(), -_exact_lml(X).item(), atol=1e-8)
     for name, g, e in zip(("W", "loc", "noise_scale"), got, expected):
         assert_close(g, e, atol=1e-8, msg=name)
-
-
-def _dense_setup():
-    X, t = _data()
-    L = torch.linalg.cholesky(t["W"] @ t["W"].T + 0.2 * torch.eye(T)).requires_grad_()
-    loc = t["loc"].clone().requires_grad_()
-
-    def model(X):
-        multivariate_normal(X, loc, L @ L.T)
-
-    exact = -dist.MultivariateNormal(loc, covariance_matrix=L @ L.T).log_prob(X).sum()
-    return X, L, loc, model, exact
-
-
-def test_dense_gaussian_loss_matches_exact():
-    X, L, loc, model, exact = _dense_setup()
-    loss = MaskedELBO(estimator="chain").differentiable_loss(model, None, X)
-    assert loss.requires_grad
-    assert_close(loss.item(), exact.item(), atol=1e-8)
-
-
-def test_dense_gaussian_gradient_matches_exact():
-    X, L, loc, model, exact = _dense_setup()
-    loss = MaskedELBO(estimator="chain").differentiable_loss(model, None, X)
-    got = torch.autograd.grad(loss, [L, loc])
-    expected = torch.autograd.grad(exact, [L, loc])
-    for g, e in zip(got, expected):
-        assert_close(g, e, atol=1e-8)
 
 
 def test_stratified_gradient_is_unbiased():
@@ -529,3 +355,25 @@ def test_cuda_data_gives_cuda_loss_and_grads():
     svi = SVI(_model, None, Adam({"lr": 0.05}), loss=MaskedELBO())
     assert math.isfinite(svi.step(X))
     assert pyro.param("W").device.type == "cuda"
+
+
+def test_num_particles_is_a_deprecated_alias_of_num_samples():
+    X, t = _data()
+    args = (X[:4], K, t["W"], t["loc"], t["noise_scale"])
+    pyro.set_rng_seed(3)
+    new = MaskedELBO(estimator="chain", num_samples=16).loss(ppca_latent, None, *args)
+    with pytest.warns(DeprecationWarning, match="MaskedELBO: num_particles= is deprecated"):
+        elbo = MaskedELBO(estimator="chain", num_particles=16)
+    assert elbo.options.num_samples == 16
+    pyro.set_rng_seed(3)
+    assert elbo.loss(ppca_latent, None, *args) == new
+    with pytest.raises(TypeError, match="pass num_samples= only"):
+        MaskedELBO(num_particles=16, num_samples=32)
+
+
+def test_pyro_num_particles_is_the_number_of_masks():
+    """Pyro's ``num_particles`` (independent estimates averaged) is ``num_masks``; the
+    importance prior draws are ``num_samples``."""
+    elbo = MaskedELBO(num_masks=5, num_samples=64)
+    assert elbo.num_particles == 5 and elbo.options.num_samples == 64
+    assert MaskedELBO().num_particles == 1

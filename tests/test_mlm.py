@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pyro_mpt import MPTCurve, MPTEstimate, models
+from pyro_mpt.engine import MPTOptions, prepare
 from pyro_mpt.mlm import (
     MLMCurve,
     hmm_predictor,
@@ -12,7 +13,6 @@ from pyro_mpt.mlm import (
     mlm_estimate,
     pseudo_log_likelihood,
 )
-from pyro_mpt.scoring import MPTOptions, prepare
 from tests.conftest import assert_close, random_hmm_params, sample_hmm_data
 
 C, V = 3, 5
@@ -273,3 +273,40 @@ def test_bad_input_raises_clear_errors():
         mlm_estimate(predictor, X, estimator="nope")
     with pytest.raises(ValueError, match="exhaustive estimator"):
         mlm_curve(predictor, torch.zeros(1, 17, dtype=torch.long), exhaustive=True)
+
+
+def test_options_are_checked_before_the_predictor_is_called():
+    X, init, trans, emit = _hmm_data(2, 5)
+    rec, calls = _recording(hmm_predictor(init, trans, emit))
+    with pytest.raises(ValueError, match="max_elements must be an integer >= 1 or None, got 0"):
+        mlm_curve(rec, X, max_elements=0)
+    with pytest.raises(TypeError, match="exhaustive must be True or False, got 'no'"):
+        mlm_curve(rec, X, exhaustive="no")
+    with pytest.raises(ValueError, match="num_masks must be an integer >= 1, got 1.0"):
+        mlm_estimate(rec, X, num_masks=1.0)
+    with pytest.raises(ValueError, match="max_elements must be an integer >= 1 or None"):
+        pseudo_log_likelihood(rec, X, max_elements=-3)
+    assert calls == []
+
+
+def test_default_budget_is_the_devices_and_numpy_counts_are_accepted():
+    import numpy as np
+
+    from pyro_mpt.options import DEFAULT_MAX_ELEMENTS
+
+    X, init, trans, emit = _hmm_data(3, 6)
+    predictor = hmm_predictor(init, trans, emit)
+    g = torch.Generator().manual_seed(0)
+    default = mlm_curve(predictor, X, num_masks=np.int64(2), generator=g)
+    g = torch.Generator().manual_seed(0)
+    explicit = mlm_curve(predictor, X, num_masks=2, max_elements=DEFAULT_MAX_ELEMENTS, generator=g)
+    assert_close(default.scores, explicit.scores, atol=0.0)
+
+
+def test_exhaustive_estimate_with_several_draws_is_exact_in_each():
+    X, init, trans, emit = _hmm_data(3, 6)
+    est = mlm_estimate(hmm_predictor(init, trans, emit), X, estimator="exhaustive", num_masks=3)
+    exact = torch.stack([models.hmm_log_marginal(x[None], init, trans, emit) for x in X])
+    assert_close(est.draws, exact.expand(3, 3), atol=1e-10)
+    assert_close(est.total, exact.sum(), atol=1e-10)
+    assert est.stderr == pytest.approx(0.0, abs=1e-10)

@@ -11,6 +11,7 @@ import math
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
 
@@ -26,7 +27,7 @@ from pyro_mpt.conditionals.particles import (
     particle_shape,
     particle_trace,
 )
-from pyro_mpt.tokens import read_layout, run_layout_trace
+from pyro_mpt.tokens import read_layout
 from tests.conftest import assert_close
 
 N, T, C, S = 3, 4, 2, 5
@@ -45,7 +46,7 @@ def _mixture_model():
             z = pyro.sample("z", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0))
             pyro.sample("x", dist.Normal(locs[c] + z.unsqueeze(-1), 1.0).to_event(1), obs=X)
 
-    layout = read_layout(run_layout_trace(model, (X,), {}))
+    layout = read_layout(poutine.trace(model).get_trace(X))
     return model, X, weights, locs, layout
 
 
@@ -122,7 +123,7 @@ def test_latent_inside_token_plate_is_per_token():
             w = pyro.sample("w", dist.Normal(torch.zeros((), dtype=torch.float64), 1.0))
             pyro.sample("x", dist.Normal(w, 1.0), obs=X)
 
-    layout = read_layout(run_layout_trace(model, (X,), {}), token_plate="tokens")
+    layout = read_layout(poutine.trace(model).get_trace(X), token_plate="tokens")
     tr = particle_trace(model, (X,), {}, layout, num_particles=S)
     with pytest.raises(PerTokenLatent, match="'w' sits inside token_plate 'tokens'") as info:
         latent_log_prob(tr, ["w"], layout)

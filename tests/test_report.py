@@ -173,7 +173,11 @@ def test_summary_without_curve(ppca_data):
 
 def test_evaluate_and_compare_still_import_from_report():
     import pyro_mpt.evaluator
-    from pyro_mpt.report import compare, evaluate
+
+    with pytest.warns(DeprecationWarning, match="pyro_mpt.report.evaluate is deprecated"):
+        from pyro_mpt.report import evaluate
+    with pytest.warns(DeprecationWarning, match="pyro_mpt.report.compare is deprecated"):
+        from pyro_mpt.report import compare
 
     assert evaluate is pyro_mpt.evaluator.evaluate and compare is pyro_mpt.evaluator.compare
     import pyro_mpt.report

@@ -4,13 +4,14 @@ becomes the kernel of its tokens, with the parameters read off the site's distri
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
 
 from pyro_mpt.conditionals.kernels import DenseGaussianKernel, LowRankGaussianKernel
 from pyro_mpt.conditionals.particles import latent_log_prob, particle_trace
 from pyro_mpt.conditionals.sites import build_kernels, site_token_log_probs
-from pyro_mpt.tokens import read_layout, run_layout_trace
+from pyro_mpt.tokens import read_layout
 from tests.conftest import assert_close
 from tests.test_particles import C, N, S, T, _mixture_model
 
@@ -64,7 +65,7 @@ def test_gaussian_site_keeps_shared_parameters(kind):
     cov = W @ W.T + torch.diag(D)
     X = torch.randn(N, T, generator=gen, **F64)
     model = _gaussian_model(kind, a, W, D, cov)
-    layout = read_layout(run_layout_trace(model, (X,), {}))
+    layout = read_layout(poutine.trace(model).get_trace(X))
     pyro.set_rng_seed(5)
     tr = particle_trace(model, (X,), {}, layout, num_particles=S)
     ((_, kernel),) = build_kernels(tr, layout)[0]
@@ -95,7 +96,7 @@ def test_gaussian_site_with_per_particle_covariance_is_flattened():
             Wz = z.unsqueeze(-1).unsqueeze(-1) * W
             pyro.sample("x", dist.LowRankMultivariateNormal(torch.zeros(T, **F64), Wz, D), obs=X)
 
-    layout = read_layout(run_layout_trace(model, (X,), {}))
+    layout = read_layout(poutine.trace(model).get_trace(X))
     tr = particle_trace(model, (X,), {}, layout, num_particles=S)
     ((_, kernel),) = build_kernels(tr, layout)[0]
     z = tr.nodes["z"]["value"]

@@ -21,26 +21,26 @@ import pytest
 import torch
 
 from pyro_mpt import MaskedELBO, mpt_curve
+from pyro_mpt.engine import MPTOptions, prepare, score
 from pyro_mpt.estimators import get_estimator
 from pyro_mpt.models import (
     bayesian_linear_regression_latent,
     bayesian_linear_regression_log_marginal,
 )
-from pyro_mpt.scoring import MPTOptions, prepare, score
 from pyro_mpt.tokens import read_layout
 from tests.conftest import assert_close
 
 N, D = 8, 2
 
 #: tiny particle counts for the shape probe
-_PROBE_PARTICLES, _PROBE_POINTS = 7, 3
+_PROBE_SAMPLES, _PROBE_POINTS = 7, 3
 
 
 def _probe_particle_shapes(model, y, features):
     """Fails fast (before any large particle count) unless the model's particles come out
     one row per particle: tables ``(S, 1, N)`` and weights ``(S, 1)``."""
     for opts, S in (
-        (dict(conditionals="importance", num_particles=_PROBE_PARTICLES), _PROBE_PARTICLES),
+        (dict(conditionals="importance", num_samples=_PROBE_SAMPLES), _PROBE_SAMPLES),
         (dict(conditionals="quadrature", quadrature_points=_PROBE_POINTS), _PROBE_POINTS**D),
     ):
         _, scorer, _ = prepare(model, (y, features), {}, MPTOptions(token_plate="data", **opts))
@@ -112,7 +112,7 @@ def test_importance_chain_converges_to_exact_lml(model):
             model,
             (y, features),
             {},
-            MPTOptions(conditionals="importance", num_particles=S, token_plate="data"),
+            MPTOptions(conditionals="importance", num_samples=S, token_plate="data"),
         )
         assert backend.name == "importance"
         assert layout.num_sequences == 1 and layout.num_tokens == N
@@ -144,7 +144,7 @@ def test_importance_masked_elbo_with_token_plate(model):
         estimator="stratified",
         num_masks=4,
         conditionals="importance",
-        num_particles=20_000,
+        num_samples=20_000,
         token_plate="data",
     ).estimate(model, None, y, features)
     assert est.draws.shape == (4, 1)

@@ -15,12 +15,14 @@ from .curve import (
 from .experiment import MLMExperimentResult, mlm_experiment, random_hmm
 from .hmm import hmm_predictor
 from .huggingface import huggingface_predictor
+from .scorer import PredictorScorer
 from .transformer import TinyMLM, train_mlm
 
 __all__ = [
     "LeaveOneOutEstimator",
     "MLMCurve",
     "MLMExperimentResult",
+    "PredictorScorer",
     "TinyMLM",
     "hmm_predictor",
     "huggingface_predictor",

@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models import hmm_log_marginal, sample_hmm
+from ..options import check_bool, check_positive_int
 from ..plotting import bare_axes
+from ..progress import progress_bar
 from .curve import mlm_curve, pseudo_log_likelihood
 from .hmm import hmm_predictor
 from .transformer import TinyMLM, num_threads, train_mlm
@@ -65,9 +67,6 @@ def random_hmm(num_states, vocab_size, *, generator=None, stickiness=2.5, peaked
 
         initial, transition, emission = random_hmm(4, 8, generator=torch.Generator().manual_seed(0))
         tokens = sample_hmm(200, 12, initial, transition, emission)   # (200, 12), from models
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     C, V = num_states, vocab_size
     dtype = torch.float64
@@ -103,9 +102,6 @@ class MLMExperimentResult:
         result = mlm_experiment(quick=True)
         print(result.headline())
         result.exact_lml, result.areas["uniform"], result.areas["fixed"]
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     config: dict
@@ -247,8 +243,7 @@ def mlm_experiment(
     :param int num_test: held-out sequences, on which every number is reported (default 200
         when ``quick``, 1000 otherwise).
     :param int steps: Adam steps per model (default 800 when ``quick``, 4000 otherwise).
-    :param bool quick: the quick size (about 20 s on two CPU cores at the defaults) or the
-        full size (for a GPU).
+    :param bool quick: the quick size (for a CPU) or the full size (for a GPU).
     :param int seed: seeds the HMM, the data, the initialisation, the masks.
     :param device: where the models train and are scored (``"cpu"`` or ``"cuda"``).
     :param int batch_size: sequences per training step.
@@ -256,7 +251,7 @@ def mlm_experiment(
     :param int num_masks: masks per size for each held-out curve (stratified estimator;
         default 4 when ``quick``, 16 otherwise).
     :param dict model_kwargs: extra :class:`TinyMLM` arguments (d_model, num_layers, ...).
-    :param progress: tqdm bars while training (None: only on a terminal).
+    :param progress: tqdm bars while training and scoring (None: only on a terminal).
     :param int threads: torch's CPU threads during the experiment (restored after); ``None``
         leaves the setting. One thread is many times faster for these tiny models on a CPU
         shared with other work.
@@ -271,119 +266,94 @@ def mlm_experiment(
         result = mlm_experiment(quick=True, seed=0)
         print(result.headline())
         result.figure()
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
-    arguments = dict(locals())  # every parameter, passed on by name
-    with num_threads(threads):
-        return _mlm_experiment(**arguments)
+    config = _config(dict(locals()))
+    with num_threads(config["threads"]):
+        return _run(config, progress)
 
 
-def _mlm_experiment(
-    *,
-    num_states,
-    vocab_size,
-    seq_len,
-    num_train,
-    num_test,
-    steps,
-    quick,
-    seed,
-    device,
-    batch_size,
-    lr,
-    num_masks,
-    model_kwargs,
-    progress,
-    threads,
-):
-    if num_train is None:
-        num_train = 2000 if quick else 20000
-    if num_test is None:
-        num_test = 200 if quick else 1000
-    if steps is None:
-        steps = 800 if quick else 4000
-    if num_masks is None:
-        num_masks = 4 if quick else 16
-    for name, value in (
-        ("num_states", num_states),
-        ("vocab_size", vocab_size),
-        ("seq_len", seq_len),
-        ("num_train", num_train),
-        ("num_test", num_test),
-        ("steps", steps),
-        ("num_masks", num_masks),
-        ("batch_size", batch_size),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"mlm_experiment: {name} must be an integer >= 1, got {value!r}")
-    config = dict(
-        num_states=num_states,
-        vocab_size=vocab_size,
-        seq_len=seq_len,
-        num_train=num_train,
-        num_test=num_test,
-        steps=steps,
-        quick=quick,
-        seed=seed,
-        device=str(device),
-        batch_size=batch_size,
-        lr=lr,
-        num_masks=num_masks,
-        model_kwargs=dict(model_kwargs or {}),
-        threads=threads,
+def _config(arguments):
+    """The experiment's configuration: the defaults of ``quick`` filled in, every option
+    checked (before any work)."""
+    quick = check_bool("quick", arguments["quick"])
+    sizes = {"num_train": (2000, 20000), "num_test": (200, 1000), "steps": (800, 4000)}
+    defaults = {**sizes, "num_masks": (4, 16)}  # (quick, full)
+    config = {k: v for k, v in arguments.items() if k != "progress"}
+    for name, (small, full) in defaults.items():
+        if config[name] is None:
+            config[name] = small if quick else full
+    counts = ("num_states", "vocab_size", "seq_len", "batch_size", *defaults)
+    for name in counts:
+        config[name] = check_positive_int(name, config[name])
+    config["threads"] = check_positive_int("threads", config["threads"], allow_none=True)
+    config["device"] = str(arguments["device"])
+    config["model_kwargs"] = dict(arguments["model_kwargs"] or {})
+    return config
+
+
+def _exact(config, per_token):
+    """The HMM and its data (CPU, float64), the exact held-out LML per token and its
+    cross-checks by the exact predictor's chain and exhaustive areas."""
+    seq_len = config["seq_len"]
+    g = torch.Generator().manual_seed(config["seed"])
+    initial, transition, emission = random_hmm(
+        config["num_states"], config["vocab_size"], generator=g
     )
-    device = torch.device(device)
-    seconds = {}
-    t0 = time.perf_counter()
-
-    # the HMM and its data (CPU, float64), then the exact LML and its cross-checks
-    g = torch.Generator().manual_seed(seed)
-    initial, transition, emission = random_hmm(num_states, vocab_size, generator=g)
-    train = sample_hmm(num_train, seq_len, initial, transition, emission, generator=g)
-    test = sample_hmm(num_test, seq_len, initial, transition, emission, generator=g)
-    per_token = 1.0 / (num_test * seq_len)
+    train = sample_hmm(config["num_train"], seq_len, initial, transition, emission, generator=g)
+    test = sample_hmm(config["num_test"], seq_len, initial, transition, emission, generator=g)
     exact_lml = float(hmm_log_marginal(test, initial, transition, emission)) * per_token
     exact = hmm_predictor(initial, transition, emission)
     chain = mlm_curve(exact, test, estimator="chain", generator=g)
-    exact_chain_area = float(chain.area) * per_token
-    exact_exhaustive_area = None
+    areas = {"chain": float(chain.area) * per_token, "exhaustive": None}
     if seq_len <= EXHAUSTIVE_CHECK_MAX_TOKENS:
-        exact_exhaustive_area = float(mlm_curve(exact, test, exhaustive=True).area) * per_token
-    for name, value in (("chain", exact_chain_area), ("exhaustive", exact_exhaustive_area)):
+        areas["exhaustive"] = float(mlm_curve(exact, test, exhaustive=True).area) * per_token
+    for name, value in areas.items():
         if value is not None and abs(value - exact_lml) > 1e-6:
             raise RuntimeError(
                 f"mlm_experiment: the exact HMM predictor's {name} area {value} differs from "
                 f"the forward algorithm's LML {exact_lml} (nats per token)"
             )
-    seconds["data_and_exact"] = time.perf_counter() - t0
+    return train, test, exact, exact_lml, areas
 
-    # three TinyMLMs with one initialisation
+
+def _train_models(config, train, progress, seconds):
+    """Three TinyMLMs of one initialisation (two trained by their objective) and losses."""
+    device, seed = torch.device(config["device"]), config["seed"]
     with torch.random.fork_rng(devices=[]):  # the global CPU generator is left as it was
         torch.random.default_generator.manual_seed(seed)
-        base = TinyMLM(vocab_size, seq_len, **config["model_kwargs"]).to(device)
+        base = TinyMLM(config["vocab_size"], config["seq_len"], **config["model_kwargs"])
+        base = base.to(device)
     models = {"fixed": copy.deepcopy(base), "uniform": copy.deepcopy(base), "untrained": base}
     train_dev = train.to(device)
     losses = {}
     for key in ("fixed", "uniform"):
         t = time.perf_counter()
-        gen = torch.Generator(device=device).manual_seed(seed + 1)
         losses[key] = train_mlm(
             models[key],
             train_dev,
             objective=key,
             mask_rate=0.15,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            generator=gen,
+            steps=config["steps"],
+            batch_size=config["batch_size"],
+            lr=config["lr"],
+            generator=torch.Generator(device=device).manual_seed(seed + 1),
             progress=progress,
         )
         seconds[f"train_{key}"] = time.perf_counter() - t
+    return models, losses
+
+
+def _run(config, progress):
+    seconds = {}
+    t0 = time.perf_counter()
+    per_token = 1.0 / (config["num_test"] * config["seq_len"])
+    train, test, exact, exact_lml, exact_areas = _exact(config, per_token)
+    seconds["data_and_exact"] = time.perf_counter() - t0
+    models, losses = _train_models(config, train, progress, seconds)
 
     # held-out curves (float64 log-probabilities, same masks for every model)
     t = time.perf_counter()
+    device = torch.device(config["device"])
     predictors = {"exact": exact}
     for key, model in models.items():
         model.eval()
@@ -391,13 +361,14 @@ def _mlm_experiment(
             tokens.to(device), mask.to(device)
         ).to("cpu", torch.float64)
     curves, areas, area_stderr, fixed_rate, pll = {}, {}, {}, {}, {}
+    bar = progress_bar(len(LABELS), progress, desc="mlm_experiment curves", unit="model")
     for key in LABELS:
         with torch.no_grad():
             curve = mlm_curve(
                 predictors[key],
                 test,
-                num_masks=num_masks,
-                generator=torch.Generator().manual_seed(seed + 2),
+                num_masks=config["num_masks"],
+                generator=torch.Generator().manual_seed(config["seed"] + 2),
             )
             p = pseudo_log_likelihood(predictors[key], test)
         curves[key] = curve
@@ -405,13 +376,15 @@ def _mlm_experiment(
         area_stderr[key] = float(curve.area_stderr) * per_token
         fixed_rate[key] = float(curve.fixed_rate_estimate(0.15)) * per_token
         pll[key] = float(p.sum()) * per_token
+        bar.update(1)
+    bar.close()
     seconds["curves"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     return MLMExperimentResult(
         config=config,
         exact_lml=exact_lml,
-        exact_chain_area=exact_chain_area,
-        exact_exhaustive_area=exact_exhaustive_area,
+        exact_chain_area=exact_areas["chain"],
+        exact_exhaustive_area=exact_areas["exhaustive"],
         curves=curves,
         areas=areas,
         area_stderr=area_stderr,

@@ -3,9 +3,12 @@ r"""A ground-truth masked predictor: the exact posterior predictive of a discret
 For a hidden Markov model (:func:`pyro_mpt.models.hmm`) the ideal masked language model is
 the posterior predictive :math:`p(x_j \mid x_{\text{visible}})`. It is computed here by a
 batched forward-backward pass in which the hidden (masked) positions carry emission
-likelihood 1, i.e. their evidence is marginalised (THEORY.md, 2b). Plugged into
-:func:`pyro_mpt.mlm.mlm_curve`, its area is the exact log marginal likelihood (up to Monte
+likelihood 1, i.e. their evidence is marginalised (the theory page of the docs, section 2b).
+Plugged into :func:`pyro_mpt.mlm.mlm_curve`, its area is the exact log marginal likelihood (up to Monte
 Carlo error; exactly for the exhaustive and chain estimators).
+
+Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 """
 
 import torch
@@ -55,9 +58,6 @@ def hmm_predictor(initial, transition, emission):
         predictor = hmm_predictor(*random_hmm(4, 8))          # C = 4 states, V = 8 symbols
         curve = mlm_curve(predictor, tokens, exhaustive=True)  # tokens: long (N, T), T <= 16
         curve.area                                             # = exact log p(X)
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     _check_hmm(initial, transition, emission)
     V = emission.shape[-1]

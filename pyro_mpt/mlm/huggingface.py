@@ -17,6 +17,9 @@ Padding is best handled by ``mlm_curve(..., pad_mask=...)``: the sequences are t
 length and the model never sees padding, so no attention mask is needed. Special tokens that
 must be shown to the model but never masked or scored (BERT's ``[CLS]`` and ``[SEP]``) go in
 ``prefix`` and ``suffix``.
+
+Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 """
 
 import torch
@@ -86,9 +89,6 @@ def huggingface_predictor(
         predictor = huggingface_predictor(mlm, tok.mask_token_id, prefix=[tok.cls_token_id],
                                           suffix=[tok.sep_token_id])
         curve = mlm_curve(predictor, ids)                       # ids: long (N, T)
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
     _require_transformers()
     if not callable(model):

@@ -18,15 +18,19 @@ them. It is built from PyTorch's own :class:`torch.nn.TransformerEncoderLayer`.
   conditionals are exact (Moreno-Muñoz et al. 2023).
 
 Parameters are float32 whatever torch's default dtype.
+
+Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 """
 
 import contextlib
 import math
-import sys
 
 import torch
 from torch import nn
 
+from ..options import check_choice, check_positive_int
+from ..progress import progress_bar
 from .curve import mlm_estimate
 
 __all__ = ["TinyMLM", "num_threads", "train_mlm"]
@@ -54,9 +58,6 @@ class TinyMLM(nn.Module):
         model = TinyMLM(vocab_size=8, seq_len=12)
         log_probs = model(tokens, tokens == 0)                  # tokens: long (B, 12) -> (B, 12, 8)
         losses = train_mlm(model, tokens, objective="uniform", steps=200)
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
 
     def __init__(
@@ -80,8 +81,7 @@ class TinyMLM(nn.Module):
             ("num_layers", num_layers),
             ("dim_feedforward", dim_feedforward),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TinyMLM: {name} must be an integer >= 1, got {value!r}")
+            check_positive_int(name, value)
         if d_model % nhead:
             raise ValueError(f"TinyMLM: d_model = {d_model} must be divisible by nhead = {nhead}")
         self.vocab_size = vocab_size
@@ -135,27 +135,13 @@ def num_threads(n):
     if n is None:
         yield
         return
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"num_threads must be None or an integer >= 1, got {n!r}")
+    n = check_positive_int("num_threads", n)
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def _progress_bar(total, progress):
-    """A tqdm bar when ``progress`` is True, or None and stderr is a terminal."""
-    if progress is None:
-        progress = sys.stderr.isatty()
-    if not progress:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm ships with pyro
-        return None
-    return tqdm(total=total, desc="train_mlm", leave=False)
 
 
 def train_mlm(
@@ -204,19 +190,13 @@ def train_mlm(
         model = TinyMLM(vocab_size=8, seq_len=12)
         losses = train_mlm(model, train_tokens, objective="uniform", steps=500, seed=0)
         curve = mlm_curve(model.eval(), test_tokens, num_masks=4)
-
-    Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
-    Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(
-            f"train_mlm: objective must be one of {list(OBJECTIVES)}, got {objective!r}"
-        )
+    check_choice("objective", objective, OBJECTIVES)
     if not torch.is_tensor(sequences) or sequences.dtype != torch.long or sequences.dim() != 2:
         raise ValueError("train_mlm: sequences must be a long tensor of shape (N, T)")
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("num_masks", num_masks)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"train_mlm: {name} must be an integer >= 1, got {value!r}")
+    steps = check_positive_int("steps", steps)
+    batch_size = check_positive_int("batch_size", batch_size)
+    num_masks = check_positive_int("num_masks", num_masks)
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"train_mlm: lr must be a positive number, got {lr!r}")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -234,7 +214,7 @@ def train_mlm(
     was_training = model.training
     model.train()
     history = []
-    bar = _progress_bar(steps, progress)
+    bar = progress_bar(steps, progress, desc="train_mlm", unit="step")
     try:
         with num_threads(threads):
             for _ in range(steps):
@@ -253,11 +233,9 @@ def train_mlm(
                 loss.backward()
                 optimizer.step()
                 history.append(float(loss.detach()))
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
+                bar.update(1)
+                bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         model.train(was_training)
     return history

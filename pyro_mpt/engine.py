@@ -1,0 +1,274 @@
+r"""Where a mask estimator meets a scorer: the one loop that turns mask rows into estimates.
+
+An estimator (:mod:`pyro_mpt.estimators`) yields chunks of mask rows; a scorer (a
+conditional backend's :class:`~pyro_mpt.conditionals.base.Scorer`, or a masked language
+model's :class:`~pyro_mpt.mlm.scorer.PredictorScorer`) returns each row's weighted sum of
+:math:`\log p(x_{n,j} \mid x_{n,O})` over its scored tokens. :func:`score_masks` adds the
+rows into their draws (and, for the curve, into bins by mask size). With exact conditionals
+the draws are unbiased for :math:`\log p(x_n) = \sum_{m=1}^{T} S(m)`.
+
+:class:`~pyro_mpt.MaskedELBO` and :func:`~pyro_mpt.mpt_curve` share :class:`MPTOptions`
+(validated once, on construction), :func:`prepare` (trace, token layout, backend) and
+:func:`score`.
+
+Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import pyro.poutine as poutine
+import torch
+
+from .conditionals import CONDITIONALS, get_conditionals
+from .estimators import MaskEstimator, get_estimator
+from .options import (
+    check_bool,
+    check_choice,
+    check_positive_int,
+    check_probability,
+    renamed_keyword,
+    resolve_max_elements,
+)
+from .progress import logger
+from .tokens import TokenLayout, read_layout
+
+__all__ = ["MPTEstimate", "MPTOptions", "prepare", "score", "score_masks", "summarize"]
+
+
+@dataclass
+class MPTOptions:
+    """The options shared by :class:`~pyro_mpt.MaskedELBO` and
+    :func:`~pyro_mpt.mpt_curve`, validated on construction (integers may be NumPy integers).
+
+    :ivar num_samples: prior draws of ``"importance"`` conditionals (``num_particles=`` is
+        its deprecated old name).
+
+    The other fields are the parameters of :class:`~pyro_mpt.MaskedELBO`.
+    """
+
+    estimator: object = "stratified"
+    mask_rate: float = 0.15
+    num_masks: int = 1
+    num_samples: int = 256
+    conditionals: object = "auto"
+    token_plate: str = None
+    max_plate_nesting: float = float("inf")
+    quadrature_points: int = 20
+    quadrature_bounds: tuple = (-5.0, 5.0)
+    max_elements: int = None
+    share_masks: bool = False
+    num_particles: dataclasses.InitVar[int] = None
+
+    def __post_init__(self, num_particles):
+        if num_particles is not None:
+            check_positive_int("num_particles", num_particles)
+        self.num_samples = renamed_keyword(
+            "MPTOptions", "num_particles", "num_samples", num_particles, self.num_samples, 256
+        )
+        self.mask_rate = check_probability("mask_rate", self.mask_rate)
+        self.estimator = get_estimator(self.estimator, self.mask_rate)
+        if isinstance(self.conditionals, str):
+            check_choice("conditionals", self.conditionals, ["auto", *sorted(CONDITIONALS)])
+        for name in ("num_masks", "num_samples", "quadrature_points"):
+            setattr(self, name, check_positive_int(name, getattr(self, name)))
+        # None: the device's default, resolved once the data's device is known
+        self.max_elements = check_positive_int("max_elements", self.max_elements, allow_none=True)
+        self.share_masks = check_bool("share_masks", self.share_masks)
+        low, high = self.quadrature_bounds
+        if not float(low) < float(high):
+            raise ValueError(
+                "quadrature_bounds must be (low, high) with low < high, got "
+                f"{self.quadrature_bounds!r}"
+            )
+        if self.token_plate is not None and not isinstance(self.token_plate, str):
+            raise TypeError(f"token_plate must be a plate name (str), got {self.token_plate!r}")
+
+
+@dataclass
+class MPTEstimate:
+    r"""A masked estimate of :math:`\sum_n \log p(x_n)`.
+
+    :ivar torch.Tensor total: the estimate (differentiable), subsampling scale applied.
+    :ivar torch.Tensor per_sequence: ``(N,)`` each sequence's estimate, averaged over draws.
+    :ivar torch.Tensor draws: ``(num_masks, N)`` the independent draws.
+    :ivar float stderr: Monte Carlo standard error of ``total`` (NaN with one draw).
+    :ivar str estimator: the estimator's name; ``conditionals``: the backend's.
+    :ivar bool unbiased: whether the estimator is unbiased for :math:`\log p(x)`.
+
+    The draw of a sequence :math:`x_n` with :math:`T` tokens is, for the stratified estimator,
+    :math:`\sum_{m=1}^T s(M_m)` with :math:`s(M) = \frac1m\sum_{j\in M}\log p(x_{n,j}\mid
+    x_{n,-M})`; ``total`` is :math:`\sum_n` of the mean over draws.
+
+    Example::
+
+        est = MaskedELBO(num_masks=8).estimate(ppca_collapsed, None, X, 2)   # X: (N, T)
+        est.total, est.stderr
+        est.draws.shape, est.per_sequence.shape                 # (8, N), (N,)
+    """
+
+    total: torch.Tensor
+    per_sequence: torch.Tensor
+    draws: torch.Tensor
+    stderr: float
+    estimator: str
+    conditionals: str
+    unbiased: bool
+
+    @classmethod
+    def from_draws(
+        cls,
+        draws: torch.Tensor,
+        estimator: MaskEstimator,
+        conditionals: str,
+        *,
+        scale: torch.Tensor | None = None,
+        share_masks: bool = False,
+    ) -> MPTEstimate:
+        r"""The estimate of ``(K, N)`` draws: :math:`\sum_n c_n \bar d_n` with the
+        subsampling scale :math:`c_n` (``scale``; ``None``: 1) and standard error
+        :math:`\sqrt{\sum_n c_n^2 \widehat{\mathrm{Var}}(d_n) / K}`; with ``share_masks`` the
+        sequences are correlated, so the spread of the draws' totals is used instead.
+
+        :param draws: ``(K, N)`` independent draws of every sequence.
+        :param estimator: the :class:`~pyro_mpt.estimators.MaskEstimator` that made them.
+        :param str conditionals: the name of the backend that scored them.
+        """
+        K = draws.shape[0]
+        per_sequence = draws.mean(0)
+        total = per_sequence.sum() if scale is None else (scale * per_sequence).sum()
+        detached = draws.detach()
+        if K > 1 and share_masks:
+            var = (detached if scale is None else detached * scale).sum(-1).var() / K
+        elif K > 1:
+            var = (detached.var(0) if scale is None else scale**2 * detached.var(0)).sum() / K
+        else:
+            var = float("nan")
+        return cls(
+            total=total,
+            per_sequence=per_sequence,
+            draws=draws,
+            stderr=math.sqrt(float(var)),
+            estimator=estimator.name,
+            conditionals=conditionals,
+            unbiased=estimator.unbiased,
+        )
+
+
+def prepare(model, args, kwargs, options: MPTOptions):
+    """Traces the model once, reads its token layout and builds the backend's scorer.
+
+    :returns: ``(layout, scorer, backend)``.
+    """
+    trace = poutine.trace(model).get_trace(*args, **kwargs)
+    layout = read_layout(
+        trace, token_plate=options.token_plate, max_plate_nesting=options.max_plate_nesting
+    )
+    backend = get_conditionals(
+        options.conditionals,
+        layout,
+        options.num_samples,  # the backend's prior draws (positional: renamed upstream)
+        quadrature_points=options.quadrature_points,
+        quadrature_bounds=options.quadrature_bounds,
+        max_elements=resolve_max_elements(options.max_elements, layout.device),
+    )
+    logger.debug("pyro_mpt: conditionals %r for %d latent site(s)", backend, len(layout.latents))
+    scorer = backend.scorer(model, args, kwargs, layout, trace)
+    return layout, scorer, backend
+
+
+def score_masks(
+    scorer,
+    estimator: MaskEstimator,
+    num_draws: int,
+    *,
+    num_sequences: int,
+    num_tokens: int,
+    dtype: torch.dtype,
+    device,
+    max_elements: int | None = None,
+    by_size: bool = False,
+    share_masks: bool = False,
+    generator: torch.Generator | None = None,
+):
+    r"""Scores ``num_draws`` independent draws of ``estimator``'s masks for ``N =
+    num_sequences`` sequences of ``T = num_tokens`` tokens, in chunks of mask rows whose
+    ``scorer.row_cost`` stays under ``max_elements`` (``None``: the device's default).
+
+    A draw of sequence :math:`n` is :math:`\sum_r w_{r,n} \sum_{j \in \mathrm{scored}_r}
+    \log p(x_{n,j} \mid x_{n,O_r})` over its rows :math:`r`, the row sums coming from
+    ``scorer.row_scores(observed, scored) -> (R, N)``.
+
+    :param bool share_masks: every sequence of a draw gets the same masks (still uniform for
+        each sequence, so still unbiased, but the sequences' errors are then correlated).
+    :param generator: the random generator of the masks (``None``: torch's global one).
+    :returns: ``(draws, bins)``: ``draws`` ``(num_draws, N)``; ``bins`` ``(num_draws, N, T +
+        1)`` the weighted row scores binned by mask size (entry ``m`` estimates
+        :math:`S(m)`), or ``None`` unless ``by_size``.
+    """
+    N, T = num_sequences, num_tokens
+    max_elements = resolve_max_elements(max_elements, device)
+    max_rows = max(1, max_elements // max(1, scorer.row_cost(share_masks)))
+    logger.debug("pyro_mpt: %d mask row(s) per chunk (max_elements=%d)", max_rows, max_elements)
+    draws = torch.zeros(num_draws, N, dtype=dtype, device=device)
+    bins = torch.zeros(num_draws * N * (T + 1), dtype=dtype, device=device) if by_size else None
+    seq = torch.arange(N, device=device)
+    for batch in estimator.batches(
+        1 if share_masks else N,
+        T,
+        num_draws,
+        device=device,
+        dtype=dtype,
+        max_rows=max_rows,
+        generator=generator,
+    ):
+        rows = scorer.row_scores(batch.observed, batch.scored) * batch.weight  # (R, N)
+        draws = draws.index_add(0, batch.draw, rows)
+        if by_size:
+            size = batch.size.expand(rows.shape)
+            index = (batch.draw.unsqueeze(-1) * N + seq) * (T + 1) + size
+            bins = bins.index_add(0, index.reshape(-1), rows.reshape(-1))
+    if by_size:
+        bins = bins.reshape(num_draws, N, T + 1)
+    return draws, bins
+
+
+def score(
+    layout: TokenLayout,
+    scorer,
+    estimator: MaskEstimator,
+    num_draws: int,
+    *,
+    max_elements: int | None,
+    by_size: bool = False,
+    share_masks: bool = False,
+):
+    """:func:`score_masks` for a Pyro model's token layout (its sequences, tokens, dtype
+    and device).
+
+    :returns: ``(draws, bins)`` as :func:`score_masks`.
+    """
+    return score_masks(
+        scorer,
+        estimator,
+        num_draws,
+        num_sequences=layout.num_sequences,
+        num_tokens=layout.num_tokens,
+        dtype=layout.dtype,
+        device=layout.device,
+        max_elements=max_elements,
+        by_size=by_size,
+        share_masks=share_masks,
+    )
+
+
+def summarize(draws, layout, estimator, backend, share_masks=False) -> MPTEstimate:
+    """Turns ``(K, N)`` draws into an :class:`MPTEstimate` (the layout's subsampling scale
+    applied)."""
+    return MPTEstimate.from_draws(
+        draws, estimator, backend.name, scale=layout.scale, share_masks=share_masks
+    )
