@@ -18,9 +18,14 @@ __all__ = ["MidpointGrid", "midpoint_grid"]
 
 @dataclass
 class MidpointGrid:
-    """:ivar points: ``(G**d, d)`` the grid; :ivar edge: bool ``(G**d,)``, points on the
-    outer cells; :ivar float log_volume: :math:`d \\log h`; :ivar dict values: site name ->
-    ``(G**d, *event_shape)`` the points cut into the sites' values."""
+    """The grid's points and what the integral needs.
+
+    :ivar torch.Tensor points: ``(G**d, d)`` the grid.
+    :ivar torch.Tensor edge: bool ``(G**d,)``, points on the outer cells.
+    :ivar float log_volume: :math:`d \\log h`, the log of one cell's volume.
+    :ivar dict values: site name -> ``(G**d, *event_shape)``, the points cut into the
+        sites' values.
+    """
 
     points: torch.Tensor
     edge: torch.Tensor
