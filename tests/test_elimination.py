@@ -63,6 +63,10 @@ def test_hmm_dispatches_to_elimination():
     layout = read_layout(poutine.trace(model).get_trace(X))
     scorer = EnumerateConditionals().scorer(model, (X,), {}, layout, None)
     assert isinstance(scorer, EliminationScorer)
+    # and it answers: the evidence of every token observed is the forward algorithm's
+    every = torch.ones(1, *X.shape, dtype=torch.bool)
+    forward = torch.stack([hmm_log_marginal(x[None], init, trans, emit) for x in X])
+    assert_close(scorer.log_evidence(every)[0], forward, atol=1e-10)
 
 
 def test_hmm_exhaustive_area_is_forward_lml():
