@@ -30,11 +30,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pyro.poutine as poutine
-
 from ..options import check_choice, renamed_keyword
 from ..progress import logger
 from ..tokens import read_layout
+from ..tokens.checks import trace_model
 from .exact import exact_reference
 from .importance import importance_reference
 from .problem import Problem, ReferenceOptions, check_options
@@ -189,7 +188,7 @@ def log_marginal_likelihood(
         token_plate=token_plate,
         max_plate_nesting=max_plate_nesting,
     )
-    trace = poutine.trace(model).get_trace(*args, **kwargs)
+    trace = trace_model(model, args, kwargs)
     layout = read_layout(trace, token_plate=token_plate, max_plate_nesting=max_plate_nesting)
     problem = Problem(model, tuple(args), dict(kwargs), trace, layout)
     messages = []
