@@ -14,7 +14,14 @@ from pyro.infer import ELBO
 
 from .engine import MPTEstimate, MPTOptions, prepare, score, summarize
 from .options import check_positive_int, renamed_keyword, resolve_max_elements
-from .tokens.checks import check_draws_memory, model_errors, nonfinite_sites
+from .tokens.checks import (
+    check_bounds,
+    check_draws_memory,
+    check_plate_options,
+    forget_new_params_on_error,
+    model_errors,
+    nonfinite_sites,
+)
 
 __all__ = ["MaskedELBO"]
 
@@ -117,6 +124,8 @@ class MaskedELBO(ELBO):
         num_samples = renamed_keyword(
             "MaskedELBO", "num_particles", "num_samples", num_particles, num_samples, 256
         )
+        check_plate_options(token_plate, max_plate_nesting)
+        quadrature_bounds = check_bounds(quadrature_bounds)
         self.options = MPTOptions(
             estimator=estimator,
             mask_rate=mask_rate,
@@ -144,6 +153,13 @@ class MaskedELBO(ELBO):
         :returns: :class:`~pyro_mpt.engine.MPTEstimate`.
         """
         self._warn_guide(guide)
+        with forget_new_params_on_error():
+            estimate = self._estimate(model, args, kwargs)
+        if not torch.isfinite(estimate.total.detach()):
+            _warn_nonfinite(estimate.total, model, args, kwargs)
+        return estimate
+
+    def _estimate(self, model, args, kwargs):
         opts = self.options
         with model_errors(args, kwargs):
             layout, scorer, backend = prepare(model, args, kwargs, opts)
@@ -158,10 +174,7 @@ class MaskedELBO(ELBO):
                 max_elements=opts.max_elements,
                 share_masks=opts.share_masks,
             )
-        estimate = summarize(draws, layout, opts.estimator, backend, opts.share_masks)
-        if not torch.isfinite(estimate.total.detach()):
-            _warn_nonfinite(estimate.total, model, args, kwargs)
-        return estimate
+        return summarize(draws, layout, opts.estimator, backend, opts.share_masks)
 
     def _warn_guide(self, guide):
         if _is_inert(guide) or getattr(self, "_guide_warned", False):

@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import linecache
+import math
+import numbers
 import os
 import re
 import traceback
 
 import numpy as np
+import pyro
 import pyro.poutine as poutine
 import torch
 from torch.distributions import Distribution
 
 __all__ = [
+    "check_bounds",
     "check_draws_memory",
     "check_enumerable",
     "check_observed_value",
+    "check_plate_options",
     "check_sizes",
+    "forget_new_params_on_error",
     "model_errors",
     "nonfinite_sites",
     "site_dtype",
@@ -33,6 +39,36 @@ __all__ = [
 
 #: Floating dtypes that data of a continuous site may have.
 _FLOAT_DATA = (torch.float32, torch.float64)
+
+
+def check_bounds(bounds) -> tuple:
+    """``(low, high)``, two finite floats with ``low < high``.
+
+    :raises ValueError: naming ``quadrature_bounds`` and the value received."""
+    try:
+        low, high = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        low = high = math.nan
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(
+            f"quadrature_bounds must be two finite numbers (low, high) with low < high, "
+            f"got {bounds!r}"
+        )
+    return (low, high)
+
+
+def check_plate_options(token_plate, max_plate_nesting):
+    """``token_plate`` is a name or ``None``; ``max_plate_nesting`` an integer >= 0 or inf.
+
+    :raises TypeError: for a value of the wrong kind; ValueError: for a negative depth."""
+    if token_plate is not None and not isinstance(token_plate, str):
+        raise TypeError(f"token_plate must be a plate name (a str) or None, got {token_plate!r}")
+    if max_plate_nesting is None or max_plate_nesting == math.inf:
+        return
+    if isinstance(max_plate_nesting, bool) or not isinstance(max_plate_nesting, numbers.Integral):
+        raise TypeError(f"max_plate_nesting must be an integer or inf, got {max_plate_nesting!r}")
+    if max_plate_nesting < 0:
+        raise ValueError(f"max_plate_nesting must be >= 0, got {max_plate_nesting!r}")
 
 
 def _support_is_discrete(fn) -> bool:
@@ -263,6 +299,21 @@ def model_errors(args=(), kwargs=None):
             f"{where} is a {value.dtype} tensor and the model failed on it ({str(e).splitlines()[0]}); "
             "a continuous model needs float32 or float64 data: pass data.double()"
         ) from e
+
+
+@contextlib.contextmanager
+def forget_new_params_on_error():
+    """On an exception, removes the ``pyro.param`` s created inside the block, so that a
+    failing call leaves the param store as it found it (a model's first trace creates its
+    parameters before a bad shape or value is found)."""
+    store = pyro.get_param_store()
+    before = set(store.keys())
+    try:
+        yield
+    except BaseException:
+        for name in set(store.keys()) - before:
+            del store[name]
+        raise
 
 
 def trace_model(model, args, kwargs):
