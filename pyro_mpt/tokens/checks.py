@@ -289,7 +289,8 @@ def model_errors(args=(), kwargs=None):
             raise
         raise TypeError(
             f"{where} is a {type(value).__name__}: pyro_mpt, like Pyro's ELBOs, needs data as "
-            "torch tensors; pass torch.as_tensor(data) (a float64 NumPy array stays float64)"
+            "torch tensors; pass torch.as_tensor(data) (a float64 NumPy array stays float64). "
+            f"The model failed with {type(e).__name__}: {str(e).splitlines()[0]}"
         ) from e
     except (NotImplementedError, RuntimeError) as e:
         where, value = _odd_dtype_argument(args, kwargs or {})
