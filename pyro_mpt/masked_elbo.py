@@ -5,12 +5,23 @@ Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520; E. Fong, C. Holmes, "On th
 likelihood and cross-validation", Biometrika 107(2), 2020.
 """
 
+import types
+import warnings
+
 import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO
 
 from .engine import MPTEstimate, MPTOptions, prepare, score, summarize
-from .options import check_positive_int, renamed_keyword
+from .options import check_positive_int, renamed_keyword, resolve_max_elements
+from .tokens.checks import (
+    check_bounds,
+    check_draws_memory,
+    check_plate_options,
+    forget_new_params_on_error,
+    model_errors,
+    nonfinite_sites,
+)
 
 __all__ = ["MaskedELBO"]
 
@@ -44,7 +55,16 @@ class MaskedELBO(ELBO):
     ``"quadrature"`` exact up to the grid's error. The conditionals
     :math:`\log p(x_j \mid x_O)` come from a backend of :mod:`pyro_mpt.conditionals`.
 
-    The guide is ignored (pass ``None``): every latent is integrated by the backend.
+    The guide is ignored (pass ``None``): every latent is integrated by the backend. A
+    guide that could do something (anything but ``None`` or a function that refers to no
+    name, such as ``def guide(*args): pass``) is warned about once per ``MaskedELBO``: it is
+    never run, so its parameters are never created.
+
+    Data must be torch tensors (NumPy arrays and lists are refused with a ``TypeError``,
+    as Pyro's ELBOs need tensors too); continuous sites need float32 or float64 data, and
+    float32 data with float64 parameters are scored in float64. A loss that is not finite
+    is returned with a ``UserWarning`` naming the observed sites whose log-density is not
+    finite (as Pyro's ELBOs warn through ``warn_if_nan``).
 
     Example::
 
@@ -104,6 +124,8 @@ class MaskedELBO(ELBO):
         num_samples = renamed_keyword(
             "MaskedELBO", "num_particles", "num_samples", num_particles, num_samples, 256
         )
+        check_plate_options(token_plate, max_plate_nesting)
+        quadrature_bounds = check_bounds(quadrature_bounds)
         self.options = MPTOptions(
             estimator=estimator,
             mask_rate=mask_rate,
@@ -130,17 +152,41 @@ class MaskedELBO(ELBO):
 
         :returns: :class:`~pyro_mpt.engine.MPTEstimate`.
         """
+        self._warn_guide(guide)
+        with forget_new_params_on_error():
+            estimate = self._estimate(model, args, kwargs)
+        if not torch.isfinite(estimate.total.detach()):
+            _warn_nonfinite(estimate.total, model, args, kwargs)
+        return estimate
+
+    def _estimate(self, model, args, kwargs):
         opts = self.options
-        layout, scorer, backend = prepare(model, args, kwargs, opts)
-        draws, _ = score(
-            layout,
-            scorer,
-            opts.estimator,
-            opts.num_masks,
-            max_elements=opts.max_elements,
-            share_masks=opts.share_masks,
-        )
+        with model_errors(args, kwargs):
+            layout, scorer, backend = prepare(model, args, kwargs, opts)
+        budget = resolve_max_elements(opts.max_elements, layout.device)
+        check_draws_memory("num_masks", opts.num_masks, layout.num_sequences, budget, layout.dtype)
+        with model_errors(args, kwargs):
+            draws, _ = score(
+                layout,
+                scorer,
+                opts.estimator,
+                opts.num_masks,
+                max_elements=opts.max_elements,
+                share_masks=opts.share_masks,
+            )
         return summarize(draws, layout, opts.estimator, backend, opts.share_masks)
+
+    def _warn_guide(self, guide):
+        if _is_inert(guide) or getattr(self, "_guide_warned", False):
+            return
+        self._guide_warned = True
+        warnings.warn(
+            f"MaskedELBO ignores the guide {getattr(guide, '__name__', type(guide).__name__)}: "
+            "it is never run and its parameters are never created (every latent is "
+            "integrated by the conditionals); pass guide=None, e.g. SVI(model, None, ...)",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _get_trace(self, model, guide, args, kwargs):
         """The model's trace and an empty guide trace: MaskedELBO runs no guide."""
@@ -168,3 +214,34 @@ class MaskedELBO(ELBO):
             f"MaskedELBO(estimator={o.estimator.name!r}, num_masks={o.num_masks}, "
             f"conditionals={o.conditionals!r}, token_plate={o.token_plate!r})"
         )
+
+
+def _is_inert(guide) -> bool:
+    """``None``, or a plain function that refers to no global, attribute or closure
+    variable (``def guide(*args): pass``), so cannot sample or create a parameter."""
+    if guide is None:
+        return True
+    code = getattr(guide, "__code__", None)
+    return (
+        isinstance(guide, types.FunctionType)
+        and not code.co_names
+        and not code.co_freevars
+        and not any(isinstance(c, types.CodeType) for c in code.co_consts)
+    )
+
+
+def _warn_nonfinite(total, model, args, kwargs):
+    """Warns that the masked estimate is not finite, naming the observed sites whose
+    log-density is not finite (in one trace of the model) when there are any."""
+    sites = nonfinite_sites(model, args, kwargs)
+    where = (
+        f"the observed site(s) {', '.join(sites)} have a non-finite log-density"
+        if sites
+        else "every observed site's log-density is finite in one trace of the model, so a "
+        "conditional is not (too few num_samples, or a parameter out of range?)"
+    )
+    warnings.warn(
+        f"MaskedELBO: the masked estimate of log p(x) is {float(total)}: {where}",
+        UserWarning,
+        stacklevel=4,
+    )

@@ -30,11 +30,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pyro.poutine as poutine
-
 from ..options import check_choice, renamed_keyword
 from ..progress import logger
 from ..tokens import read_layout
+from ..tokens.checks import forget_new_params_on_error, trace_model
 from .exact import exact_reference
 from .importance import importance_reference
 from .problem import Problem, ReferenceOptions, check_options
@@ -163,7 +162,13 @@ def log_marginal_likelihood(
     :returns: an :class:`LMLEstimate`.
     :raises ValueError: for an unknown ``method``, bad sizes, a model ``"exact"`` or
         ``"quadrature"`` cannot handle, or a guide that does not match the model.
-    :raises TypeError: for an option of the wrong kind (``progress="yes"``).
+    :raises TypeError: for an option of the wrong kind (``progress="yes"``), or data that
+        are not torch tensors of a dtype the sites can score (NumPy arrays and lists are
+        refused, as by Pyro's ELBOs: pass ``torch.as_tensor(data)``).
+
+    A failing call leaves the param store as it found it. float32 data are scored in
+    float64 by ``"exact"`` (see :mod:`~pyro_mpt.reference.exact`); importance sampling
+    with continuous latents and fewer than 100 draws is flagged not trustworthy.
     :warns UserWarning: when importance sampling is unreliable for some sequence
         (:math:`\hat k` above the threshold, or a small ESS) or a quadrature grid cuts
         off posterior mass.
@@ -189,13 +194,14 @@ def log_marginal_likelihood(
         token_plate=token_plate,
         max_plate_nesting=max_plate_nesting,
     )
-    trace = poutine.trace(model).get_trace(*args, **kwargs)
-    layout = read_layout(trace, token_plate=token_plate, max_plate_nesting=max_plate_nesting)
-    problem = Problem(model, tuple(args), dict(kwargs), trace, layout)
-    messages = []
-    if method == "auto":
-        method = _choose_auto(problem, messages)
-    if guide is not None and method != "importance":
-        messages.append(f"guide ignored: method={method!r} does not sample from a proposal")
-    logger.info("log_marginal_likelihood: method %r", method)
-    return METHODS[method](problem, options, messages)
+    with forget_new_params_on_error():
+        trace = trace_model(model, args, kwargs)
+        layout = read_layout(trace, token_plate=token_plate, max_plate_nesting=max_plate_nesting)
+        problem = Problem(model, tuple(args), dict(kwargs), trace, layout)
+        messages = []
+        if method == "auto":
+            method = _choose_auto(problem, messages)
+        if guide is not None and method != "importance":
+            messages.append(f"guide ignored: method={method!r} does not sample from a proposal")
+        logger.info("log_marginal_likelihood: method %r", method)
+        return METHODS[method](problem, options, messages)

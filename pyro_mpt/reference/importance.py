@@ -23,9 +23,10 @@ and the estimate is biased *down* by about :math:`\mathrm{SE}^2/2` (Jensen; the 
 (:mod:`pyro_mpt.diagnostics`), are only as good as the weights' tail: when :math:`\hat k`
 exceeds :math:`\min(1 - 1/\log_{10}S, 0.7)` the variance of the weights may be infinite
 and the reported SE meaningless (Vehtari et al. 2024). Such sequences, and those with a
-small ESS, raise a :class:`UserWarning` and set ``trustworthy=False``. :math:`\hat k` is
-fitted on the device from a running top-:math:`M` of the log-weights
-(:func:`pyro_mpt.diagnostics.pareto_khat_from_tail`).
+small ESS, raise a :class:`UserWarning` and set ``trustworthy=False``; so does any run
+with continuous latents and fewer than :data:`MIN_SAMPLES` draws, too few for any
+diagnostic. :math:`\hat k` is fitted on the device from a running top-:math:`M` of the
+log-weights (:func:`pyro_mpt.diagnostics.pareto_khat_from_tail`).
 
 References: Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders",
 ICLR 2016; A. B. Owen, "Monte Carlo theory, methods and examples", 2013; A. Vehtari,
@@ -45,13 +46,18 @@ from .result import LMLEstimate, flag_nonfinite, flag_unreliable
 from .sampler import Sampler
 from .streaming import stream
 
-__all__ = ["KEEP_LOG_WEIGHTS", "MIN_ESS", "importance_reference"]
+__all__ = ["KEEP_LOG_WEIGHTS", "MIN_ESS", "MIN_SAMPLES", "importance_reference"]
 
 #: Log-weights are returned (``LMLEstimate.log_weights``) when ``S * N`` is at most this.
 KEEP_LOG_WEIGHTS = 2**22
 
 #: The ESS floor is ``min(MIN_ESS, 0.01 * S)`` per sequence.
 MIN_ESS = 100.0
+
+#: Below this many draws per sequence no diagnostic can be claimed (the Pareto fit rests on
+#: fewer than 20 tail weights, and a high ESS out of so few draws proves nothing): a model
+#: with continuous latents is then flagged not trustworthy whatever its k-hat and ESS.
+MIN_SAMPLES = 100
 
 
 def _sampler(problem, guide):
@@ -146,6 +152,13 @@ def importance_reference(problem, options, messages) -> LMLEstimate:
     khat = _khat(stats, S, tail_k, messages)
     se = _standard_errors(ess, S, per_seq)
     trustworthy = _check_diagnostics(ess, khat, S, per_seq, messages)
+    if problem.continuous and S < MIN_SAMPLES:
+        trustworthy = flag_unreliable(
+            messages,
+            f"num_samples={S} is below {MIN_SAMPLES}: with so few draws per sequence neither "
+            "the ESS nor Pareto k-hat can show that the estimate is reliable (it may be far "
+            f"off); use num_samples >= {MIN_SAMPLES} (thousands for a prior proposal)",
+        )
     trustworthy = flag_nonfinite(per_seq, messages) and trustworthy
     scale = layout.scale
     return LMLEstimate(

@@ -5,10 +5,10 @@ every option before the model is run)."""
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 from ..options import check_bool, check_positive_int
+from ..tokens.checks import check_bounds, check_plate_options
 from .compile import check_compile
 
 __all__ = ["Problem", "ReferenceOptions", "check_options"]
@@ -47,30 +47,6 @@ class ReferenceOptions:
     max_plate_nesting: float = math.inf
 
 
-def _check_bounds(bounds) -> tuple:
-    try:
-        low, high = (float(b) for b in bounds)
-    except (TypeError, ValueError):
-        low = high = math.nan
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise ValueError(
-            f"quadrature_bounds must be two finite numbers (low, high) with low < high, "
-            f"got {bounds!r}"
-        )
-    return (low, high)
-
-
-def _check_plates(token_plate, max_plate_nesting):
-    if token_plate is not None and not isinstance(token_plate, str):
-        raise TypeError(f"token_plate must be a plate name (a str) or None, got {token_plate!r}")
-    if max_plate_nesting is None or max_plate_nesting == math.inf:
-        return
-    if isinstance(max_plate_nesting, bool) or not isinstance(max_plate_nesting, numbers.Integral):
-        raise TypeError(f"max_plate_nesting must be an integer or inf, got {max_plate_nesting!r}")
-    if max_plate_nesting < 0:
-        raise ValueError(f"max_plate_nesting must be >= 0, got {max_plate_nesting!r}")
-
-
 def check_options(
     *,
     token_plate,
@@ -88,13 +64,13 @@ def check_options(
     kind, each naming the option and the value)."""
     if guide is not None and not callable(guide):
         raise TypeError(f"guide must be a callable Pyro guide or None, got {guide!r}")
-    _check_plates(token_plate, max_plate_nesting)
+    check_plate_options(token_plate, max_plate_nesting)
     return ReferenceOptions(
         num_samples=check_positive_int("num_samples", num_samples),
         guide=guide,
         chunk_size=check_positive_int("chunk_size", chunk_size, allow_none=True),
         quadrature_points=check_positive_int("quadrature_points", quadrature_points),
-        quadrature_bounds=_check_bounds(quadrature_bounds),
+        quadrature_bounds=check_bounds(quadrature_bounds),
         max_elements=check_positive_int("max_elements", max_elements, allow_none=True),
         progress=check_bool("progress", progress, allow_none=True),
         compile=check_compile(compile),

@@ -17,6 +17,8 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal
 
+from .checks import check_enumerable, check_observed_value, check_sizes, site_dtype
+
 __all__ = ["ObservedSite", "TokenLayout", "read_layout"]
 
 #: Name of the plate pyro_mpt adds around a model to draw particles.
@@ -155,6 +157,7 @@ def _token_plate_dim(observed, token_plate):
 def _read_site(s, offset, P, token_plate, token_dim):
     """One observed site: its :class:`ObservedSite` and its sequence batch shape."""
     name, fn, value = s["name"], s["fn"], s["value"]
+    check_observed_value(name, fn, value)
     _check_finite(name, value)
     batch = torch.broadcast_shapes(
         tuple(fn.batch_shape), tuple(value.shape[: value.dim() - fn.event_dim])
@@ -227,9 +230,12 @@ def read_layout(trace, *, token_plate=None, max_plate_nesting=None) -> TokenLayo
     :param trace: a :class:`pyro.poutine.Trace` of the model.
     :param str token_plate: mask along this plate instead of along event elements.
     :param int max_plate_nesting: the model's plate depth; found from the trace if ``None``.
-    :raises ValueError: for a model without observed sites, non-finite observations, an
-        unknown ``token_plate``, observed sites in different plates, or latents that couple
-        sequences without a ``token_plate``.
+    :raises ValueError: for a model without observed sites, non-finite observations, no
+        sequence or no token, an unknown ``token_plate``, observed sites in different
+        plates, latents that couple sequences without a ``token_plate``, or an enumerated
+        latent without a finite support.
+    :raises TypeError: for data that are not a tensor of a dtype the site can score
+        (:func:`pyro_mpt.tokens.checks.check_observed_value`).
     """
     observed = [
         s
@@ -253,12 +259,12 @@ def read_layout(trace, *, token_plate=None, max_plate_nesting=None) -> TokenLayo
     sites, offset, batch_shapes, scales = [], 0, [], []
     dtype, device = None, None
     for s in observed:
-        value = s["value"]
-        if dtype is None and torch.is_tensor(value):
-            # integer data (an HMM's symbols): the dtype its log-densities come out in
-            dtype = value.dtype if value.is_floating_point() else s["fn"].log_prob(value).dtype
-            device = value.device
         site, batch = _read_site(s, offset, P, token_plate, token_dim)
+        value = s["value"]
+        if dtype is None:
+            # the dtype its log-densities come out in: integer data (an HMM's symbols) or
+            # float32 data with float64 parameters give the parameters' dtype
+            dtype, device = site_dtype(s["fn"], value), value.device
         sites.append(site)
         offset += site.num_tokens
         batch_shapes.append(batch)
@@ -274,6 +280,8 @@ def read_layout(trace, *, token_plate=None, max_plate_nesting=None) -> TokenLayo
             " batch"
         ) from None
     _check_latents(latents, sites, token_plate)
+    check_sizes(sites, seq_shape, offset)
+    check_enumerable(latents)
     return TokenLayout(
         sites=sites,
         latents=[s["name"] for s in latents],
