@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .clock import Clock, find_device
+from .conditionals import Conditionals
 from .curve import mpt_curve
+from .estimators import MaskEstimator
 from .evaluator_options import (
     check_model,
     check_models_and_guides,
@@ -39,9 +41,6 @@ from .report import EstimatorResult, EvaluationReport, FixedRateBias
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from .conditionals import Conditionals
-    from .estimators import MaskEstimator
 
 __all__ = ["compare", "evaluate"]
 

@@ -16,17 +16,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .conditionals import Conditionals
 from .curve import mpt_curve
-from .estimators import get_estimator
+from .estimators import MaskEstimator, get_estimator
 from .masked_elbo import MaskedELBO
 from .options import check_bool, check_choice, check_positive_int, check_probability
 from .reference import METHODS, log_marginal_likelihood
-
-if TYPE_CHECKING:
-    from .conditionals import Conditionals
-    from .estimators import MaskEstimator
 
 __all__ = [
     "RunOptions",

@@ -28,6 +28,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
+from ..estimators import MaskEstimator
 from ..masked_elbo import MaskedELBO
 from ..models import bernoulli_latent_linear
 from ..plotting import bare_axes
@@ -37,8 +38,6 @@ if TYPE_CHECKING:
     import numpy as np
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
-
-    from ..estimators import MaskEstimator
 
 __all__ = ["BinaryResult", "binary", "load_digits_binary", "synthetic_binary", "prepare_binary"]
 
