@@ -15,10 +15,18 @@ Subcommands:
 Heavy imports (torch, pyro) happen inside the subcommand so ``pyro-mpt --help`` is instant.
 """
 
+from __future__ import annotations
+
 import argparse
 import math
+import os
 import sys
 import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["main", "demo"]
 
@@ -135,19 +143,19 @@ def _version():
 
 
 def demo(
-    seed=0,
-    steps=300,
-    device="cpu",
-    num_data=200,
-    num_tokens=10,
-    latent_dim=2,
-    noise_scale=0.5,
-    lr=0.05,
-    num_masks=4,
-    progress=None,
-    plot=None,
-    file=None,
-):
+    seed: int = 0,
+    steps: int = 300,
+    device: str | torch.device = "cpu",
+    num_data: int = 200,
+    num_tokens: int = 10,
+    latent_dim: int = 2,
+    noise_scale: float = 0.5,
+    lr: float = 0.05,
+    num_masks: int = 4,
+    progress: bool | None = None,
+    plot: str | os.PathLike[str] | None = None,
+    file: TextIO | None = None,
+) -> dict[str, float | int | None]:
     """Runs the PPCA demo and prints its table; returns the numbers as a dict.
 
     :param int seed: random seed for data, initialisation and masks.
@@ -324,7 +332,7 @@ def _run_reproduce(args, parser):
     return 0
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pyro-mpt``; returns the process exit code."""
     parser = _build_parser()
     args = parser.parse_args(argv)

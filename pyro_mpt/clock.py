@@ -4,13 +4,15 @@ timings."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 __all__ = ["Clock", "find_device"]
 
 
-def find_device(args, kwargs) -> torch.device:
+def find_device(args: Sequence[Any], kwargs: Mapping[str, Any]) -> torch.device:
     """The device of the first tensor among the model's arguments (CPU if none)."""
     stack = list(args) + list(kwargs.values())
     while stack:
@@ -36,13 +38,13 @@ class Clock:
         clock.total()             # {"reference": ..., "total": ...}
     """
 
-    def __init__(self, device):
+    def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.timings = {}
         self._sync()
         self.start = self.last = time.perf_counter()
 
-    def _sync(self):
+    def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -54,7 +56,7 @@ class Clock:
         self.last = now
         return self.timings[part]
 
-    def total(self) -> dict:
+    def total(self) -> dict[str, float]:
         """Every lap and ``"total"``, the seconds since the start."""
         self.timings["total"] = time.perf_counter() - self.start
         return self.timings

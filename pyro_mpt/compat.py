@@ -5,6 +5,12 @@ wrapped once with the reason, so that a change upstream breaks one function, not
 from __future__ import annotations
 
 import warnings
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 __all__ = [
     "enumerate_dim",
@@ -16,7 +22,7 @@ __all__ = [
 ]
 
 
-def import_arviz():
+def import_arviz() -> ModuleType:
     """ArviZ, imported on first use (it is slow to import); its notice about its coming 1.0
     refactor (a ``FutureWarning`` on import) says nothing about the caller's code."""
     with warnings.catch_warnings():
@@ -27,7 +33,9 @@ def import_arviz():
     return arviz
 
 
-def generalized_pareto_fit(exceedances, *args, **kwargs):
+def generalized_pareto_fit(
+    exceedances: np.ndarray, *args: Any, **kwargs: Any
+) -> tuple[float, float]:
     """ArviZ's generalized Pareto fit (Zhang & Stephens 2009, as ``psislw`` uses it).
 
     Private in ArviZ (``arviz.stats.stats._gpdfit``): it is the exact fit behind ArviZ's own
@@ -35,7 +43,9 @@ def generalized_pareto_fit(exceedances, *args, **kwargs):
     return import_arviz().stats.stats._gpdfit(exceedances, *args, **kwargs)
 
 
-def gaussian_parts(fn):
+def gaussian_parts(
+    fn: torch.distributions.Distribution,
+) -> tuple[str, torch.Tensor, torch.Tensor] | tuple[str, torch.Tensor]:
     """The un-expanded parameters of a torch Gaussian: ``("lowrank", W, D)`` for
     ``LowRankMultivariateNormal`` or ``("dense", scale_tril)`` for ``MultivariateNormal``.
 
@@ -47,20 +57,20 @@ def gaussian_parts(fn):
     return "dense", fn._unbroadcasted_scale_tril
 
 
-def enumerate_dim(site):
+def enumerate_dim(site: dict[str, Any]) -> int | None:
     """The tensor dim Pyro's ``poutine.enum`` gave an enumerated site (``None`` if it has
     none). Pyro keeps it under the private key ``_enumerate_dim`` of ``site["infer"]``; the
     elimination code needs it to name the dims it sums. Only here."""
     return site["infer"].get("_enumerate_dim")
 
 
-def enumerate_symbol(site):
+def enumerate_symbol(site: dict[str, Any]) -> str | None:
     """The einsum symbol Pyro's ``poutine.enum`` gave an enumerated site (private key
     ``_enumerate_symbol`` of ``site["infer"]``; ``None`` if it has none). Only here."""
     return site["infer"].get("_enumerate_symbol")
 
 
-def packed_dims(tensor):
+def packed_dims(tensor: torch.Tensor) -> str:
     """The dim symbols of a tensor packed by ``Trace.pack_tensors()`` (Pyro stores them as the
     private attribute ``_pyro_dims``). Only here."""
     return tensor._pyro_dims

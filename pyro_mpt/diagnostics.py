@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 
-def khat_threshold(num_samples):
+def khat_threshold(num_samples: int) -> float:
     r"""ArviZ's threshold on Pareto :math:`\hat k` for ``num_samples`` draws:
     :math:`\min(1 - 1/\log_{10} S,\ 0.7)` (Vehtari et al. 2024, section 3.2.4). Below it the
     importance-sampling estimate is reliable. Negative for :math:`S < 10` (no estimate
@@ -70,7 +70,7 @@ def khat_threshold(num_samples):
     return min(1.0 - 1.0 / math.log10(S), 0.7)
 
 
-def effective_sample_size(log_weights, dim=0):
+def effective_sample_size(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
     r"""Kish's effective sample size of importance weights,
 
     .. math:: \mathrm{ESS} = \frac{\big(\sum_s w_s\big)^2}{\sum_s w_s^2}
@@ -91,7 +91,7 @@ def effective_sample_size(log_weights, dim=0):
     return torch.exp(2 * torch.logsumexp(lw, dim) - torch.logsumexp(2 * lw, dim))
 
 
-def tail_size(num_samples):
+def tail_size(num_samples: int) -> int:
     r"""The number :math:`M = \lceil \min(S/5,\ 3\sqrt S) \rceil` of largest weights to which
     PSIS fits the generalized Pareto distribution (ArviZ's ``psislw`` with ``reff=1``). The
     fit uses the exceedances over the :math:`(M+1)`-th largest weight, so a streaming sampler
@@ -108,7 +108,9 @@ def tail_size(num_samples):
     return int(np.ceil(min(S / 5.0, 3 * S**0.5)))
 
 
-def merge_tail(tail, log_weights, k, dim=0):
+def merge_tail(
+    tail: torch.Tensor | None, log_weights: torch.Tensor, k: int, dim: int = 0
+) -> torch.Tensor:
     """Streaming top-k: the ``k`` largest of ``tail`` and ``log_weights`` along ``dim``
     (``tail`` may be ``None`` on the first chunk). Stays on the tensors' device; no host
     synchronisation.
@@ -130,7 +132,7 @@ def merge_tail(tail, log_weights, k, dim=0):
     return torch.topk(both, k, dim=dim, sorted=False).values
 
 
-def _khat_1d(x_desc, num_samples):
+def _khat_1d(x_desc: np.ndarray, num_samples: int) -> float:
     """k-hat of one sequence from its largest log-weights ``x_desc`` (float64, sorted
     descending, the ``M + 1`` largest or all ``S``), exactly as ArviZ's ``_psislw`` computes
     it from all the weights."""
@@ -157,7 +159,7 @@ def _khat_1d(x_desc, num_samples):
 _GPDFIT_ELEMENTS = 2**25
 
 
-def gpdfit(exceedances):
+def gpdfit(exceedances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r"""ArviZ's generalized Pareto fit, batched over rows: a line-by-line port of
     :func:`pyro_mpt.compat.generalized_pareto_fit` (the empirical-Bayes estimate of Zhang &
     Stephens (2009) with ArviZ's prior: ``prior_bs = 3``, ``prior_k = 10``) to torch, so that thousands of
@@ -202,7 +204,9 @@ def gpdfit(exceedances):
     return torch.cat(ks), torch.cat(sigmas)
 
 
-def pareto_khat_from_tail(tail, num_samples, dim=0):
+def pareto_khat_from_tail(
+    tail: torch.Tensor | np.ndarray, num_samples: int, dim: int = 0
+) -> torch.Tensor | np.ndarray:
     r"""Pareto :math:`\hat k` per sequence from the :math:`M + 1` largest log-weights of each
     (:func:`tail_size`, :func:`merge_tail`), the same number ArviZ's :func:`~arviz.psislw`
     computes from all :math:`S` log-weights.
@@ -256,7 +260,7 @@ def pareto_khat_from_tail(tail, num_samples, dim=0):
     return out.cpu().numpy()
 
 
-def pareto_khat(log_weights, dim=0):
+def pareto_khat(log_weights: torch.Tensor | np.ndarray, dim: int = 0) -> torch.Tensor | np.ndarray:
     r"""Pareto :math:`\hat k` of importance log-weights by ArviZ's PSIS
     (:func:`arviz.psislw`, ``reff=1``), per sequence.
 

@@ -18,11 +18,15 @@ Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .clock import Clock, find_device
+from .conditionals import Conditionals
 from .curve import mpt_curve
+from .estimators import MaskEstimator
 from .evaluator_options import (
     check_model,
     check_models_and_guides,
@@ -34,6 +38,9 @@ from .options import check_positive_int, renamed_keyword
 from .progress import logger, progress_bar
 from .reference import log_marginal_likelihood
 from .report import EstimatorResult, EvaluationReport, FixedRateBias
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["compare", "evaluate"]
 
@@ -121,25 +128,25 @@ def _curve(model, args, kwargs, opts, curve_masks, clock, bar):
 
 
 def evaluate(
-    model,
-    *args,
-    estimators=("stratified", "uniform", "chain"),
+    model: Callable[..., Any],
+    *args: Any,
+    estimators: str | Iterable[str | MaskEstimator] = ("stratified", "uniform", "chain"),
     num_masks: int = 16,
-    fixed_rates=(0.15, 0.5, 0.8),
+    fixed_rates: Iterable[float] = (0.15, 0.5, 0.8),
     reference: str = "auto",
     reference_samples: int = 4096,
-    conditionals="auto",
+    conditionals: str | Conditionals = "auto",
     mpt_samples: int = 256,
     curve_masks: int | None = 4,
     token_plate: str | None = None,
-    guide=None,
+    guide: Callable[..., Any] | None = None,
     progress: bool | None = None,
     share_masks: bool = False,
     reference_options: dict | None = None,
     mpt_options: dict | None = None,
     num_particles: int | None = None,
     mpt_particles: int | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> EvaluationReport:
     r"""Evaluates masked pre-training against a reference log marginal likelihood for one
     model and data set.
@@ -257,24 +264,24 @@ def evaluate(
 
 
 def compare(
-    models: dict,
-    *args,
+    models: dict[str, Callable[..., Any]],
+    *args: Any,
     reference: str = "auto",
     reference_samples: int = 4096,
-    estimator="stratified",
+    estimator: str | MaskEstimator | None = "stratified",
     num_masks: int = 16,
-    conditionals="auto",
+    conditionals: str | Conditionals = "auto",
     mpt_samples: int = 256,
     token_plate: str | None = None,
-    guides: dict | None = None,
+    guides: Mapping[str, Callable[..., Any]] | None = None,
     progress: bool | None = None,
     share_masks: bool = False,
     reference_options: dict | None = None,
     mpt_options: dict | None = None,
     num_particles: int | None = None,
     mpt_particles: int | None = None,
-    **kwargs,
-):
+    **kwargs: Any,
+) -> pd.DataFrame | list[dict[str, Any]]:
     r"""Ranks models of the same data by their log marginal likelihood, as
     :func:`arviz.compare` ranks them by LOO.
 

@@ -14,10 +14,13 @@ Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from .conditionals import Conditionals
 from .curve import mpt_curve
-from .estimators import get_estimator
+from .estimators import MaskEstimator, get_estimator
 from .masked_elbo import MaskedELBO
 from .options import check_bool, check_choice, check_positive_int, check_probability
 from .reference import METHODS, log_marginal_likelihood
@@ -45,14 +48,14 @@ class RunOptions:
     reference: str
     reference_samples: int
     mpt_samples: int
-    conditionals: object
+    conditionals: str | Conditionals
     token_plate: str | None
     share_masks: bool
     progress: bool | None
-    reference_options: dict
-    mpt_options: dict
+    reference_options: dict[str, Any]
+    mpt_options: dict[str, Any]
 
-    def masked_elbo(self, estimator, num_masks: int) -> MaskedELBO:
+    def masked_elbo(self, estimator: str | MaskEstimator, num_masks: int) -> MaskedELBO:
         """The :class:`~pyro_mpt.MaskedELBO` of one estimator; constructing it checks every
         MPT option."""
         return MaskedELBO(
@@ -65,13 +68,13 @@ class RunOptions:
             **self.mpt_options,
         )
 
-    def settings(self) -> dict:
+    def settings(self) -> dict[str, Any]:
         """The options as the report's ``settings`` show them."""
         names = ("reference", "reference_samples", "conditionals", "mpt_samples")
         names += ("token_plate", "share_masks")
         return {name: getattr(self, name) for name in names}
 
-    def reference_kwargs(self, guide) -> dict:
+    def reference_kwargs(self, guide: Callable[..., Any] | None) -> dict[str, Any]:
         """The keyword arguments of :func:`~pyro_mpt.log_marginal_likelihood`."""
         return dict(
             method=self.reference,
@@ -82,7 +85,7 @@ class RunOptions:
             **self.reference_options,
         )
 
-    def curve_kwargs(self, curve_masks: int) -> dict:
+    def curve_kwargs(self, curve_masks: int) -> dict[str, Any]:
         """The keyword arguments of :func:`~pyro_mpt.mpt_curve`."""
         return dict(
             num_masks=curve_masks,
@@ -94,13 +97,15 @@ class RunOptions:
         )
 
 
-def check_model(name: str, model) -> None:
+def check_model(name: str, model: Callable[..., Any]) -> None:
     """:raises TypeError: when ``model`` is not callable."""
     if not callable(model):
         raise TypeError(f"{name} must be a callable Pyro model, got {model!r}")
 
 
-def check_models_and_guides(models, guides) -> dict:
+def check_models_and_guides(
+    models: dict[str, Callable[..., Any]], guides: Mapping[str, Callable[..., Any]] | None
+) -> dict[str, Callable[..., Any]]:
     """The models of :func:`~pyro_mpt.compare` checked; returns ``guides`` as a dict."""
     if not isinstance(models, dict):
         raise TypeError(f"models must be a dict of name -> Pyro model, got {type(models).__name__}")
@@ -115,7 +120,9 @@ def check_models_and_guides(models, guides) -> dict:
     return guides
 
 
-def estimator_list(estimators) -> dict:
+def estimator_list(
+    estimators: str | Iterable[str | MaskEstimator],
+) -> dict[str, MaskEstimator]:
     """name -> :class:`~pyro_mpt.estimators.MaskEstimator`, in order; ``"fixed"`` is named
     ``"fixed(<rate>)"``. Unknown names and repeats raise ``ValueError``."""
     if isinstance(estimators, str):
@@ -138,7 +145,7 @@ def estimator_list(estimators) -> dict:
     return out
 
 
-def check_rates(fixed_rates) -> list:
+def check_rates(fixed_rates: Iterable[float]) -> list[float]:
     """The fixed mask rates as floats in :math:`(0, 1]`."""
     try:
         rates = list(fixed_rates)
@@ -157,16 +164,16 @@ def check_rates(fixed_rates) -> list:
 
 def check_run_options(
     *,
-    reference,
-    reference_samples,
-    mpt_samples,
-    conditionals,
-    token_plate,
-    share_masks,
-    progress,
-    guides: dict,
-    reference_options,
-    mpt_options,
+    reference: str,
+    reference_samples: int,
+    mpt_samples: int,
+    conditionals: str | Conditionals,
+    token_plate: str | None,
+    share_masks: bool,
+    progress: bool | None,
+    guides: dict[str, Callable[..., Any] | None],
+    reference_options: dict[str, Any] | None,
+    mpt_options: dict[str, Any] | None,
 ) -> RunOptions:
     """The options shared by evaluate and compare, checked; ``guides`` maps each guide's
     argument name (for the error) to the guide."""
@@ -195,12 +202,12 @@ def check_run_options(
     )
 
 
-def _keywords(fn):
+def _keywords(fn: Callable[..., Any]) -> set[str]:
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return {p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds}
 
 
-def _check_keys(name, options, valid):
+def _check_keys(name: str, options: dict[str, Any] | None, valid: set[str]) -> dict[str, Any]:
     if options is None:
         return {}
     if not isinstance(options, dict):

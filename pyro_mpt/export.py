@@ -11,8 +11,12 @@ Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, Any
 
 from .compat import import_arviz
+
+if TYPE_CHECKING:
+    import arviz
 
 __all__ = ["draws_variable", "to_inference_data"]
 
@@ -25,7 +29,7 @@ def draws_variable(name: str) -> str:
     return "mpt_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
 
 
-def to_inference_data(report):
+def to_inference_data(report: Any) -> arviz.InferenceData:
     """The arrays of an :class:`~pyro_mpt.EvaluationReport` as an
     :class:`arviz.InferenceData`.
 

@@ -12,13 +12,20 @@ Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520 (Figure 2: the curve and it
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 from .options import check_bool
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["bare_axes", "plot_curve", "plot_fixed_rate_bias", "reference_parts"]
 
 
-def _new_axes(ax):
+def _new_axes(ax: Axes | None) -> Axes:
     if ax is not None:
         return ax
     try:
@@ -31,7 +38,9 @@ def _new_axes(ax):
     return ax
 
 
-def bare_axes(ax=None, figsize: tuple = (7.0, 4.5)):
+def bare_axes(
+    ax: Axes | None = None, figsize: tuple[float, float] = (7.0, 4.5)
+) -> tuple[Figure, Axes]:
     """``(fig, ax)``: ``ax`` and its figure, or a new bare
     :class:`matplotlib.figure.Figure` with one Axes, which no pyplot state holds (the
     experiments' figures, saved to files)."""
@@ -47,11 +56,13 @@ def bare_axes(ax=None, figsize: tuple = (7.0, 4.5)):
     return fig, fig.add_subplot()
 
 
-def _numpy(x):
+def _numpy(x: torch.Tensor) -> np.ndarray:
     return x.detach().cpu().double().numpy()
 
 
-def reference_parts(reference) -> tuple:
+def reference_parts(
+    reference: Any,
+) -> tuple[float, float, str, bool, float | None, float | None]:
     """``(value, stderr, method, trustworthy, khat_max, khat_threshold)`` of a reference given
     as a number, a tensor or an :class:`~pyro_mpt.LMLEstimate`-like object."""
     if hasattr(reference, "total"):
@@ -68,14 +79,14 @@ def reference_parts(reference) -> tuple:
 
 
 def plot_curve(
-    curve,
-    reference=None,
-    ax=None,
+    curve: Any,
+    reference: Any = None,
+    ax: Axes | None = None,
     *,
     per_sequence: bool = False,
-    color=None,
+    color: Any = None,
     label: str | None = None,
-):
+) -> Axes:
     r"""The paper's curve figure: :math:`S(m)` against the mask rate :math:`m/T`, with a
     :math:`\pm 1` standard-error band, the area under it shaded, and the reference log
     marginal likelihood marked.
@@ -171,7 +182,9 @@ def plot_curve(
     return ax
 
 
-def plot_fixed_rate_bias(report, ax=None, *, per_sequence: bool = False):
+def plot_fixed_rate_bias(
+    report: Any, ax: Axes | None = None, *, per_sequence: bool = False
+) -> Axes:
     r"""The bias of a fixed mask rate, :math:`T\,S(m) - \log p(X)`, against the rate
     :math:`m/T` (the line: every size of the curve, with a :math:`\pm 1` s.e. band), with the
     report's fixed rates as points with error bars. Zero is the unbiased level; only the

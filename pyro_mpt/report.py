@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from . import export, plotting
 from .curve import MPTCurve
 from .export import draws_variable
+
+if TYPE_CHECKING:
+    import arviz
+    from matplotlib.axes import Axes
 
 __all__ = ["EstimatorResult", "EvaluationReport", "FixedRateBias", "draws_variable"]
 
@@ -179,12 +184,12 @@ class EvaluationReport:
             f" [{self.reference_status}], estimators=[{names}], device={self.device})"
         )
 
-    def to_inference_data(self):
+    def to_inference_data(self) -> arviz.InferenceData:
         """The report's arrays as an :class:`arviz.InferenceData`: see
         :func:`pyro_mpt.export.to_inference_data`."""
         return export.to_inference_data(self)
 
-    def plot(self, ax=None, **kwargs):
+    def plot(self, ax: Axes | None = None, **kwargs: Any) -> Axes:
         """The curve figure (:func:`pyro_mpt.plotting.plot_curve`) with this report's
         reference marked; returns the Axes.
 
@@ -196,7 +201,7 @@ class EvaluationReport:
             )
         return plotting.plot_curve(self.curve, reference=self.reference, ax=ax, **kwargs)
 
-    def plot_fixed_rate_bias(self, ax=None, **kwargs):
+    def plot_fixed_rate_bias(self, ax: Axes | None = None, **kwargs: Any) -> Axes:
         """:func:`pyro_mpt.plotting.plot_fixed_rate_bias` of this report."""
         return plotting.plot_fixed_rate_bias(self, ax=ax, **kwargs)
 
@@ -302,7 +307,7 @@ def _fixed_rate_lines(report):
     return lines
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     """``evaluate`` and ``compare`` live in :mod:`pyro_mpt.evaluator` (which imports this
     module); ``from pyro_mpt.report import evaluate`` still works for one release, resolved
     lazily, with a ``DeprecationWarning``."""

@@ -10,15 +10,23 @@ Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520 (Figure 2).
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyro
 import torch
 
-from ..curve import mpt_curve
+from ..curve import MPTCurve, mpt_curve
 from ..models import ppca_collapsed, ppca_log_marginal, sample_ppca
 from ..plotting import bare_axes, plot_curve
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["AreaResult", "area"]
 
@@ -45,29 +53,29 @@ class AreaResult:
     T: int
     K: int
     N: int
-    permutations: tuple
-    curves: list
+    permutations: tuple[int, ...]
+    curves: list[MPTCurve]
     exact: float
     share_masks: bool
 
     @property
-    def areas(self):
+    def areas(self) -> list[float]:
         """The areas :math:`\\sum_m S(m)`, one per curve (nats, summed over sequences)."""
         return [float(c.area) for c in self.curves]
 
     @property
-    def area_stderr(self):
+    def area_stderr(self) -> list[float]:
         """Standard errors of the areas (NaN with one mask per size)."""
         return [float(c.area_stderr) for c in self.curves]
 
-    def z_scores(self):
+    def z_scores(self) -> list[float]:
         """``(area - exact) / stderr`` per curve (NaN where the stderr is unknown)."""
         out = []
         for a, se in zip(self.areas, self.area_stderr):
             out.append((a - self.exact) / se if math.isfinite(se) and se > 0 else float("nan"))
         return out
 
-    def headline(self):
+    def headline(self) -> str:
         parts = []
         for p, a, se in zip(self.permutations, self.areas, self.area_stderr):
             txt = f"p={p}: area {a / self.N:.4f}"
@@ -76,7 +84,7 @@ class AreaResult:
             parts.append(txt)
         return "; ".join(parts) + f"; exact LML {self.exact / self.N:.4f} (nats per sequence)"
 
-    def figure(self, ax=None):
+    def figure(self, ax: Axes | None = None) -> Figure:
         """The curves :math:`S(m)` per sequence against the mask rate, their areas shaded
         (:func:`~pyro_mpt.plot_curve`), the exact LML in the legend. Returns the Figure."""
         fig, ax = bare_axes(ax, figsize=(7.0, 4.5))
@@ -100,15 +108,15 @@ class AreaResult:
 
 
 def area(
-    T=200,
-    K=5,
-    N=1000,
-    permutations=(1, 100),
-    noise_precision=5.0,
-    seed=0,
-    device="cpu",
-    share_masks=True,
-):
+    T: int = 200,
+    K: int = 5,
+    N: int = 1000,
+    permutations: Sequence[int] = (1, 100),
+    noise_precision: float = 5.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    share_masks: bool = True,
+) -> AreaResult:
     r"""The curve :math:`S(m)` of PPCA with its true parameters, estimated with each number
     of masks per size in ``permutations``, and its area against the exact LML.
 

@@ -16,8 +16,11 @@ Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520 (Section 4, binary images).
 """
 
+from __future__ import annotations
+
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyro
 import pyro.distributions as dist
@@ -25,15 +28,21 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
+from ..estimators import MaskEstimator
 from ..masked_elbo import MaskedELBO
 from ..models import bernoulli_latent_linear
 from ..plotting import bare_axes
 from ..reference import log_marginal_likelihood
 
+if TYPE_CHECKING:
+    import numpy as np
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 __all__ = ["BinaryResult", "binary", "load_digits_binary", "synthetic_binary", "prepare_binary"]
 
 
-def load_digits_binary(dtype=torch.float64):
+def load_digits_binary(dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """scikit-learn's 8 x 8 digits (1797 images, values 0..16), binarised at 8: returns a
     ``(1797, 64)`` tensor of zeros and ones.
 
@@ -56,7 +65,13 @@ def load_digits_binary(dtype=torch.float64):
     return (images >= 8).to(dtype)
 
 
-def synthetic_binary(num_data=500, num_pixels=64, latent_dim=2, seed=0, dtype=torch.float64):
+def synthetic_binary(
+    num_data: int = 500,
+    num_pixels: int = 64,
+    latent_dim: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Binary images drawn from :func:`~pyro_mpt.models.bernoulli_latent_linear` with random
     true parameters (``W`` entries :math:`\mathcal N(0, 2^2)`, biases :math:`\mathcal N(0, 1)`).
 
@@ -76,7 +91,9 @@ def synthetic_binary(num_data=500, num_pixels=64, latent_dim=2, seed=0, dtype=to
     return X, {"W": W, "bias": bias}
 
 
-def prepare_binary(data, dtype=torch.float64):
+def prepare_binary(
+    data: torch.Tensor | np.ndarray, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """A user's images as ``(N, pixels)`` zeros and ones: flattens trailing dims; values not
     already binary are thresholded at half their maximum (e.g. MNIST's 0..255 at 127.5).
 
@@ -129,11 +146,11 @@ class BinaryResult:
     N: int
     num_pixels: int
     estimator: str
-    lml_truth: float = None
-    messages: list = field(default_factory=list)
+    lml_truth: float | None = None
+    messages: list[str] = field(default_factory=list)
     train_quadrature_points: int = 20
 
-    def headline(self):
+    def headline(self) -> str:
         text = (
             f"LML per image (20 x 20 quadrature): MPT-trained {self.lml_mpt:.3f}, "
             f"VAE {self.lml_vae:.3f} ({self.data_source}, N = {self.N})"
@@ -142,7 +159,7 @@ class BinaryResult:
             text += f"; true parameters {self.lml_truth:.3f}"
         return text
 
-    def figure(self, ax=None, smooth=10):
+    def figure(self, ax: Axes | None = None, smooth: int = 10) -> Figure:
         """Training traces per image (MPT objective, VAE ELBO; running means over ``smooth``
         steps) with the final quadrature LMLs as horizontal lines. Returns the Figure."""
         fig, ax = bare_axes(ax, figsize=(7.0, 4.5))
@@ -255,20 +272,20 @@ def _train(model, make_guide, loss, X, batches, lr, seed):
 
 
 def binary(
-    data=None,
-    K=2,
-    steps=1000,
-    lr=0.05,
-    batch_size=128,
-    estimator="uniform",
-    num_masks=1,
-    quadrature_points=20,
-    quadrature_bounds=(-5.0, 5.0),
-    num_data=None,
-    train_quadrature_points=None,
-    seed=0,
-    device="cpu",
-):
+    data: str | torch.Tensor | np.ndarray | None = None,
+    K: int = 2,
+    steps: int = 1000,
+    lr: float = 0.05,
+    batch_size: int = 128,
+    estimator: str | MaskEstimator = "uniform",
+    num_masks: int = 1,
+    quadrature_points: int = 20,
+    quadrature_bounds: tuple[float, float] = (-5.0, 5.0),
+    num_data: int | None = None,
+    train_quadrature_points: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> BinaryResult:
     r"""Trains :func:`~pyro_mpt.models.bernoulli_latent_linear` by MaskedELBO with quadrature
     conditionals, and a linear VAE (same decoder, encoder :math:`q(z\mid x) =
     \mathcal N(Ax + a, \mathrm{diag}\,\mathrm{softplus}(Bx + b)^2)`) by

@@ -12,8 +12,12 @@ Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520 (Section 4, convergence figure).
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyro
 import torch
@@ -21,6 +25,10 @@ import torch
 from ..curve import mpt_curve
 from ..models import ppca_collapsed, ppca_log_marginal, sample_ppca
 from ..plotting import bare_axes
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["ConvergenceResult", "convergence"]
 
@@ -46,29 +54,29 @@ class ConvergenceResult:
         res.abs_errors, res.final_abs_error
     """
 
-    T_values: tuple
-    permutations: tuple
+    T_values: tuple[int, ...]
+    permutations: tuple[int, ...]
     errors: torch.Tensor
     stderr: torch.Tensor
     exact: torch.Tensor
     num_data: int
 
     @property
-    def repeats(self):
+    def repeats(self) -> int:
         return int(self.errors.shape[-1])
 
     @property
-    def abs_errors(self):
+    def abs_errors(self) -> torch.Tensor:
         """``(len(T_values), len(permutations))``: ``|MPT - LML|`` per sequence, averaged
         over the repeats."""
         return self.errors.abs().mean(-1)
 
     @property
-    def final_abs_error(self):
+    def final_abs_error(self) -> torch.Tensor:
         """``(len(T_values),)``: ``|MPT - LML|`` per sequence at the largest ``p``."""
         return self.abs_errors[:, -1]
 
-    def headline(self):
+    def headline(self) -> str:
         """One line: the final error per sequence for every ``T``."""
         parts = ", ".join(
             f"T={T}: {float(e):.3g}" for T, e in zip(self.T_values, self.final_abs_error)
@@ -78,7 +86,7 @@ class ConvergenceResult:
             f"(mean of {self.repeats} repeats): {parts}"
         )
 
-    def figure(self, ax=None):
+    def figure(self, ax: Axes | None = None) -> Figure:
         """``|MPT - LML|`` per sequence against permutations per size (log-log), one line per
         ``T``, with a :math:`1/\\sqrt p` guide. Returns the Figure."""
         fig, ax = bare_axes(ax, figsize=(6.0, 4.0))
@@ -107,16 +115,16 @@ class ConvergenceResult:
 
 
 def convergence(
-    T_values=(5, 10, 20, 50),
-    K=2,
-    N=100,
-    noise_precision=5.0,
-    permutations=(1, 3, 10, 30, 100, 300),
-    seed=0,
-    device="cpu",
-    share_masks=False,
-    repeats=1,
-):
+    T_values: Sequence[int] = (5, 10, 20, 50),
+    K: int = 2,
+    N: int = 100,
+    noise_precision: float = 5.0,
+    permutations: Sequence[int] = (1, 3, 10, 30, 100, 300),
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    share_masks: bool = False,
+    repeats: int = 1,
+) -> ConvergenceResult:
     r"""Stratified MPT estimate minus the exact LML of PPCA with its true parameters, per
     sequence, for each sequence length and number of masks per size.
 

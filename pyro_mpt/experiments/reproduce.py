@@ -8,9 +8,13 @@ Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 """
 
+from __future__ import annotations
+
 import math
 import os
 import time
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -92,7 +96,7 @@ CLAIMS = {
 }
 
 
-def check_device(device):
+def check_device(device: str | torch.device) -> torch.device:
     """``torch.device(device)``, or a ValueError saying why it cannot be used."""
     try:
         dev = torch.device(device)
@@ -243,7 +247,15 @@ def _write_report(path, rows, details, *, preset, seed, device, elapsed):
         f.write("\n".join(lines))
 
 
-def reproduce(output_dir, quick=True, device="cpu", seed=0, progress=None, only=None, _preset=None):
+def reproduce(
+    output_dir: str | os.PathLike[str],
+    quick: bool = True,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool | None = None,
+    only: str | Iterable[str] | None = None,
+    _preset: str | None = None,
+) -> dict[str, Any]:
     """Runs the experiments, writes ``<name>.png`` for each and ``report.md`` into
     ``output_dir`` (created if missing), and returns ``{name: result}``.
 

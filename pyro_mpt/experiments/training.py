@@ -12,7 +12,11 @@ Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520 (Section 4, training figure).
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import torch
@@ -21,6 +25,10 @@ from pyro.optim import Adam
 
 from ..masked_elbo import MaskedELBO
 from ..models import ppca_collapsed, ppca_log_marginal, ppca_maximum_likelihood, sample_ppca
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["TrainingResult", "training", "TRAINING_RUNS"]
 
@@ -52,29 +60,29 @@ class TrainingResult:
     """
 
     steps: torch.Tensor
-    objective: dict
-    lml: dict
+    objective: dict[str, torch.Tensor]
+    lml: dict[str, torch.Tensor]
     ml_lml: float
     true_lml: float
     N: int
     T: int
 
-    def final_lml(self, run="stratified"):
+    def final_lml(self, run: str = "stratified") -> float:
         """The exact LML per sequence of ``run``'s parameters after the last step."""
         return float(self.lml[run][-1])
 
-    def gap_to_ml(self, run="stratified"):
+    def gap_to_ml(self, run: str = "stratified") -> float:
         """``final_lml(run) - ml_lml`` (<= 0 up to the ML fit's optimality)."""
         return self.final_lml(run) - self.ml_lml
 
-    def headline(self):
+    def headline(self) -> str:
         runs = ", ".join(f"{name} {self.final_lml(name):.4f}" for name in self.lml)
         return (
             f"final exact LML per sequence: {runs}; closed-form ML {self.ml_lml:.4f}; "
             f"true parameters {self.true_lml:.4f}"
         )
 
-    def figure(self, ax=None):
+    def figure(self, ax: Axes | None = None) -> Figure:
         """Without ``ax``: two panels, (left) the exact LML of each run's current parameters
         minus the closed-form ML LML (per sequence; 0 is the maximum), with the
         true parameters' level, and (right) each run's MPT objective with the ML and true
@@ -134,17 +142,17 @@ class TrainingResult:
 
 
 def training(
-    T=10,
-    N=2000,
-    K=2,
-    steps=1500,
-    lr=0.05,
-    noise_precision=5.0,
-    record_every=10,
-    runs=None,
-    seed=0,
-    device="cpu",
-):
+    T: int = 10,
+    N: int = 2000,
+    K: int = 2,
+    steps: int = 1500,
+    lr: float = 0.05,
+    noise_precision: float = 5.0,
+    record_every: int = 10,
+    runs: Mapping[str, Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> TrainingResult:
     r"""SVI on :func:`~pyro_mpt.models.ppca_collapsed` with each MaskedELBO of ``runs``
     (default :data:`TRAINING_RUNS`: stratified, and a fixed 80% rate), recording the
     objective and the exact LML of the current parameters every ``record_every`` steps.

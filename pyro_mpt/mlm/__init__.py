@@ -12,8 +12,8 @@ from .curve import (
     mlm_estimate,
     pseudo_log_likelihood,
 )
-from .experiment import MLMExperimentResult, mlm_experiment, random_hmm
-from .hmm import hmm_predictor
+from .experiment import MLMExperimentResult, mlm_experiment
+from .hmm import hmm_predictor, random_hmm
 from .huggingface import huggingface_predictor
 from .scorer import PredictorScorer
 from .transformer import TinyMLM, train_mlm

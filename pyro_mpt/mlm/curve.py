@@ -30,6 +30,7 @@ pseudo-log-likelihood).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -67,10 +68,20 @@ class LeaveOneOutEstimator(MaskEstimator):
     name = "leave_one_out"
     unbiased = False
 
-    def rows_per_draw(self, T):
+    def rows_per_draw(self, T: int) -> int:
         return T
 
-    def batches(self, N, T, num_draws, *, device, dtype, max_rows, generator=None):
+    def batches(
+        self,
+        N: int,
+        T: int,
+        num_draws: int,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        max_rows: int,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[MaskBatch]:
         for start in range(0, num_draws * T, max_rows):
             stop = min(num_draws * T, start + max_rows)
             rows = torch.arange(start, stop, device=device)
@@ -100,9 +111,9 @@ class MLMCurve(MPTCurve):
         curve.lengths, curve.area, curve.per_sequence.shape  # (N,), scalar, (N, T)
     """
 
-    lengths: torch.Tensor = None
+    lengths: torch.Tensor | None = None
 
-    def fixed_rate_estimate(self, rate):
+    def fixed_rate_estimate(self, rate: float) -> torch.Tensor:
         r"""What a fixed mask rate estimates:
         :math:`\sum_n T_n\,S_n(\max(1, \mathrm{round}(r T_n)))` (equal to
         :math:`T\,S(\mathrm{round}(rT))` when all sequences have ``T`` tokens)."""
@@ -172,10 +183,10 @@ _CURVE_ESTIMATORS = ("stratified", "exhaustive", "chain", "uniform")
 
 
 def mlm_curve(
-    predictor,
+    predictor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     tokens: torch.Tensor,
     *,
-    estimator="stratified",
+    estimator: str | MaskEstimator = "stratified",
     num_masks: int = 1,
     exhaustive: bool = False,
     max_elements: int | None = None,
@@ -237,10 +248,10 @@ def mlm_curve(
 
 
 def mlm_estimate(
-    predictor,
+    predictor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     tokens: torch.Tensor,
     *,
-    estimator="uniform",
+    estimator: str | MaskEstimator = "uniform",
     num_masks: int = 1,
     mask_rate: float = 0.15,
     max_elements: int | None = None,
@@ -280,7 +291,7 @@ def mlm_estimate(
 
 
 def pseudo_log_likelihood(
-    predictor,
+    predictor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     tokens: torch.Tensor,
     *,
     max_elements: int | None = None,

@@ -22,9 +22,12 @@ Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520 (Section 5, BERT).
 """
 
+from __future__ import annotations
+
 import copy
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,9 +35,12 @@ from ..models import hmm_log_marginal, sample_hmm
 from ..options import check_bool, check_positive_int
 from ..plotting import bare_axes
 from ..progress import progress_bar
-from .curve import mlm_curve, pseudo_log_likelihood
-from .hmm import hmm_predictor
+from .curve import MLMCurve, mlm_curve, pseudo_log_likelihood
+from .hmm import hmm_predictor, random_hmm
 from .transformer import TinyMLM, num_threads, train_mlm
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 __all__ = ["MLMExperimentResult", "mlm_experiment", "random_hmm"]
 
@@ -49,32 +55,6 @@ COLORS = {"exact": "black", "fixed": "tab:orange", "uniform": "tab:blue", "untra
 
 #: Sequences up to this length also get the exhaustive cross-check (all 2^T - 1 masks).
 EXHAUSTIVE_CHECK_MAX_TOKENS = 10
-
-
-def random_hmm(num_states, vocab_size, *, generator=None, stickiness=2.5, peakedness=1.5):
-    r"""A random HMM with moderately peaked rows (float64):
-    ``transition = softmax(stickiness * I + randn)``, ``emission = softmax(peakedness * randn)``,
-    uniform initial distribution.
-
-    :param int num_states: :math:`C`.
-    :param int vocab_size: :math:`V`.
-    :param torch.Generator generator: optional random generator.
-    :param float stickiness: added to the diagonal of the transition logits.
-    :param float peakedness: scale of the emission logits.
-    :returns: ``(initial (C,), transition (C, C), emission (C, V))``.
-
-    Example::
-
-        initial, transition, emission = random_hmm(4, 8, generator=torch.Generator().manual_seed(0))
-        tokens = sample_hmm(200, 12, initial, transition, emission)   # (200, 12), from models
-    """
-    C, V = num_states, vocab_size
-    dtype = torch.float64
-    noise = torch.randn(C, C, generator=generator, dtype=dtype)
-    transition = (stickiness * torch.eye(C, dtype=dtype) + noise).softmax(-1)
-    emission = (peakedness * torch.randn(C, V, generator=generator, dtype=dtype)).softmax(-1)
-    initial = torch.full((C,), 1.0 / C, dtype=dtype)
-    return initial, transition, emission
 
 
 @dataclass
@@ -104,24 +84,26 @@ class MLMExperimentResult:
         result.exact_lml, result.areas["uniform"], result.areas["fixed"]
     """
 
-    config: dict
+    config: dict[str, Any]
     exact_lml: float
     exact_chain_area: float
-    exact_exhaustive_area: float
-    curves: dict
-    areas: dict
-    area_stderr: dict
-    fixed_rate: dict
-    pll: dict
-    losses: dict
-    seconds: dict = field(default_factory=dict)
+    exact_exhaustive_area: float | None
+    curves: dict[str, MLMCurve]
+    areas: dict[str, float]
+    area_stderr: dict[str, float]
+    fixed_rate: dict[str, float]
+    pll: dict[str, float]
+    losses: dict[str, list[float]]
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
-    def gaps(self):
+    def gaps(self) -> dict[str, float]:
         """``area - exact_lml`` per model (nats per token)."""
         return {k: v - self.exact_lml for k, v in self.areas.items()}
 
-    def paired_difference(self, first="uniform", second="fixed"):
+    def paired_difference(
+        self, first: str = "uniform", second: str = "fixed"
+    ) -> tuple[float, float]:
         """``(mean, stderr)`` of ``areas[first] - areas[second]`` per token, paired over the
         held-out sequences (the curves share their masks): the standard error is that of the
         mean of the per-sequence area differences."""
@@ -132,12 +114,12 @@ class MLMExperimentResult:
         return float(d.mean()), se
 
     @property
-    def uniform_closer(self):
+    def uniform_closer(self) -> bool:
         """Whether (b)'s area is closer to the exact LML than (a)'s (what the theory
         predicts)."""
         return abs(self.gaps["uniform"]) < abs(self.gaps["fixed"])
 
-    def headline(self):
+    def headline(self) -> str:
         """A few lines with the numbers, in nats per token of held-out data."""
         lines = [
             f"exact held-out LML per token (forward algorithm): {self.exact_lml:.4f}  "
@@ -163,7 +145,7 @@ class MLMExperimentResult:
         )
         return "\n".join(lines)
 
-    def figure(self, ax=None):
+    def figure(self, ax: Axes | None = None) -> Axes:
         r""":math:`S(m)` per token (mean log-probability of a masked token, nats) against the
         mask rate :math:`m/T` for the exact predictor, (a), (b) and (c), with :math:`\pm 1`
         standard-error bands; the exact LML per token as a horizontal line (a curve whose mean
@@ -216,23 +198,23 @@ class MLMExperimentResult:
 
 
 def mlm_experiment(
-    num_states=4,
-    vocab_size=8,
-    seq_len=12,
-    num_train=None,
-    num_test=None,
-    steps=None,
-    quick=True,
-    seed=0,
-    device="cpu",
+    num_states: int = 4,
+    vocab_size: int = 8,
+    seq_len: int = 12,
+    num_train: int | None = None,
+    num_test: int | None = None,
+    steps: int | None = None,
+    quick: bool = True,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
     *,
-    batch_size=64,
-    lr=3e-3,
-    num_masks=None,
-    model_kwargs=None,
-    progress=None,
-    threads=1,
-):
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    num_masks: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    progress: bool | None = None,
+    threads: int | None = 1,
+) -> MLMExperimentResult:
     r"""Trains TinyMLMs on HMM sequences by a fixed 15% rate and by the cumulative objective
     and compares their held-out MPT-curve areas with the exact LML (see the module doc).
 

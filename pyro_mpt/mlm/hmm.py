@@ -1,4 +1,5 @@
-r"""A ground-truth masked predictor: the exact posterior predictive of a discrete HMM.
+r"""A ground-truth masked predictor: the exact posterior predictive of a discrete HMM (and
+:func:`random_hmm`, random parameters for one).
 
 For a hidden Markov model (:func:`pyro_mpt.models.hmm`) the ideal masked language model is
 the posterior predictive :math:`p(x_j \mid x_{\text{visible}})`. It is computed here by a
@@ -11,9 +12,13 @@ Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+
 import torch
 
-__all__ = ["hmm_predictor"]
+__all__ = ["hmm_predictor", "random_hmm"]
 
 
 def _check_hmm(initial, transition, emission):
@@ -35,7 +40,9 @@ def _check_hmm(initial, transition, emission):
         )
 
 
-def hmm_predictor(initial, transition, emission):
+def hmm_predictor(
+    initial: torch.Tensor, transition: torch.Tensor, emission: torch.Tensor
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     r"""A masked predictor whose log-probabilities are the exact HMM posterior predictive.
 
     ``predictor(tokens, mask)`` with ``tokens`` long ``(B, T)`` and ``mask`` bool ``(B, T)``
@@ -65,7 +72,7 @@ def hmm_predictor(initial, transition, emission):
     def _normalize(p):
         return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
 
-    def predictor(tokens, mask):
+    def predictor(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if not torch.is_tensor(tokens) or tokens.dtype != torch.long or tokens.dim() != 2:
             raise ValueError("hmm_predictor: tokens must be a long tensor of shape (B, T)")
         if not torch.is_tensor(mask) or mask.dtype != torch.bool:
@@ -97,3 +104,36 @@ def hmm_predictor(initial, transition, emission):
         return (post @ emission).log()
 
     return predictor
+
+
+def random_hmm(
+    num_states: int,
+    vocab_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    stickiness: float = 2.5,
+    peakedness: float = 1.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""A random HMM with moderately peaked rows (float64):
+    ``transition = softmax(stickiness * I + randn)``, ``emission = softmax(peakedness * randn)``,
+    uniform initial distribution.
+
+    :param int num_states: :math:`C`.
+    :param int vocab_size: :math:`V`.
+    :param torch.Generator generator: optional random generator.
+    :param float stickiness: added to the diagonal of the transition logits.
+    :param float peakedness: scale of the emission logits.
+    :returns: ``(initial (C,), transition (C, C), emission (C, V))``.
+
+    Example::
+
+        initial, transition, emission = random_hmm(4, 8, generator=torch.Generator().manual_seed(0))
+        tokens = sample_hmm(200, 12, initial, transition, emission)   # (200, 12), from models
+    """
+    C, V = num_states, vocab_size
+    dtype = torch.float64
+    noise = torch.randn(C, C, generator=generator, dtype=dtype)
+    transition = (stickiness * torch.eye(C, dtype=dtype) + noise).softmax(-1)
+    emission = (peakedness * torch.randn(C, V, generator=generator, dtype=dtype)).softmax(-1)
+    initial = torch.full((C,), 1.0 / C, dtype=dtype)
+    return initial, transition, emission

@@ -22,6 +22,11 @@ Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 
 __all__ = ["huggingface_predictor"]
@@ -55,8 +60,14 @@ def _model_device(model):
 
 
 def huggingface_predictor(
-    model, mask_token_id, *, attention_mask=None, prefix=None, suffix=None, dtype=None
-):
+    model: Callable[..., Any],
+    mask_token_id: int,
+    *,
+    attention_mask: torch.Tensor | Sequence[int] | None = None,
+    prefix: torch.Tensor | Sequence[int] | None = None,
+    suffix: torch.Tensor | Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     r"""Wraps a ``transformers`` ``*ForMaskedLM`` (BERT, RoBERTa, DistilBERT, ...) into a
     masked predictor ``predictor(tokens, mask) -> log_probs``.
 
@@ -112,7 +123,7 @@ def huggingface_predictor(
         attention_mask = attention_mask.to(torch.long)
     P, S = prefix.numel(), suffix.numel()
 
-    def predictor(tokens, mask):
+    def predictor(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if not torch.is_tensor(tokens) or tokens.dtype != torch.long or tokens.dim() != 2:
             raise ValueError("huggingface_predictor: tokens must be a long tensor (B, T)")
         if not torch.is_tensor(mask) or mask.dtype != torch.bool or mask.shape != tokens.shape:

@@ -19,16 +19,23 @@ Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 
 from ..conditionals.base import Scorer
 from ..engine import score_masks
+from ..estimators import MaskEstimator
 from ..progress import logger
 
 __all__ = ["PredictorScorer", "PredictedSequences", "score_sequences"]
 
 
-def call_predictor(predictor, tokens, hidden):
+def call_predictor(
+    predictor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    tokens: torch.Tensor,
+    hidden: torch.Tensor,
+) -> torch.Tensor:
     """One predictor call, its output checked: ``(B, T, V)`` floating point."""
     out = predictor(tokens, hidden)
     B, T = tokens.shape
@@ -64,7 +71,13 @@ class PredictorScorer(Scorer):
         scorer.row_scores(batch.observed, batch.scored)        # batch: a MaskBatch -> (R, n)
     """
 
-    def __init__(self, predictor, tokens: torch.Tensor, vocab_size: int, max_elements: int):
+    def __init__(
+        self,
+        predictor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        tokens: torch.Tensor,
+        vocab_size: int,
+        max_elements: int,
+    ) -> None:
         self.predictor = predictor
         self.tokens = tokens
         self.vocab_size = vocab_size
@@ -75,7 +88,9 @@ class PredictorScorer(Scorer):
         n, L = self.tokens.shape
         return n * L * self.vocab_size
 
-    def _log_probs(self, observed, scored):
+    def _log_probs(
+        self, observed: torch.Tensor, scored: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields ``(scored (B, L), log q (B, L))`` per predictor batch, every mask row of
         every sequence flattened in order, the tokens outside ``observed`` hidden."""
         n, L = self.tokens.shape
@@ -96,14 +111,14 @@ class PredictorScorer(Scorer):
                 )
             yield flat_scored[sl], logp.gather(-1, toks.unsqueeze(-1)).squeeze(-1)
 
-    def __call__(self, observed, scored):
+    def __call__(self, observed: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
         """``(R, n, L)``: :math:`\\log q(x_{n,j} \\mid x_{n,O_r})` where ``scored``, else 0."""
         parts = [
             torch.where(s, lp, lp.new_zeros(())) for s, lp in self._log_probs(observed, scored)
         ]
         return torch.cat(parts).reshape(observed.shape[0], *self.tokens.shape)
 
-    def row_scores(self, observed, scored):
+    def row_scores(self, observed: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
         """``(R, n)``: each row's sum of its scored tokens' log-probabilities."""
         parts = [
             torch.where(s, lp, lp.new_zeros(())).sum(-1)
@@ -125,7 +140,13 @@ class PredictedSequences:
         predictor row.
     """
 
-    def __init__(self, predictor, tokens, pad_mask, max_elements: int):
+    def __init__(
+        self,
+        predictor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        tokens: torch.Tensor,
+        pad_mask: torch.Tensor,
+        max_elements: int,
+    ) -> None:
         if not callable(predictor):
             raise ValueError("predictor must be callable: predictor(tokens, mask) -> (B, T, V)")
         self.predictor = predictor
@@ -155,7 +176,7 @@ class PredictedSequences:
             )
         logger.debug("pyro_mpt.mlm: vocabulary V = %d, %s", self.V, self.dtype)
 
-    def groups(self):
+    def groups(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(index, tokens)`` for every distinct length: the sequences' indices and their
         real tokens packed to the left, ``(N_L, L)``."""
         for L in torch.unique(self.lengths).tolist():
@@ -164,8 +185,13 @@ class PredictedSequences:
 
 
 def score_sequences(
-    sequences: PredictedSequences, estimator, num_draws: int, *, by_size: bool, generator=None
-):
+    sequences: PredictedSequences,
+    estimator: MaskEstimator,
+    num_draws: int,
+    *,
+    by_size: bool,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(draws, bins)`` of all sequences, :func:`~pyro_mpt.engine.score_masks` run once per
     length group: ``(K, N)`` and ``(K, N, Tmax + 1)`` (bins 0 beyond a sequence's length; or
     ``None`` unless ``by_size``)."""

@@ -23,8 +23,11 @@ Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 """
 
+from __future__ import annotations
+
 import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -62,16 +65,16 @@ class TinyMLM(nn.Module):
 
     def __init__(
         self,
-        vocab_size,
-        seq_len,
-        d_model=64,
-        nhead=4,
-        num_layers=2,
-        dim_feedforward=128,
-        dropout=0.0,
+        vocab_size: int,
+        seq_len: int,
+        d_model: int = 64,
+        nhead: int = 4,
+        num_layers: int = 2,
+        dim_feedforward: int = 128,
+        dropout: float = 0.0,
         *,
-        dtype=torch.float32,
-    ):
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         for name, value in (
             ("vocab_size", vocab_size),
@@ -108,7 +111,7 @@ class TinyMLM(nn.Module):
             nn.init.normal_(self.token_embedding.weight, std=0.02 * math.sqrt(d_model))
             nn.init.normal_(self.position_embedding.weight, std=0.02 * math.sqrt(d_model))
 
-    def forward(self, tokens, mask=None):
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if not torch.is_tensor(tokens) or tokens.dtype != torch.long or tokens.dim() != 2:
             raise ValueError("TinyMLM: tokens must be a long tensor of shape (B, T)")
         B, T = tokens.shape
@@ -128,7 +131,7 @@ class TinyMLM(nn.Module):
 
 
 @contextlib.contextmanager
-def num_threads(n):
+def num_threads(n: int | None) -> Iterator[None]:
     """Temporarily sets ``torch.set_num_threads(n)`` (``None``: leaves it), restoring it on
     exit. A tiny model on a CPU shared with other work trains many times faster on one thread
     than with intra-op parallelism."""
@@ -145,20 +148,20 @@ def num_threads(n):
 
 
 def train_mlm(
-    model,
-    sequences,
+    model: nn.Module,
+    sequences: torch.Tensor,
     *,
-    objective="uniform",
-    mask_rate=0.15,
-    steps=500,
-    batch_size=64,
-    lr=1e-3,
-    num_masks=1,
-    seed=None,
-    generator=None,
-    progress=None,
-    threads=None,
-):
+    objective: str = "uniform",
+    mask_rate: float = 0.15,
+    steps: int = 500,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    num_masks: int = 1,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool | None = None,
+    threads: int | None = None,
+) -> list[float]:
     r"""Trains a masked predictor (e.g. :class:`TinyMLM`) on token sequences with Adam.
 
     Each step draws ``batch_size`` sequences uniformly with replacement and ``num_masks``

@@ -2,13 +2,22 @@
 likelihood and a sampler.
 """
 
+from __future__ import annotations
+
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.ops.indexing import Vindex
 
+__all__ = ["hmm", "hmm_log_marginal", "sample_hmm"]
 
-def hmm(data, initial, transition, emission):
+
+def hmm(
+    data: torch.Tensor,
+    initial: torch.Tensor,
+    transition: torch.Tensor,
+    emission: torch.Tensor,
+) -> None:
     r"""A discrete HMM, one sequence per row of ``data`` (N, T) of integer symbols:
     :math:`z_1 \sim \pi`, :math:`z_t \mid z_{t-1} \sim A_{z_{t-1}}`,
     :math:`x_t \mid z_t \sim B_{z_t}`. The hidden chain is enumerated under
@@ -34,7 +43,12 @@ def hmm(data, initial, transition, emission):
             pyro.sample(f"x_{t}", dist.Categorical(Vindex(emission)[z]), obs=data[:, t])
 
 
-def hmm_log_marginal(data, initial, transition, emission):
+def hmm_log_marginal(
+    data: torch.Tensor,
+    initial: torch.Tensor,
+    transition: torch.Tensor,
+    emission: torch.Tensor,
+) -> torch.Tensor:
     r"""The forward algorithm: exact :math:`\sum_n \log p(x_n)` of :func:`hmm`, per sequence
     summed. ``data`` is (N, T) of integer symbols.
 
@@ -59,7 +73,15 @@ def hmm_log_marginal(data, initial, transition, emission):
     return torch.logsumexp(alpha, -1).sum()
 
 
-def sample_hmm(num_data, num_tokens, initial, transition, emission, *, generator=None):
+def sample_hmm(
+    num_data: int,
+    num_tokens: int,
+    initial: torch.Tensor,
+    transition: torch.Tensor,
+    emission: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Draws ``num_data`` sequences of ``num_tokens`` symbols from :func:`hmm`.
 
     :param int num_data: :math:`N`.

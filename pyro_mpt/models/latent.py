@@ -3,14 +3,23 @@ linear model of the paper's binary experiment and a Gaussian mixture with an enu
 assignment.
 """
 
+from __future__ import annotations
+
 import pyro
 import pyro.distributions as dist
 import torch
 
 from .params import param_or_fixed, positive_param_or_fixed
 
+__all__ = ["bernoulli_latent_linear", "gaussian_mixture", "gaussian_mixture_log_marginal"]
 
-def bernoulli_latent_linear(data, latent_dim=2, W=None, bias=None):
+
+def bernoulli_latent_linear(
+    data: torch.Tensor,
+    latent_dim: int = 2,
+    W: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> None:
     r"""Binary tokens with a local Gaussian latent and a logistic link:
     :math:`z_n \sim \mathcal{N}(0, I_K)`,
     :math:`x_{n,t} \mid z_n \sim \mathrm{Bernoulli}(\mathrm{sigmoid}(W_t^\top z_n + b_t))`.
@@ -38,7 +47,13 @@ def bernoulli_latent_linear(data, latent_dim=2, W=None, bias=None):
         pyro.sample("x", dist.Bernoulli(logits=z @ W.T + bias).to_event(1), obs=data)
 
 
-def gaussian_mixture(data, num_components=3, weights=None, locs=None, scale=None):
+def gaussian_mixture(
+    data: torch.Tensor,
+    num_components: int = 3,
+    weights: torch.Tensor | None = None,
+    locs: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> None:
     r"""A mixture of isotropic Gaussians with a local enumerated assignment:
     :math:`c_n \sim \mathrm{Categorical}(\pi)`,
     :math:`x_{n,t} \mid c_n \sim \mathcal{N}(\mu_{c_n, t}, \sigma^2)`.
@@ -73,7 +88,12 @@ def gaussian_mixture(data, num_components=3, weights=None, locs=None, scale=None
         pyro.sample("x", dist.Normal(locs[c], scale).to_event(1), obs=data)
 
 
-def gaussian_mixture_log_marginal(data, weights, locs, scale):
+def gaussian_mixture_log_marginal(
+    data: torch.Tensor,
+    weights: torch.Tensor,
+    locs: torch.Tensor,
+    scale: torch.Tensor | float,
+) -> torch.Tensor:
     r"""Exact :math:`\sum_n \log \sum_c \pi_c \prod_t \mathcal{N}(x_{n,t}; \mu_{c,t}, \sigma^2)`.
 
     :param torch.Tensor data: ``(N, T)``.

@@ -5,23 +5,34 @@ Reference: M. E. Tipping, C. M. Bishop, "Probabilistic Principal Component Analy
 Journal of the Royal Statistical Society B 61(3), 1999.
 """
 
+from __future__ import annotations
+
 import pyro
 import pyro.distributions as dist
 import torch
 
 from .params import param_or_fixed, positive_param_or_fixed
 
+__all__ = [
+    "multivariate_normal",
+    "ppca_collapsed",
+    "ppca_latent",
+    "ppca_log_marginal",
+    "ppca_maximum_likelihood",
+    "sample_ppca",
+]
+
 
 def sample_ppca(
-    num_data,
-    num_tokens,
-    latent_dim,
-    noise_scale=0.5,
+    num_data: int,
+    num_tokens: int,
+    latent_dim: int,
+    noise_scale: float = 0.5,
     *,
-    generator=None,
-    dtype=torch.float64,
-    device=None,
-):
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Draws PPCA data :math:`x_n = W z_n + \mu + \sigma \epsilon_n`, :math:`z_n, \epsilon_n`
     standard normal.
 
@@ -48,7 +59,13 @@ def sample_ppca(
     return X, {"W": W, "loc": loc, "noise_scale": noise}
 
 
-def ppca_collapsed(data, latent_dim, W=None, loc=None, noise_scale=None):
+def ppca_collapsed(
+    data: torch.Tensor,
+    latent_dim: int,
+    W: torch.Tensor | None = None,
+    loc: torch.Tensor | None = None,
+    noise_scale: torch.Tensor | None = None,
+) -> None:
     r"""PPCA with the latent integrated out:
     :math:`x_n \sim \mathcal{N}(\mu, W W^\top + \sigma^2 I)`, a
     :class:`~pyro.distributions.LowRankMultivariateNormal` over the ``T`` tokens of each row.
@@ -78,7 +95,13 @@ def ppca_collapsed(data, latent_dim, W=None, loc=None, noise_scale=None):
         pyro.sample("x", dist.LowRankMultivariateNormal(loc, W, cov_diag), obs=data)
 
 
-def ppca_latent(data, latent_dim, W=None, loc=None, noise_scale=None):
+def ppca_latent(
+    data: torch.Tensor,
+    latent_dim: int,
+    W: torch.Tensor | None = None,
+    loc: torch.Tensor | None = None,
+    noise_scale: torch.Tensor | None = None,
+) -> None:
     r"""PPCA with an explicit local latent: :math:`z_n \sim \mathcal{N}(0, I_K)`,
     :math:`x_{n,t} \mid z_n \sim \mathcal{N}(W_t^\top z_n + \mu_t, \sigma^2)`.
 
@@ -107,7 +130,12 @@ def ppca_latent(data, latent_dim, W=None, loc=None, noise_scale=None):
         pyro.sample("x", dist.Normal(mean, sigma).to_event(1), obs=data)
 
 
-def ppca_log_marginal(data, W, loc, noise_scale):
+def ppca_log_marginal(
+    data: torch.Tensor,
+    W: torch.Tensor,
+    loc: torch.Tensor,
+    noise_scale: torch.Tensor | float,
+) -> torch.Tensor:
     r"""Exact :math:`\sum_n \log \mathcal{N}(x_n; \mu, W W^\top + \sigma^2 I)`.
 
     :param torch.Tensor data: ``(N, T)``.
@@ -126,7 +154,7 @@ def ppca_log_marginal(data, W, loc, noise_scale):
     return dist.LowRankMultivariateNormal(loc, W, cov_diag).log_prob(data).sum()
 
 
-def ppca_maximum_likelihood(data, latent_dim):
+def ppca_maximum_likelihood(data: torch.Tensor, latent_dim: int) -> dict[str, torch.Tensor]:
     r"""The closed-form maximum-likelihood PPCA fit (Tipping & Bishop 1999, eqs. 7-8):
     :math:`\mu = \bar x`, :math:`\sigma^2 = \frac{1}{T-K}\sum_{k>K}\lambda_k`,
     :math:`W = U_K (\Lambda_K - \sigma^2 I)^{1/2}`, with :math:`\lambda, U` the eigenpairs of
@@ -152,7 +180,7 @@ def ppca_maximum_likelihood(data, latent_dim):
     return {"W": W, "loc": loc, "noise_scale": sigma2.sqrt()}
 
 
-def multivariate_normal(data, loc, covariance):
+def multivariate_normal(data: torch.Tensor, loc: torch.Tensor, covariance: torch.Tensor) -> None:
     r""":math:`x_n \sim \mathcal{N}(\mu, \Sigma)` with a dense covariance (no latents).
 
     :param torch.Tensor data: ``(N, T)``.

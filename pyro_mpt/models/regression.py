@@ -2,12 +2,25 @@
 closed-form log marginal likelihood.
 """
 
+from __future__ import annotations
+
 import pyro
 import pyro.distributions as dist
 import torch
 
+__all__ = [
+    "bayesian_linear_regression_collapsed",
+    "bayesian_linear_regression_latent",
+    "bayesian_linear_regression_log_marginal",
+]
 
-def bayesian_linear_regression_collapsed(y, features, prior_scale=1.0, noise_scale=0.5):
+
+def bayesian_linear_regression_collapsed(
+    y: torch.Tensor,
+    features: torch.Tensor,
+    prior_scale: float | torch.Tensor = 1.0,
+    noise_scale: float | torch.Tensor = 0.5,
+) -> None:
     r"""Bayesian linear regression with the weights integrated out: the ``N`` responses form
     one sequence of ``N`` tokens,
     :math:`y \sim \mathcal{N}(0, \alpha^2 \Phi \Phi^\top + \sigma^2 I)`.
@@ -29,7 +42,12 @@ def bayesian_linear_regression_collapsed(y, features, prior_scale=1.0, noise_sca
     pyro.sample("y", dist.MultivariateNormal(torch.zeros_like(y), cov), obs=y)
 
 
-def bayesian_linear_regression_latent(y, features, prior_scale=1.0, noise_scale=0.5):
+def bayesian_linear_regression_latent(
+    y: torch.Tensor,
+    features: torch.Tensor,
+    prior_scale: float | torch.Tensor = 1.0,
+    noise_scale: float | torch.Tensor = 0.5,
+) -> None:
     r"""Bayesian linear regression with a global latent weight vector:
     :math:`w \sim \mathcal{N}(0, \alpha^2 I_D)`,
     :math:`y_i \mid w \sim \mathcal{N}(\phi_i^\top w, \sigma^2)` in plate ``"data"``.
@@ -55,7 +73,12 @@ def bayesian_linear_regression_latent(y, features, prior_scale=1.0, noise_scale=
         pyro.sample("y", dist.Normal((features * w).sum(-1), noise_scale), obs=y)
 
 
-def bayesian_linear_regression_log_marginal(y, features, prior_scale=1.0, noise_scale=0.5):
+def bayesian_linear_regression_log_marginal(
+    y: torch.Tensor,
+    features: torch.Tensor,
+    prior_scale: float | torch.Tensor = 1.0,
+    noise_scale: float | torch.Tensor = 0.5,
+) -> torch.Tensor:
     r"""Exact :math:`\log \mathcal{N}(y; 0, \alpha^2 \Phi\Phi^\top + \sigma^2 I)`.
 
     :param torch.Tensor y: ``(N,)``.
