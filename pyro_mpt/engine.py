@@ -37,7 +37,15 @@ from .options import (
 from .progress import logger
 from .tokens import TokenLayout, read_layout
 
-__all__ = ["MPTEstimate", "MPTOptions", "prepare", "score", "score_masks", "summarize"]
+__all__ = [
+    "MPTEstimate",
+    "MPTOptions",
+    "prepare",
+    "score",
+    "score_masks",
+    "summarize",
+    "telescoped_chain",
+]
 
 
 @dataclass
@@ -209,8 +217,13 @@ def score_masks(
     :returns: ``(draws, bins)``: ``draws`` ``(num_draws, N)``; ``bins`` ``(num_draws, N, T +
         1)`` the weighted row scores binned by mask size (entry ``m`` estimates
         :math:`S(m)`), or ``None`` unless ``by_size``.
+
+    A chain draw (``estimator.chain_rule``) of a scorer that ``telescopes`` is computed by
+    :func:`telescoped_chain` (no rows, no random order) unless ``by_size``.
     """
     N, T = num_sequences, num_tokens
+    if estimator.chain_rule and getattr(scorer, "telescopes", False) and not by_size:
+        return telescoped_chain(scorer, num_draws, N, T, device=device), None
     max_elements = resolve_max_elements(max_elements, device)
     max_rows = max(1, max_elements // max(1, scorer.row_cost(share_masks)))
     logger.debug("pyro_mpt: %d mask row(s) per chunk (max_elements=%d)", max_rows, max_elements)
@@ -235,6 +248,24 @@ def score_masks(
     if by_size:
         bins = bins.reshape(num_draws, N, T + 1)
     return draws, bins
+
+
+def telescoped_chain(scorer, num_draws: int, N: int, T: int, *, device) -> torch.Tensor:
+    r"""``(num_draws, N)``: the chain estimate of a scorer that ``telescopes``, the same for
+    every order :math:`\pi`,
+
+    .. math:: \sum_{k=1}^{T} \log p(x_{\pi_k} \mid x_{\pi_{<k}})
+        = \sum_{k=1}^{T} \big(\log p(x_{\pi_{\le k}}) - \log p(x_{\pi_{<k}})\big)
+        = \log p(x_{1..T}) - \log p(x_\emptyset),
+
+    exact (not an approximation of the row path): the scorer's conditionals are ratios of
+    its own evidences (``scorer.log_evidence``), so the sum telescopes term by term. The
+    last term is 0 for exact evidence and :math:`\operatorname{LSE}_s \log w^0_s` for
+    weighted particles. Two evidence rows instead of ``T`` conditional rows per draw.
+    """
+    everything = torch.ones(1, N, T, dtype=torch.bool, device=device)
+    evidence = scorer.log_evidence(torch.cat([everything, ~everything]))  # (2, N)
+    return (evidence[0] - evidence[1]).expand(num_draws, N).clone()
 
 
 def score(

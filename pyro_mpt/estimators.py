@@ -84,6 +84,9 @@ class MaskEstimator:
     :cvar str name: the registry name.
     :cvar bool unbiased: whether the expectation of the estimate is :math:`\\log p(x)` (given
         exact conditionals).
+    :cvar bool chain_rule: whether every draw is the chain rule along one order (its rows
+        score each token once, conditioned on the tokens before it); then a scorer that
+        :attr:`~pyro_mpt.conditionals.base.Scorer.telescopes` gives the draw without rows.
 
     :meth:`batches` yields :class:`MaskBatch` chunks; a draw's estimate for sequence :math:`n`
     is :math:`\\sum_r w_{r,n} \\sum_{j \\in \\mathrm{scored}_r} \\log p(x_{n,j} \\mid x_{n,O_r})`
@@ -98,6 +101,7 @@ class MaskEstimator:
 
     name = None
     unbiased = True
+    chain_rule = False
 
     def rows_per_draw(self, T):
         """The number of mask rows one draw needs for ``T`` tokens."""
@@ -210,6 +214,7 @@ class ChainEstimator(MaskEstimator):
     """
 
     name = "chain"
+    chain_rule = True
 
     def rows_per_draw(self, T):
         return T

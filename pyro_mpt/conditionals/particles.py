@@ -58,10 +58,20 @@ class ParticleScorer(Scorer):
     :param layout: the model's :class:`~pyro_mpt.tokens.TokenLayout`.
     :param log_w0: ``(S, N)`` particle log-weights, or ``None`` without latents.
 
+    The chain rule telescopes (:attr:`telescopes`): with :math:`a_k = \log w^0 + \log
+    p(x_{O_k} \mid z)` for the first ``k`` tokens :math:`O_k` of any order, the token
+    kernels give :math:`a_k + \log p(x_{\pi_k} \mid x_{O_k}, z) = a_{k+1}` per particle
+    (the sites are independent given :math:`z`), so the row of step ``k`` is
+    :math:`\operatorname{LSE}_s a_{k+1} - \operatorname{LSE}_s a_k` and the ``T`` steps sum
+    to :math:`\operatorname{LSE}_s a_T - \operatorname{LSE}_s \log w^0`, whatever the order
+    (with a quadrature grid the second term is not 0: its weights do not sum to exactly 1).
+
     Example::
 
         log_probs = scorer(batch.observed, batch.scored)   # (R, N, T)
     """
+
+    telescopes = True
 
     def __init__(self, kernels: list, layout: TokenLayout, log_w0: torch.Tensor | None = None):
         self.kernels = kernels  # list of (slice, kernel)
