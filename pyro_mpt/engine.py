@@ -25,7 +25,7 @@ import pyro.poutine as poutine
 import torch
 
 from .conditionals import CONDITIONALS, get_conditionals
-from .estimators import MaskEstimator, get_estimator
+from .estimators import MaskEstimator, StratifiedEstimator, get_estimator
 from .options import (
     check_bool,
     check_choice,
@@ -55,6 +55,9 @@ class MPTOptions:
 
     :ivar num_samples: prior draws of ``"importance"`` conditionals (``num_particles=`` is
         its deprecated old name).
+    :ivar masks: ``"independent"`` or ``"nested"`` masks of the stratified estimator (see
+        :class:`~pyro_mpt.estimators.StratifiedEstimator`); ``None`` (default): the
+        estimator's own. Only for ``estimator="stratified"``.
 
     The other fields are the parameters of :class:`~pyro_mpt.MaskedELBO`.
     """
@@ -70,6 +73,7 @@ class MPTOptions:
     quadrature_bounds: tuple = (-5.0, 5.0)
     max_elements: int = None
     share_masks: bool = False
+    masks: str = None
     num_particles: dataclasses.InitVar[int] = None
 
     def __post_init__(self, num_particles):
@@ -79,7 +83,10 @@ class MPTOptions:
             "MPTOptions", "num_particles", "num_samples", num_particles, self.num_samples, 256
         )
         self.mask_rate = check_probability("mask_rate", self.mask_rate)
+        by_name = isinstance(self.estimator, str)
         self.estimator = get_estimator(self.estimator, self.mask_rate)
+        if self.masks is not None:
+            self.estimator = _with_masks(self.estimator, self.masks, by_name)
         if isinstance(self.conditionals, str):
             check_choice("conditionals", self.conditionals, ["auto", *sorted(CONDITIONALS)])
         for name in ("num_masks", "num_samples", "quadrature_points"):
@@ -95,6 +102,29 @@ class MPTOptions:
             )
         if self.token_plate is not None and not isinstance(self.token_plate, str):
             raise TypeError(f"token_plate must be a plate name (str), got {self.token_plate!r}")
+
+
+MASKS = ("independent", "nested")
+
+
+def _with_masks(estimator: MaskEstimator, masks: str, by_name: bool) -> StratifiedEstimator:
+    """The stratified ``estimator`` with ``masks`` ``"independent"`` or ``"nested"``
+    (``by_name``: it was given as ``"stratified"``, so it is built with them).
+
+    :raises ValueError: naming ``masks`` for another choice, another estimator, or a
+        stratified instance built with the other kind of masks.
+    """
+    check_choice("masks", masks, MASKS)
+    if not isinstance(estimator, StratifiedEstimator):
+        raise ValueError(
+            f"masks={masks!r} applies to estimator='stratified' only, got {estimator!r}"
+        )
+    nested = masks == "nested"
+    if by_name:
+        return StratifiedEstimator(nested=nested)
+    if estimator.nested != nested:
+        raise ValueError(f"masks={masks!r} contradicts the estimator {estimator!r}")
+    return estimator
 
 
 @dataclass

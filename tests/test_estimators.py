@@ -60,6 +60,7 @@ def _collect(estimator, N, T, num_draws, max_rows=10_000, generator=None):
 ALL_ESTIMATORS = [
     UniformEstimator(),
     StratifiedEstimator(),
+    StratifiedEstimator(nested=True),
     ChainEstimator(),
     FixedRateEstimator(0.3),
     ExhaustiveEstimator(),
