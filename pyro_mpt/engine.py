@@ -254,6 +254,16 @@ def score_masks(
     N, T = num_sequences, num_tokens
     if estimator.chain_rule and getattr(scorer, "telescopes", False) and not by_size:
         return telescoped_chain(scorer, num_draws, N, T, device=device), None
+    ranks = None
+    if getattr(scorer, "scores_orders", False):
+        shape = (1 if share_masks else N, T, num_draws)
+        ranks = estimator.orders(*shape, device=device, generator=generator)
+    if ranks is not None:
+        suffix = scorer.suffix_scores(ranks, resolve_max_elements(max_elements, device))
+        if suffix is not None:
+            return _order_draws(
+                suffix, estimator.order_weight(T, dtype=dtype, device=device), by_size
+            )
     max_elements = resolve_max_elements(max_elements, device)
     max_rows = max(1, max_elements // max(1, scorer.row_cost(share_masks)))
     logger.debug("pyro_mpt: %d mask row(s) per chunk (max_elements=%d)", max_rows, max_elements)
@@ -278,6 +288,16 @@ def score_masks(
     if by_size:
         bins = bins.reshape(num_draws, N, T + 1)
     return draws, bins
+
+
+def _order_draws(suffix: torch.Tensor, weight: torch.Tensor, by_size: bool):
+    r"""``(draws, bins)`` of ``(D, N, T)`` suffix sums of orders: row ``k`` (the first ``k``
+    tokens observed) is the mask of size ``T - k`` with weight ``weight[k]``."""
+    rows = suffix * weight  # (D, N, T)
+    bins = None
+    if by_size:  # size T - k: bins[..., m] = rows[..., T - m], bin 0 empty
+        bins = torch.cat([rows.new_zeros(*rows.shape[:-1], 1), rows.flip(-1)], -1)
+    return rows.sum(-1), bins
 
 
 def telescoped_chain(scorer, num_draws: int, N: int, T: int, *, device) -> torch.Tensor:

@@ -112,6 +112,14 @@ class MaskEstimator:
         ``num_draws`` independent draws for ``N`` sequences of ``T`` tokens."""
         raise NotImplementedError
 
+    def orders(self, N, T, num_draws, *, device, generator=None):
+        """For an estimator whose rows are the prefixes of one random order per draw and
+        sequence: long ``(num_draws, N, T)`` ranks (the position of each token), drawn as
+        :meth:`batches` would draw them; row ``k`` of the order observes its first ``k``
+        tokens, scores the others and has weight ``order_weight[k]``. ``None`` (default):
+        the rows are not of that form."""
+        return None
+
     def __repr__(self):
         return f"{type(self).__name__}()"
 
@@ -215,11 +223,21 @@ class StratifiedEstimator(MaskEstimator):
             scored = _random_ranks((stop - start, N), T, device, generator) < m.unsqueeze(-1)
             yield MaskBatch(~scored, scored, 1.0 / m.to(dtype), m, rows // T)
 
+    def orders(self, N, T, num_draws, *, device, generator=None):
+        if not self.nested:
+            return None
+        return _random_ranks((num_draws, N), T, device, generator)
+
     @staticmethod
-    def _nested_batches(N, T, num_draws, device, dtype, max_rows, generator):
+    def order_weight(T, *, dtype, device):
+        """``(T,)``: row ``k`` of an order (the first ``k`` tokens observed) is the mask of
+        size ``T - k``, weight ``1 / (T - k)``."""
+        return 1.0 / torch.arange(T, 0, -1, dtype=dtype, device=device)
+
+    def _nested_batches(self, N, T, num_draws, device, dtype, max_rows, generator):
         # ranks[d, n, t]: the position of token t in the order of draw d, sequence n; the
         # rows are materialised from them chunk by chunk (observed = rank < T - m)
-        ranks = _random_ranks((num_draws, N), T, device, generator)
+        ranks = self.orders(N, T, num_draws, device=device, generator=generator)
         for start, stop in _row_chunks(num_draws * T, max_rows):
             rows = torch.arange(start, stop, device=device)
             m = (rows % T + 1).unsqueeze(-1).expand(-1, N)
