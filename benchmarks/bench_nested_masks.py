@@ -1,7 +1,8 @@
-"""Benchmark: nested against independent stratified masks, variance x time.
+"""Benchmark: nested and affine against independent stratified masks, variance x time.
 
 For each model the scorer is built once (same particles for both kinds of masks) and
-``--draws`` independent draws are scored without gradients; printed per kind of masks: the
+``--draws`` independent draws are scored without gradients; printed per kind of masks
+(``StratifiedEstimator.MASKS``): the
 sd over draws of one draw's estimate of sum_n log p(x_n), the seconds per draw, and
 variance x seconds (the time to reach a given standard error is proportional to it: smaller
 is better).
@@ -45,11 +46,11 @@ def models(args):
     yield "latent PPCA, importance", ppca_latent, (X, 2, W, loc, s), opts
 
 
-def measure(model, model_args, opts, nested, draws):
+def measure(model, model_args, opts, masks, draws):
     """``(sd of one draw's total, seconds per draw)``."""
     pyro.set_rng_seed(0)
     layout, scorer, _ = prepare(model, model_args, {}, MPTOptions(**opts))
-    estimator = StratifiedEstimator(nested=nested)
+    estimator = StratifiedEstimator(masks=masks)
     with torch.no_grad():
         score(layout, scorer, estimator, 1, max_elements=None)  # warm-up
         t0 = time.perf_counter()
@@ -71,9 +72,8 @@ def main(argv=None):
     print(f"{args.draws} draws, float64, {args.threads} thread(s), no gradients")
     print(f"{'model':<26} {'masks':<12} {'sd':>10} {'ms/draw':>10} {'var x s':>12}")
     for label, model, model_args, opts in models(args):
-        for nested in (False, True):
-            sd, sec = measure(model, model_args, opts, nested, args.draws)
-            kind = "nested" if nested else "independent"
+        for kind in StratifiedEstimator.MASKS:
+            sd, sec = measure(model, model_args, opts, kind, args.draws)
             print(f"{label:<26} {kind:<12} {sd:10.4f} {sec * 1e3:10.3f} {sd**2 * sec:12.3e}")
 
 

@@ -55,9 +55,9 @@ class MPTOptions:
 
     :ivar num_samples: prior draws of ``"importance"`` conditionals (``num_particles=`` is
         its deprecated old name).
-    :ivar masks: ``"independent"`` or ``"nested"`` masks of the stratified estimator (see
-        :class:`~pyro_mpt.estimators.StratifiedEstimator`); ``None`` (default): the
-        estimator's own. Only for ``estimator="stratified"``.
+    :ivar masks: ``"independent"``, ``"nested"`` or ``"affine"`` masks of the stratified
+        estimator (see :class:`~pyro_mpt.estimators.StratifiedEstimator`); ``None``
+        (default): the estimator's own. Only for ``estimator="stratified"``.
 
     The other fields are the parameters of :class:`~pyro_mpt.MaskedELBO`.
     """
@@ -104,25 +104,22 @@ class MPTOptions:
             raise TypeError(f"token_plate must be a plate name (str), got {self.token_plate!r}")
 
 
-MASKS = ("independent", "nested")
-
-
 def _with_masks(estimator: MaskEstimator, masks: str, by_name: bool) -> StratifiedEstimator:
-    """The stratified ``estimator`` with ``masks`` ``"independent"`` or ``"nested"``
-    (``by_name``: it was given as ``"stratified"``, so it is built with them).
+    """The stratified ``estimator`` with ``masks`` (one of
+    :attr:`StratifiedEstimator.MASKS <pyro_mpt.estimators.StratifiedEstimator.MASKS>`;
+    ``by_name``: it was given as ``"stratified"``, so it is built with them).
 
     :raises ValueError: naming ``masks`` for another choice, another estimator, or a
-        stratified instance built with the other kind of masks.
+        stratified instance built with other masks.
     """
-    check_choice("masks", masks, MASKS)
+    check_choice("masks", masks, StratifiedEstimator.MASKS)
     if not isinstance(estimator, StratifiedEstimator):
         raise ValueError(
             f"masks={masks!r} applies to estimator='stratified' only, got {estimator!r}"
         )
-    nested = masks == "nested"
     if by_name:
-        return StratifiedEstimator(nested=nested)
-    if estimator.nested != nested:
+        return StratifiedEstimator(masks=masks)
+    if estimator.masks != masks:
         raise ValueError(f"masks={masks!r} contradicts the estimator {estimator!r}")
     return estimator
 

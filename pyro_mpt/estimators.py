@@ -23,7 +23,7 @@ from itertools import combinations
 
 import torch
 
-from .options import check_bool, check_probability
+from .options import check_choice, check_probability
 
 __all__ = [
     "ESTIMATORS",
@@ -190,37 +190,69 @@ class StratifiedEstimator(MaskEstimator):
     r"""The paper's estimator: for every :math:`m = 1..T` one uniform mask :math:`M_m` of
     size :math:`m`; estimate :math:`\sum_m s(M_m)`. Unbiased, ``T`` masks per draw.
 
-    :param bool nested: draw the ``T`` masks of a draw (and sequence) from ONE uniform random
-        order :math:`\pi`: :math:`M_m = \{\pi_{T-m+1}, \dots, \pi_T\}`, the last ``m``
-        tokens of the order (the first :math:`T - m` are observed). Each :math:`M_m` is still
-        a uniform mask of size ``m`` (the last ``m`` entries of a uniform permutation are a
-        uniform ``m``-subset), so the estimate is still unbiased; the masks of one draw are
-        nested (:math:`M_1 \subset M_2 \subset \dots`) instead of independent, which changes
-        the variance, not the mean. One argsort of ``(num_draws, N, T)`` random keys per
-        call instead of ``(num_draws T, N, T)``. Default ``False``: independent masks.
+    :param str masks: how the ``T`` masks of a draw (and sequence) are drawn; each is a
+        uniform ``m``-subset whatever the choice, so the estimate is unbiased; the choice
+        changes the masks' dependence (the variance) and the cost.
+
+        - ``"independent"`` (default): one random order per mask (an argsort of
+          ``(num_draws T, N, T)`` random keys per call).
+        - ``"nested"``: ONE random order :math:`\pi` per draw,
+          :math:`M_m = \{\pi_{T-m+1}, \dots, \pi_T\}` (the first :math:`T - m` tokens
+          observed), so :math:`M_1 \subset M_2 \subset \dots`; an argsort of ``(num_draws, N,
+          T)`` keys. Particle scorers with factorized tokens score all ``T`` masks of an order
+          by one matrix product (:mod:`pyro_mpt.conditionals.orders`).
+        - ``"affine"``: one random order (its ranks :math:`\rho_t`) per draw, and per mask an
+          independent uniform affine map of :math:`\mathbb Z_T`,
+          :math:`M_m = \{t : (a_m \rho_t + c_m) \bmod T < m\}` with :math:`a_m` a unit of
+          :math:`\mathbb Z_T` and :math:`c_m \in \mathbb Z_T`. Given :math:`(a_m, c_m)` the
+          map is a fixed bijection, so :math:`M_m` is the first ``m`` of a uniform order: a
+          uniform ``m``-subset. With :math:`c_m` uniform and independent across sizes, two
+          masks share :math:`m m' / T` tokens on average, as independent masks do (nested
+          ones share :math:`\min(m, m')`), so the variance is close to that of independent
+          masks; the keys are those of ``"nested"`` plus two integers per mask.
 
     Example::
 
         MaskedELBO(estimator=StratifiedEstimator(), num_masks=4)   # same as estimator="stratified"
-        MaskedELBO(estimator=StratifiedEstimator(nested=True))     # one order per draw
+        MaskedELBO(estimator=StratifiedEstimator(masks="nested"))  # one order per draw
     """
 
     name = "stratified"
 
-    def __init__(self, nested=False):
-        self.nested = check_bool("nested", nested)
+    #: the kinds of masks
+    MASKS = ("independent", "nested", "affine")
+
+    def __init__(self, masks="independent"):
+        self.masks = check_choice("masks", masks, self.MASKS)
+
+    @property
+    def nested(self):
+        """Whether the masks of a draw are the suffixes of one order."""
+        return self.masks == "nested"
 
     def rows_per_draw(self, T):
         return T
 
     def batches(self, N, T, num_draws, *, device, dtype, max_rows, generator=None):
-        if self.nested:
-            yield from self._nested_batches(N, T, num_draws, device, dtype, max_rows, generator)
-            return
+        if self.masks != "independent":
+            # ranks[d, n, t]: the position of token t in the order of draw d, sequence n
+            ranks = _random_ranks((num_draws, N), T, device, generator)
+        if self.masks == "affine":  # every mask's map, drawn before any chunk
+            units = torch.arange(1, T + 1, device=device)
+            units = units[torch.gcd(units, torch.tensor(T, device=device)) == 1]
+            shape = (num_draws * T, N, 1)
+            a = units[torch.randint(len(units), shape, device=device, generator=generator)]
+            c = torch.randint(T, shape, device=device, generator=generator)
         for start, stop in _row_chunks(num_draws * T, max_rows):
             rows = torch.arange(start, stop, device=device)
             m = (rows % T + 1).unsqueeze(-1).expand(-1, N)
-            scored = _random_ranks((stop - start, N), T, device, generator) < m.unsqueeze(-1)
+            if self.masks == "independent":
+                scored = _random_ranks((stop - start, N), T, device, generator) < m.unsqueeze(-1)
+            elif self.masks == "nested":  # materialised chunk by chunk: observed = rank < T - m
+                scored = ranks[rows // T] >= (T - m).unsqueeze(-1)
+            else:
+                image = ranks[rows // T] * a[start:stop] + c[start:stop]
+                scored = image % T < m.unsqueeze(-1)
             yield MaskBatch(~scored, scored, 1.0 / m.to(dtype), m, rows // T)
 
     def orders(self, N, T, num_draws, *, device, generator=None):
@@ -234,18 +266,8 @@ class StratifiedEstimator(MaskEstimator):
         size ``T - k``, weight ``1 / (T - k)``."""
         return 1.0 / torch.arange(T, 0, -1, dtype=dtype, device=device)
 
-    def _nested_batches(self, N, T, num_draws, device, dtype, max_rows, generator):
-        # ranks[d, n, t]: the position of token t in the order of draw d, sequence n; the
-        # rows are materialised from them chunk by chunk (observed = rank < T - m)
-        ranks = self.orders(N, T, num_draws, device=device, generator=generator)
-        for start, stop in _row_chunks(num_draws * T, max_rows):
-            rows = torch.arange(start, stop, device=device)
-            m = (rows % T + 1).unsqueeze(-1).expand(-1, N)
-            observed = ranks[rows // T] < (T - m).unsqueeze(-1)
-            yield MaskBatch(observed, ~observed, 1.0 / m.to(dtype), m, rows // T)
-
     def __repr__(self):
-        return f"StratifiedEstimator(nested={self.nested})"
+        return f"StratifiedEstimator(masks={self.masks!r})"
 
 
 class ChainEstimator(MaskEstimator):

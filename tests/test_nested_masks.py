@@ -1,7 +1,8 @@
-r"""Nested stratified masks (``StratifiedEstimator(nested=True)``): the ``T`` masks of a draw
-are the last ``m`` tokens of ONE random order. Each size's mask is still uniform (counted over
+r"""Nested and affine stratified masks (``StratifiedEstimator(masks="nested" | "affine")``):
+the ``T`` masks of a draw come from ONE random order (its last ``m`` tokens, or its ranks
+through a random affine map of Z_T per mask). Each size's mask is still uniform (counted over
 many draws), the estimate is still unbiased (mean of many draws within 4 SE of the exact LML),
-the masks of a draw are nested, and the scorer sees ``observed`` and ``scored`` disjoint and
+nested masks are nested, and the scorer sees ``observed`` and ``scored`` disjoint and
 complementary."""
 
 import math
@@ -15,7 +16,9 @@ from pyro_mpt.estimators import StratifiedEstimator, UniformEstimator
 from pyro_mpt.models import ppca_collapsed, ppca_log_marginal, sample_ppca
 from tests.conftest import assert_close
 
-NESTED = StratifiedEstimator(nested=True)
+NESTED = StratifiedEstimator(masks="nested")
+AFFINE = StratifiedEstimator(masks="affine")
+ONE_ORDER = pytest.mark.parametrize("estimator", [NESTED, AFFINE], ids=lambda e: e.masks)
 
 
 def _rows(estimator, N, T, num_draws, max_rows=10_000, seed=0):
@@ -36,13 +39,14 @@ def _rows(estimator, N, T, num_draws, max_rows=10_000, seed=0):
     }
 
 
-def test_each_sizes_mask_is_uniform_over_subsets():
-    r"""For ``T = 5``, 20000 draws of 2 sequences: the counts of each size's ``C(5, m)``
-    subsets pass a chi-square test, :math:`\chi^2 < \nu + 5\sqrt{2\nu}` with
+@ONE_ORDER
+@pytest.mark.parametrize("T", [5, 6])  # 6: a composite T, whose units are 1 and 5
+def test_each_sizes_mask_is_uniform_over_subsets(estimator, T):
+    r"""20000 draws of 2 sequences: the counts of each size's ``C(T, m)`` subsets pass a chi-square test, :math:`\chi^2 < \nu + 5\sqrt{2\nu}` with
     :math:`\nu = C(5, m) - 1` (the statistic has mean :math:`\nu` and sd
     :math:`\sqrt{2\nu}` under uniformity; the seed is fixed, so the test is deterministic)."""
-    N, T, K = 2, 5, 20_000
-    rows = _rows(NESTED, N, T, K, max_rows=7_919)
+    N, K = 2, 20_000
+    rows = _rows(estimator, N, T, K, max_rows=7_919)
     scored = rows["scored"].view(K, T, N, T)  # (draw, size - 1, sequence, token)
     code = (scored.long() * (2 ** torch.arange(T))).sum(-1)  # subset as a bit pattern
     for m in range(1, T + 1):
@@ -72,15 +76,34 @@ def test_masks_of_a_draw_are_nested_and_sized():
 
 
 def test_one_order_of_keys_per_draw_and_sequence():
-    """The nested masks consume ``(num_draws, N, T)`` random keys in all, the independent
-    ones ``(num_draws T, N, T)``."""
+    """The nested masks consume ``(num_draws, N, T)`` random keys in all (the independent
+    ones ``(num_draws T, N, T)``); the affine ones add two integers per mask and sequence."""
     N, T, K = 3, 6, 4
+    kw = dict(device="cpu", dtype=torch.float64, max_rows=10**6)
     g = torch.Generator().manual_seed(1)
-    for _ in NESTED.batches(N, T, K, device="cpu", dtype=torch.float64, max_rows=5, generator=g):
-        pass
+    list(NESTED.batches(N, T, K, generator=g, **kw))
     expected = torch.Generator().manual_seed(1)
     torch.rand(K, N, T, generator=expected)
     assert torch.equal(g.get_state(), expected.get_state())
+    g = torch.Generator().manual_seed(1)
+    list(AFFINE.batches(N, T, K, generator=g, **kw))
+    expected = torch.Generator().manual_seed(1)
+    torch.rand(K, N, T, generator=expected)
+    torch.randint(2, (K * T, N, 1), generator=expected)
+    torch.randint(T, (K * T, N, 1), generator=expected)
+    assert torch.equal(g.get_state(), expected.get_state())
+
+
+def test_affine_masks_are_less_dependent_than_nested():
+    """Nested masks of one draw always overlap (the smaller inside the larger); the affine
+    masks of sizes ``m`` and ``m'`` share on average :math:`m m' / T` tokens, as independent
+    masks do (T = 7 prime: the affine maps act 2-transitively)."""
+    N, T, K = 1, 7, 4000
+    scored = _rows(AFFINE, N, T, K)["scored"].view(K, T, T).double()
+    overlap = torch.einsum("kat,kbt->ab", scored, scored) / K  # mean |M_a & M_b|
+    m = torch.arange(1, T + 1, dtype=torch.float64)
+    off = ~torch.eye(T, dtype=torch.bool)
+    assert_close(overlap[off], (m.outer(m) / T)[off], atol=0.1)
 
 
 class _Spy:
@@ -101,30 +124,32 @@ class _Spy:
         return (scored * self.c).sum(-1)
 
 
+@ONE_ORDER
 @pytest.mark.parametrize("share_masks", [False, True])
-def test_scorer_sees_disjoint_complementary_rows(share_masks):
+def test_scorer_sees_disjoint_complementary_rows(estimator, share_masks):
     N, T, K = 4, 5, 3
     c = torch.randn(N, T, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     spy = _Spy(c)
     kw = dict(num_sequences=N, num_tokens=T, dtype=torch.float64, device="cpu")
     g = torch.Generator().manual_seed(0)
     draws, _ = score_masks(
-        spy, NESTED, K, max_elements=3 * c.numel(), share_masks=share_masks, generator=g, **kw
+        spy, estimator, K, max_elements=3 * c.numel(), share_masks=share_masks, generator=g, **kw
     )
     assert spy.seen == K * T
     # the draws are the weighted row sums of the very masks the estimator makes
-    rows = _rows(NESTED, 1 if share_masks else N, T, K, seed=0)
+    rows = _rows(estimator, 1 if share_masks else N, T, K, seed=0)
     expected = (rows["weight"] * (rows["scored"] * c).sum(-1)).view(K, T, -1).sum(1)
     assert_close(draws, expected.expand(K, N), atol=1e-12)
 
 
-def test_nested_draws_are_unbiased_for_the_exact_lml():
-    """Mean of 400 nested draws of collapsed PPCA within 4 SE of the exact LML."""
+@pytest.mark.parametrize("masks", ["nested", "affine"])
+def test_draws_are_unbiased_for_the_exact_lml(masks):
+    """Mean of 400 draws of collapsed PPCA within 4 SE of the exact LML."""
     N, T, K, num = 4, 6, 2, 400
     X, truth = sample_ppca(N, T, K, 0.5, generator=torch.Generator().manual_seed(1))
     args = (X, K, truth["W"], truth["loc"], truth["noise_scale"])
     exact = float(ppca_log_marginal(X, truth["W"], truth["loc"], truth["noise_scale"]))
-    options = MPTOptions(masks="nested", num_masks=num)
+    options = MPTOptions(masks=masks, num_masks=num)
     layout, scorer, _ = prepare(ppca_collapsed, args, {}, options)
     with torch.no_grad():
         draws, _ = score(layout, scorer, options.estimator, num, max_elements=None)
@@ -139,7 +164,8 @@ def test_options_choose_the_masks():
     assert MPTOptions(masks="nested").estimator.nested is True
     assert MPTOptions(masks="independent").estimator.nested is False
     assert MPTOptions(estimator=NESTED, masks="nested").estimator is NESTED
-    assert repr(NESTED) == "StratifiedEstimator(nested=True)"
+    assert repr(NESTED) == "StratifiedEstimator(masks='nested')"
+    assert MPTOptions(masks="affine").estimator.masks == "affine"
 
 
 @pytest.mark.parametrize(
@@ -156,6 +182,6 @@ def test_bad_masks_options_raise(options, error, match):
         MPTOptions(**options)
 
 
-def test_nested_must_be_a_bool():
-    with pytest.raises(TypeError, match="nested must be True or False, got 'yes'"):
-        StratifiedEstimator(nested="yes")
+def test_unknown_masks_raise():
+    with pytest.raises(ValueError, match="unknown masks 'yes'"):
+        StratifiedEstimator(masks="yes")

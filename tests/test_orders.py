@@ -18,7 +18,7 @@ from pyro_mpt.models import gaussian_mixture, ppca_collapsed, ppca_latent, sampl
 from tests.conftest import assert_close
 
 VALUE_ATOL, GRAD_ATOL = 1e-10, 1e-9
-NESTED = StratifiedEstimator(nested=True)
+NESTED = StratifiedEstimator(masks="nested")
 
 
 def _gen(seed):
