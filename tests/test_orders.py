@@ -160,3 +160,23 @@ def test_gaussian_kernels_and_independent_masks_keep_rows():
     assert not scorer.scores_orders
     assert scorer.suffix_scores(torch.zeros(1, 4, 5, dtype=torch.long), 10**6) is None
     assert StratifiedEstimator().orders(4, 5, 2, device="cpu") is None
+
+
+def test_nested_curve_of_an_importance_model_equals_its_row_path():
+    """``mpt_curve(masks="nested")`` bins the order path's rows by size exactly as the row
+    path bins the same masks (same particles and orders: same global seed)."""
+    from pyro_mpt import MPTCurve, mpt_curve
+
+    model, args, opts, _ = _importance()
+    pyro.set_rng_seed(11)
+    curve = mpt_curve(model, *args, num_masks=3, masks="nested", **opts)
+    pyro.set_rng_seed(11)
+    with torch.no_grad():
+        layout, scorer, _ = prepare(model, args, {}, MPTOptions(**opts))
+        kw = dict(num_sequences=layout.num_sequences, num_tokens=layout.num_tokens)
+        draws, bins = score_masks(
+            _Rows(scorer), NESTED, 3, dtype=torch.float64, device="cpu", by_size=True, **kw
+        )
+    rows = MPTCurve.from_bins(bins, draws, conditionals="importance", exhaustive=False)
+    assert_close(curve.scores, rows.scores, atol=VALUE_ATOL)
+    assert_close(curve.area, rows.area, atol=VALUE_ATOL)
