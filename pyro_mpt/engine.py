@@ -245,8 +245,12 @@ def score_masks(
         1)`` the weighted row scores binned by mask size (entry ``m`` estimates
         :math:`S(m)`), or ``None`` unless ``by_size``.
 
-    A chain draw (``estimator.chain_rule``) of a scorer that ``telescopes`` is computed by
-    :func:`telescoped_chain` (no rows, no random order) unless ``by_size``.
+    Two shortcuts skip the rows, with the same values: a chain draw
+    (``estimator.chain_rule``) of a scorer that ``telescopes`` is :func:`telescoped_chain`
+    (no rows, no random order) unless ``by_size``; an estimator whose rows are the prefixes
+    of one order per draw (``estimator.orders``, the nested stratified masks) and a scorer
+    that ``scores_orders`` give every row of an order at once (``scorer.suffix_scores``;
+    should that underflow, rows are scored for freshly drawn masks).
     """
     N, T = num_sequences, num_tokens
     if estimator.chain_rule and getattr(scorer, "telescopes", False) and not by_size:
