@@ -20,12 +20,15 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
 from pyro_mpt import MaskedELBO
+from pyro_mpt.estimators import StratifiedEstimator
 from pyro_mpt.models import ppca_collapsed, sample_ppca
 
 #: (label, MaskedELBO keywords): the default first.
 CONFIGS = [
     ("stratified (default)", {}),
     ("stratified, share_masks", {"share_masks": True}),
+    ("stratified, affine masks", {"estimator": StratifiedEstimator(masks="affine")}),
+    ("stratified, nested masks", {"estimator": StratifiedEstimator(masks="nested")}),
     ("uniform", {"estimator": "uniform"}),
     ("uniform, share_masks", {"estimator": "uniform", "share_masks": True}),
     ("chain", {"estimator": "chain"}),

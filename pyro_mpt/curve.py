@@ -13,7 +13,7 @@ import torch
 
 from .engine import MPTOptions, prepare, score
 from .estimators import ExhaustiveEstimator, StratifiedEstimator, check_mask_rate
-from .options import check_bool, check_positive_int, renamed_keyword
+from .options import check_bool, check_choice, check_positive_int, renamed_keyword
 
 __all__ = ["MPTCurve", "mpt_curve"]
 
@@ -151,6 +151,7 @@ def mpt_curve(
     quadrature_bounds=(-5.0, 5.0),
     max_elements=None,
     share_masks=False,
+    masks="independent",
     num_particles=None,
     **kwargs,
 ) -> MPTCurve:
@@ -158,7 +159,8 @@ def mpt_curve(
     equals :math:`\log p(X)` (Moreno-Muñoz et al. 2023).
 
     Each :math:`S(m)` averages ``num_masks`` uniform masks of size :math:`m` per sequence
-    (drawn independently per sequence and size); ``exhaustive=True`` enumerates all
+    (drawn independently per sequence, and per size unless ``masks`` says otherwise);
+    ``exhaustive=True`` enumerates all
     :math:`2^T - 1` masks instead and is exact (small ``T``). Computed without gradients.
 
     Example::
@@ -172,6 +174,11 @@ def mpt_curve(
     :param int num_samples: prior draws for ``"importance"`` conditionals.
     :param bool share_masks: the same masks for every sequence (see
         :class:`~pyro_mpt.MaskedELBO`); much faster for long low-rank Gaussian sequences.
+    :param str masks: ``"independent"``, ``"nested"`` or ``"affine"``: how the masks of the
+        ``T`` sizes of one draw are drawn (see
+        :class:`~pyro_mpt.estimators.StratifiedEstimator`); ``"nested"`` scores factorized
+        particle models (importance, quadrature, enumeration) by one matrix product per order.
+        Not with ``exhaustive``.
     :param int num_particles: deprecated old name of ``num_samples``.
     :returns: :class:`MPTCurve`.
 
@@ -184,7 +191,10 @@ def mpt_curve(
     num_samples = renamed_keyword(
         "mpt_curve", "num_particles", "num_samples", num_particles, num_samples, 256
     )
-    estimator = ExhaustiveEstimator() if exhaustive else StratifiedEstimator()
+    masks = check_choice("masks", masks, StratifiedEstimator.MASKS)
+    if exhaustive and masks != "independent":
+        raise ValueError(f"masks={masks!r} does not apply to exhaustive=True (every mask)")
+    estimator = ExhaustiveEstimator() if exhaustive else StratifiedEstimator(masks=masks)
     options = MPTOptions(
         estimator=estimator,
         num_masks=1 if exhaustive else num_masks,

@@ -25,7 +25,7 @@ import pyro.poutine as poutine
 import torch
 
 from .conditionals import CONDITIONALS, get_conditionals
-from .estimators import MaskEstimator, get_estimator
+from .estimators import MaskEstimator, StratifiedEstimator, get_estimator
 from .options import (
     check_bool,
     check_choice,
@@ -37,7 +37,15 @@ from .options import (
 from .progress import logger
 from .tokens import TokenLayout, read_layout
 
-__all__ = ["MPTEstimate", "MPTOptions", "prepare", "score", "score_masks", "summarize"]
+__all__ = [
+    "MPTEstimate",
+    "MPTOptions",
+    "prepare",
+    "score",
+    "score_masks",
+    "summarize",
+    "telescoped_chain",
+]
 
 
 @dataclass
@@ -47,6 +55,9 @@ class MPTOptions:
 
     :ivar num_samples: prior draws of ``"importance"`` conditionals (``num_particles=`` is
         its deprecated old name).
+    :ivar masks: ``"independent"``, ``"nested"`` or ``"affine"`` masks of the stratified
+        estimator (see :class:`~pyro_mpt.estimators.StratifiedEstimator`); ``None``
+        (default): the estimator's own. Only for ``estimator="stratified"``.
 
     The other fields are the parameters of :class:`~pyro_mpt.MaskedELBO`.
     """
@@ -62,6 +73,7 @@ class MPTOptions:
     quadrature_bounds: tuple = (-5.0, 5.0)
     max_elements: int = None
     share_masks: bool = False
+    masks: str = None
     num_particles: dataclasses.InitVar[int] = None
 
     def __post_init__(self, num_particles):
@@ -71,7 +83,10 @@ class MPTOptions:
             "MPTOptions", "num_particles", "num_samples", num_particles, self.num_samples, 256
         )
         self.mask_rate = check_probability("mask_rate", self.mask_rate)
+        by_name = isinstance(self.estimator, str)
         self.estimator = get_estimator(self.estimator, self.mask_rate)
+        if self.masks is not None:
+            self.estimator = _with_masks(self.estimator, self.masks, by_name)
         if isinstance(self.conditionals, str):
             check_choice("conditionals", self.conditionals, ["auto", *sorted(CONDITIONALS)])
         for name in ("num_masks", "num_samples", "quadrature_points"):
@@ -87,6 +102,26 @@ class MPTOptions:
             )
         if self.token_plate is not None and not isinstance(self.token_plate, str):
             raise TypeError(f"token_plate must be a plate name (str), got {self.token_plate!r}")
+
+
+def _with_masks(estimator: MaskEstimator, masks: str, by_name: bool) -> StratifiedEstimator:
+    """The stratified ``estimator`` with ``masks`` (one of
+    :attr:`StratifiedEstimator.MASKS <pyro_mpt.estimators.StratifiedEstimator.MASKS>`;
+    ``by_name``: it was given as ``"stratified"``, so it is built with them).
+
+    :raises ValueError: naming ``masks`` for another choice, another estimator, or a
+        stratified instance built with other masks.
+    """
+    check_choice("masks", masks, StratifiedEstimator.MASKS)
+    if not isinstance(estimator, StratifiedEstimator):
+        raise ValueError(
+            f"masks={masks!r} applies to estimator='stratified' only, got {estimator!r}"
+        )
+    if by_name:
+        return StratifiedEstimator(masks=masks)
+    if estimator.masks != masks:
+        raise ValueError(f"masks={masks!r} contradicts the estimator {estimator!r}")
+    return estimator
 
 
 @dataclass
@@ -209,8 +244,27 @@ def score_masks(
     :returns: ``(draws, bins)``: ``draws`` ``(num_draws, N)``; ``bins`` ``(num_draws, N, T +
         1)`` the weighted row scores binned by mask size (entry ``m`` estimates
         :math:`S(m)`), or ``None`` unless ``by_size``.
+
+    Two shortcuts skip the rows, with the same values: a chain draw
+    (``estimator.chain_rule``) of a scorer that ``telescopes`` is :func:`telescoped_chain`
+    (no rows, no random order) unless ``by_size``; an estimator whose rows are the prefixes
+    of one order per draw (``estimator.orders``, the nested stratified masks) and a scorer
+    that ``scores_orders`` give every row of an order at once (``scorer.suffix_scores``;
+    should that underflow, rows are scored for freshly drawn masks).
     """
     N, T = num_sequences, num_tokens
+    if estimator.chain_rule and getattr(scorer, "telescopes", False) and not by_size:
+        return telescoped_chain(scorer, num_draws, N, T, device=device), None
+    ranks = None
+    if getattr(scorer, "scores_orders", False):
+        shape = (1 if share_masks else N, T, num_draws)
+        ranks = estimator.orders(*shape, device=device, generator=generator)
+    if ranks is not None:
+        suffix = scorer.suffix_scores(ranks, resolve_max_elements(max_elements, device))
+        if suffix is not None:
+            return _order_draws(
+                suffix, estimator.order_weight(T, dtype=dtype, device=device), by_size
+            )
     max_elements = resolve_max_elements(max_elements, device)
     max_rows = max(1, max_elements // max(1, scorer.row_cost(share_masks)))
     logger.debug("pyro_mpt: %d mask row(s) per chunk (max_elements=%d)", max_rows, max_elements)
@@ -235,6 +289,34 @@ def score_masks(
     if by_size:
         bins = bins.reshape(num_draws, N, T + 1)
     return draws, bins
+
+
+def _order_draws(suffix: torch.Tensor, weight: torch.Tensor, by_size: bool):
+    r"""``(draws, bins)`` of ``(D, N, T)`` suffix sums of orders: row ``k`` (the first ``k``
+    tokens observed) is the mask of size ``T - k`` with weight ``weight[k]``."""
+    rows = suffix * weight  # (D, N, T)
+    bins = None
+    if by_size:  # size T - k: bins[..., m] = rows[..., T - m], bin 0 empty
+        bins = torch.cat([rows.new_zeros(*rows.shape[:-1], 1), rows.flip(-1)], -1)
+    return rows.sum(-1), bins
+
+
+def telescoped_chain(scorer, num_draws: int, N: int, T: int, *, device) -> torch.Tensor:
+    r"""``(num_draws, N)``: the chain estimate of a scorer that ``telescopes``, the same for
+    every order :math:`\pi`,
+
+    .. math:: \sum_{k=1}^{T} \log p(x_{\pi_k} \mid x_{\pi_{<k}})
+        = \sum_{k=1}^{T} \big(\log p(x_{\pi_{\le k}}) - \log p(x_{\pi_{<k}})\big)
+        = \log p(x_{1..T}) - \log p(x_\emptyset),
+
+    exact (not an approximation of the row path): the scorer's conditionals are ratios of
+    its own evidences (``scorer.log_evidence``), so the sum telescopes term by term. The
+    last term is 0 for exact evidence and :math:`\operatorname{LSE}_s \log w^0_s` for
+    weighted particles. Two evidence rows instead of ``T`` conditional rows per draw.
+    """
+    everything = torch.ones(1, N, T, dtype=torch.bool, device=device)
+    evidence = scorer.log_evidence(torch.cat([everything, ~everything]))  # (2, N)
+    return (evidence[0] - evidence[1]).expand(num_draws, N).clone()
 
 
 def score(

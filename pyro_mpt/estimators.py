@@ -23,7 +23,7 @@ from itertools import combinations
 
 import torch
 
-from .options import check_probability
+from .options import check_choice, check_probability
 
 __all__ = [
     "ESTIMATORS",
@@ -84,6 +84,9 @@ class MaskEstimator:
     :cvar str name: the registry name.
     :cvar bool unbiased: whether the expectation of the estimate is :math:`\\log p(x)` (given
         exact conditionals).
+    :cvar bool chain_rule: whether every draw is the chain rule along one order (its rows
+        score each token once, conditioned on the tokens before it); then a scorer that
+        :attr:`~pyro_mpt.conditionals.base.Scorer.telescopes` gives the draw without rows.
 
     :meth:`batches` yields :class:`MaskBatch` chunks; a draw's estimate for sequence :math:`n`
     is :math:`\\sum_r w_{r,n} \\sum_{j \\in \\mathrm{scored}_r} \\log p(x_{n,j} \\mid x_{n,O_r})`
@@ -98,6 +101,7 @@ class MaskEstimator:
 
     name = None
     unbiased = True
+    chain_rule = False
 
     def rows_per_draw(self, T):
         """The number of mask rows one draw needs for ``T`` tokens."""
@@ -107,6 +111,14 @@ class MaskEstimator:
         """Yields :class:`MaskBatch` chunks of at most ``max_rows`` rows covering
         ``num_draws`` independent draws for ``N`` sequences of ``T`` tokens."""
         raise NotImplementedError
+
+    def orders(self, N, T, num_draws, *, device, generator=None):
+        """For an estimator whose rows are the prefixes of one random order per draw and
+        sequence: long ``(num_draws, N, T)`` ranks (the position of each token), drawn as
+        :meth:`batches` would draw them; row ``k`` of the order observes its first ``k``
+        tokens, scores the others and has weight ``order_weight[k]``. ``None`` (default):
+        the rows are not of that form."""
+        return None
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -178,22 +190,84 @@ class StratifiedEstimator(MaskEstimator):
     r"""The paper's estimator: for every :math:`m = 1..T` one uniform mask :math:`M_m` of
     size :math:`m`; estimate :math:`\sum_m s(M_m)`. Unbiased, ``T`` masks per draw.
 
+    :param str masks: how the ``T`` masks of a draw (and sequence) are drawn; each is a
+        uniform ``m``-subset whatever the choice, so the estimate is unbiased; the choice
+        changes the masks' dependence (the variance) and the cost.
+
+        - ``"independent"`` (default): one random order per mask (an argsort of
+          ``(num_draws T, N, T)`` random keys per call).
+        - ``"nested"``: ONE random order :math:`\pi` per draw,
+          :math:`M_m = \{\pi_{T-m+1}, \dots, \pi_T\}` (the first :math:`T - m` tokens
+          observed), so :math:`M_1 \subset M_2 \subset \dots`; an argsort of ``(num_draws, N,
+          T)`` keys. Particle scorers with factorized tokens score all ``T`` masks of an order
+          by one matrix product (:mod:`pyro_mpt.conditionals.orders`).
+        - ``"affine"``: one random order (its ranks :math:`\rho_t`) per draw, and per mask an
+          independent uniform affine map of :math:`\mathbb Z_T`,
+          :math:`M_m = \{t : (a_m \rho_t + c_m) \bmod T < m\}` with :math:`a_m` a unit of
+          :math:`\mathbb Z_T` and :math:`c_m \in \mathbb Z_T`. Given :math:`(a_m, c_m)` the
+          map is a fixed bijection, so :math:`M_m` is the first ``m`` of a uniform order: a
+          uniform ``m``-subset. With :math:`c_m` uniform and independent across sizes, two
+          masks share :math:`m m' / T` tokens on average, as independent masks do (nested
+          ones share :math:`\min(m, m')`), so the variance is close to that of independent
+          masks; the keys are those of ``"nested"`` plus two integers per mask.
+
     Example::
 
         MaskedELBO(estimator=StratifiedEstimator(), num_masks=4)   # same as estimator="stratified"
+        MaskedELBO(estimator=StratifiedEstimator(masks="nested"))  # one order per draw
     """
 
     name = "stratified"
+
+    #: the kinds of masks
+    MASKS = ("independent", "nested", "affine")
+
+    def __init__(self, masks="independent"):
+        self.masks = check_choice("masks", masks, self.MASKS)
+
+    @property
+    def nested(self):
+        """Whether the masks of a draw are the suffixes of one order."""
+        return self.masks == "nested"
 
     def rows_per_draw(self, T):
         return T
 
     def batches(self, N, T, num_draws, *, device, dtype, max_rows, generator=None):
+        if self.masks != "independent":
+            # ranks[d, n, t]: the position of token t in the order of draw d, sequence n
+            ranks = _random_ranks((num_draws, N), T, device, generator)
+        if self.masks == "affine":  # every mask's map, drawn before any chunk
+            units = torch.arange(1, T + 1, device=device)
+            units = units[torch.gcd(units, torch.tensor(T, device=device)) == 1]
+            shape = (num_draws * T, N, 1)
+            a = units[torch.randint(len(units), shape, device=device, generator=generator)]
+            c = torch.randint(T, shape, device=device, generator=generator)
         for start, stop in _row_chunks(num_draws * T, max_rows):
             rows = torch.arange(start, stop, device=device)
             m = (rows % T + 1).unsqueeze(-1).expand(-1, N)
-            scored = _random_ranks((stop - start, N), T, device, generator) < m.unsqueeze(-1)
+            if self.masks == "independent":
+                scored = _random_ranks((stop - start, N), T, device, generator) < m.unsqueeze(-1)
+            elif self.masks == "nested":  # materialised chunk by chunk: observed = rank < T - m
+                scored = ranks[rows // T] >= (T - m).unsqueeze(-1)
+            else:
+                image = ranks[rows // T] * a[start:stop] + c[start:stop]
+                scored = image % T < m.unsqueeze(-1)
             yield MaskBatch(~scored, scored, 1.0 / m.to(dtype), m, rows // T)
+
+    def orders(self, N, T, num_draws, *, device, generator=None):
+        if not self.nested:
+            return None
+        return _random_ranks((num_draws, N), T, device, generator)
+
+    @staticmethod
+    def order_weight(T, *, dtype, device):
+        """``(T,)``: row ``k`` of an order (the first ``k`` tokens observed) is the mask of
+        size ``T - k``, weight ``1 / (T - k)``."""
+        return 1.0 / torch.arange(T, 0, -1, dtype=dtype, device=device)
+
+    def __repr__(self):
+        return f"StratifiedEstimator(masks={self.masks!r})"
 
 
 class ChainEstimator(MaskEstimator):
@@ -210,6 +284,7 @@ class ChainEstimator(MaskEstimator):
     """
 
     name = "chain"
+    chain_rule = True
 
     def rows_per_draw(self, T):
         return T

@@ -173,3 +173,11 @@ def test_fixed_rate_one_scores_independent_marginals():
     est = MaskedELBO(estimator="fixed", mask_rate=1.0, num_masks=3).estimate(model, None, X)
     assert_close(est.draws, est.draws[:1].expand(3, -1), atol=0.0)
     assert_close(est.total, marginals, atol=1e-10)
+
+
+def test_curve_masks_option_is_checked_first():
+    X, _ = _ppca()
+    with pytest.raises(ValueError, match="unknown masks 'sorted'"):
+        mpt_curve(ppca_collapsed, X, K, masks="sorted")
+    with pytest.raises(ValueError, match="masks='nested' does not apply to exhaustive=True"):
+        mpt_curve(ppca_collapsed, X, K, exhaustive=True, masks="nested")

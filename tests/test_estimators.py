@@ -60,6 +60,8 @@ def _collect(estimator, N, T, num_draws, max_rows=10_000, generator=None):
 ALL_ESTIMATORS = [
     UniformEstimator(),
     StratifiedEstimator(),
+    StratifiedEstimator(masks="nested"),
+    StratifiedEstimator(masks="affine"),
     ChainEstimator(),
     FixedRateEstimator(0.3),
     ExhaustiveEstimator(),

@@ -50,6 +50,15 @@ class Scorer:
     #: the model's token layout (``num_sequences``, ``num_tokens``, sites, device)
     layout: TokenLayout
 
+    #: Whether every conditional is a ratio of this scorer's own evidences,
+    #: :math:`\log p(x_j \mid x_O) = \log p(x_{O\cup\{j\}}) - \log p(x_O)` with
+    #: :meth:`log_evidence`, for every ``O`` and ``j``. Then the chain rule along any order
+    #: telescopes exactly, :math:`\sum_k \log p(x_{\pi_k} \mid x_{\pi_{<k}}) =
+    #: \log p(x_{1..T}) - \log p(x_\emptyset)`, and the engine scores a chain draw with
+    #: two evidences instead of ``T`` rows. False unless a backend says so (a masked
+    #: language model's predictions are not ratios of one joint).
+    telescopes: ClassVar[bool] = False
+
     def row_cost(self, shared: bool = False) -> int:
         """Tensor elements one mask row needs, for chunking rows under a memory budget.
 

@@ -55,7 +55,9 @@ class EliminationScorer(Scorer):
     .. math:: \log p(x_j \mid x_O) = \log p(x_{O\cup\{j\}}) - \log p(x_O).
 
     Tokens neither observed nor scored are marginalised (their evidence is dropped), as the
-    chain estimator needs.
+    chain estimator needs. Being a ratio of this scorer's own evidences, the chain rule
+    telescopes (:attr:`~pyro_mpt.conditionals.base.Scorer.telescopes`): any order sums to
+    :math:`\log p(x_{1..T}) - \log p(x_\emptyset)`.
 
     :param model: the Pyro model; ``args`` and ``kwargs`` are passed to it.
     :param layout: the :class:`~pyro_mpt.tokens.TokenLayout` of the model.
@@ -68,6 +70,8 @@ class EliminationScorer(Scorer):
     :raises ValueError: for a latent that is not enumerated or an observed site whose tokens
         cannot be masked elementwise (a Gaussian with a dense or low-rank covariance).
     """
+
+    telescopes = True
 
     def __init__(
         self,

@@ -27,6 +27,8 @@ import torch
 from ..compat import enumerate_dim
 from ..tokens import PARTICLE_PLATE
 from .base import Scorer
+from .kernels import FactorizedKernel
+from .orders import factorized_suffix_scores
 
 if TYPE_CHECKING:
     from ..tokens import TokenLayout
@@ -58,10 +60,20 @@ class ParticleScorer(Scorer):
     :param layout: the model's :class:`~pyro_mpt.tokens.TokenLayout`.
     :param log_w0: ``(S, N)`` particle log-weights, or ``None`` without latents.
 
+    The chain rule telescopes (:attr:`telescopes`): with :math:`a_k = \log w^0 + \log
+    p(x_{O_k} \mid z)` for the first ``k`` tokens :math:`O_k` of any order, the token
+    kernels give :math:`a_k + \log p(x_{\pi_k} \mid x_{O_k}, z) = a_{k+1}` per particle
+    (the sites are independent given :math:`z`), so the row of step ``k`` is
+    :math:`\operatorname{LSE}_s a_{k+1} - \operatorname{LSE}_s a_k` and the ``T`` steps sum
+    to :math:`\operatorname{LSE}_s a_T - \operatorname{LSE}_s \log w^0`, whatever the order
+    (with a quadrature grid the second term is not 0: its weights do not sum to exactly 1).
+
     Example::
 
         log_probs = scorer(batch.observed, batch.scored)   # (R, N, T)
     """
+
+    telescopes = True
 
     def __init__(self, kernels: list, layout: TokenLayout, log_w0: torch.Tensor | None = None):
         self.kernels = kernels  # list of (slice, kernel)
@@ -73,6 +85,28 @@ class ParticleScorer(Scorer):
         """``S``, the particles (or enumerated configurations, grid points) mixed over; 1
         without latents."""
         return 1 if self.log_w0 is None else self.log_w0.shape[0]
+
+    @property
+    def scores_orders(self) -> bool:
+        """Whether :meth:`suffix_scores` applies: every kernel is a
+        :class:`~pyro_mpt.conditionals.kernels.FactorizedKernel` (tokens independent given
+        the particle)."""
+        return all(isinstance(k, FactorizedKernel) for _, k in self.kernels)
+
+    def suffix_scores(self, ranks: torch.Tensor, max_elements: int) -> torch.Tensor | None:
+        r"""``(D, N, T)``: :math:`\sum_{j \ge k} \log p(x_{\pi_j} \mid x_{\pi_{<k}})` for
+        the orders ``ranks`` (``(D, N|1, T)``, the position of each token), every prefix
+        of every order from one matrix product
+        (:func:`~pyro_mpt.conditionals.orders.factorized_suffix_scores`); ``None`` when
+        :attr:`scores_orders` is false or a product underflows (then score rows)."""
+        if not self.scores_orders:
+            return None
+        kernels = sorted(self.kernels, key=lambda item: item[0].start)
+        tables = [k.table for _, k in kernels]
+        S = max(t.shape[0] for t in tables)
+        table = torch.cat([t.expand(S, *t.shape[1:]) for t in tables], -1)  # (S, N, T)
+        log_w0 = table.new_zeros(1, table.shape[1]) if self.log_w0 is None else self.log_w0
+        return factorized_suffix_scores(table, log_w0, ranks, max_elements)
 
     def row_cost(self, shared: bool = False) -> int:
         shared = shared and self.log_w0 is None
