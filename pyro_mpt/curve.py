@@ -13,7 +13,14 @@ import torch
 
 from .engine import MPTOptions, prepare, score
 from .estimators import ExhaustiveEstimator, StratifiedEstimator, check_mask_rate
-from .options import check_bool, check_choice, check_positive_int, renamed_keyword
+from .options import (
+    check_bool,
+    check_choice,
+    check_positive_int,
+    renamed_keyword,
+    resolve_max_elements,
+)
+from .tokens.checks import check_draws_memory, forget_new_params_on_error
 
 __all__ = ["MPTCurve", "mpt_curve"]
 
@@ -207,8 +214,15 @@ def mpt_curve(
         max_elements=max_elements,
         share_masks=share_masks,
     )
-    with torch.no_grad():
+    with torch.no_grad(), forget_new_params_on_error():
         layout, scorer, backend = prepare(model, args, kwargs, options)
+        check_draws_memory(
+            "num_masks",
+            options.num_masks,
+            layout.num_sequences * (layout.num_tokens + 1),
+            resolve_max_elements(options.max_elements, layout.device),
+            layout.dtype,
+        )
         draws, bins = score(
             layout,
             scorer,

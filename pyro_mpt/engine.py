@@ -21,7 +21,6 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-import pyro.poutine as poutine
 import torch
 
 from .conditionals import CONDITIONALS, get_conditionals
@@ -36,6 +35,7 @@ from .options import (
 )
 from .progress import logger
 from .tokens import TokenLayout, read_layout
+from .tokens.checks import check_bounds, check_plate_options, trace_model
 
 __all__ = [
     "MPTEstimate",
@@ -94,14 +94,8 @@ class MPTOptions:
         # None: the device's default, resolved once the data's device is known
         self.max_elements = check_positive_int("max_elements", self.max_elements, allow_none=True)
         self.share_masks = check_bool("share_masks", self.share_masks)
-        low, high = self.quadrature_bounds
-        if not float(low) < float(high):
-            raise ValueError(
-                "quadrature_bounds must be (low, high) with low < high, got "
-                f"{self.quadrature_bounds!r}"
-            )
-        if self.token_plate is not None and not isinstance(self.token_plate, str):
-            raise TypeError(f"token_plate must be a plate name (str), got {self.token_plate!r}")
+        self.quadrature_bounds = check_bounds(self.quadrature_bounds)
+        check_plate_options(self.token_plate, self.max_plate_nesting)
 
 
 def _with_masks(estimator: MaskEstimator, masks: str, by_name: bool) -> StratifiedEstimator:
@@ -199,7 +193,7 @@ def prepare(model, args, kwargs, options: MPTOptions):
 
     :returns: ``(layout, scorer, backend)``.
     """
-    trace = poutine.trace(model).get_trace(*args, **kwargs)
+    trace = trace_model(model, args, kwargs)
     layout = read_layout(
         trace, token_plate=options.token_plate, max_plate_nesting=options.max_plate_nesting
     )

@@ -101,6 +101,9 @@ class MaskedELBO(ELBO):
         ``False``: masks are drawn independently per sequence). Still unbiased, but the
         sequences' errors become correlated; the low-rank Gaussian backend then scores a
         mask for all sequences by matrix products, much faster for long sequences.
+    :param str masks: ``"independent"``, ``"nested"`` or ``"affine"`` masks of the
+        stratified estimator (see :class:`~pyro_mpt.estimators.StratifiedEstimator`);
+        ``None``: the estimator's own (independent).
     :param int num_particles: deprecated old name of ``num_samples``.
     """
 
@@ -117,6 +120,7 @@ class MaskedELBO(ELBO):
         quadrature_bounds=(-5.0, 5.0),
         max_elements=None,
         share_masks=False,
+        masks=None,
         num_particles=None,
     ):
         if num_particles is not None:
@@ -138,6 +142,7 @@ class MaskedELBO(ELBO):
             quadrature_bounds=quadrature_bounds,
             max_elements=max_elements,
             share_masks=share_masks,
+            masks=masks,
         )
         super().__init__(num_particles=self.options.num_masks, max_plate_nesting=max_plate_nesting)
 

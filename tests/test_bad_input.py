@@ -106,8 +106,7 @@ def _with(X, i, j, value):
 # Bad data and models
 # ----------------------------------------------------------------------------------------
 
-#: id -> (model, args, kwargs, error, message fragment, entry points that cannot see it
-#: yet: mpt_curve traces the model in engine.prepare without pyro_mpt.tokens.checks)
+#: id -> (model, args, kwargs, error, message fragment, entry points excluded (none now))
 DATA_CASES = {
     "N=0": (
         gauss,
@@ -115,9 +114,9 @@ DATA_CASES = {
         {},
         ValueError,
         r"size 0.*no sequences \(N = 0\)",
-        {"curve"},
+        set(),
     ),
-    "N=0-ppca": (ppca, lambda: (_X()[:0],), {}, ValueError, r"no sequences \(N = 0\)", {"curve"}),
+    "N=0-ppca": (ppca, lambda: (_X()[:0],), {}, ValueError, r"no sequences \(N = 0\)", set()),
     "T=0": (
         gauss,
         lambda: (_X()[:, :0],),
@@ -133,7 +132,7 @@ DATA_CASES = {
         {},
         TypeError,
         r"(argument 0 of the model is|observed site 'x' holds) a ndarray.*torch\.as_tensor",
-        {"curve"},
+        set(),
     ),
     "list": (
         gauss,
@@ -141,7 +140,7 @@ DATA_CASES = {
         {},
         TypeError,
         r"argument 0 .* list.*torch\.as_tensor",
-        {"curve"},
+        set(),
     ),
     "numpy-keyword": (
         gauss_kw,
@@ -149,7 +148,7 @@ DATA_CASES = {
         {"data": _X().numpy()},
         TypeError,
         r"(keyword argument data= of the model is|observed site 'x' holds) a ndarray",
-        {"curve"},
+        set(),
     ),
     "int64": (
         gauss,
@@ -191,7 +190,7 @@ DATA_CASES = {
         {},
         TypeError,
         r"argument 0 .* torch\.int64 tensor.*float32 or float64",
-        {"curve"},
+        set(),
     ),
     "poisson-enumerated": (
         poisson_enumerated,
@@ -207,7 +206,7 @@ DATA_CASES = {
         {},
         ValueError,
         r"LowRankMultivariateNormal at site 'x' .*not positive definite: cov_diag",
-        {"curve"},
+        set(),
     ),
     "zero-noise": (
         ppca_noise(0.0),
@@ -215,7 +214,7 @@ DATA_CASES = {
         {},
         ValueError,
         r"at site 'x' .*not positive definite: cov_diag has 4",
-        {"curve"},
+        set(),
     ),
     "nan-data": (
         gauss,
@@ -269,7 +268,7 @@ def test_bad_data_is_a_clear_error(case, entry):
         ENTRIES[entry](model, make_args(), kwargs)
 
 
-@pytest.mark.parametrize("case, entry", [p for p in DATA_PARAMS if p.values[1] != "curve"])
+@pytest.mark.parametrize("case, entry", DATA_PARAMS)
 def test_failing_call_leaves_inputs_and_param_store_unchanged(case, entry):
     """A parameter created before the call is kept as it was; parameters the failing call's
     trace created (PPCA's W, loc, noise_scale) are removed; inputs are not modified."""
@@ -392,7 +391,7 @@ def test_bad_option_is_a_clear_error(entry, option, value, error, match):
     with pytest.raises(error, match=match):
         ENTRIES[entry](ppca, (X,), {}, **{option: value})
     # mpt_curve does not yet remove the parameters of a failing first trace
-    _assert_unchanged(snapshot, params_too=entry != "curve")
+    _assert_unchanged(snapshot)
 
 
 def test_there_are_at_least_a_hundred_cases():
