@@ -169,6 +169,7 @@ def log_marginal_likelihood(
     A failing call leaves the param store as it found it. float32 data are scored in
     float64 by ``"exact"`` (see :mod:`~pyro_mpt.reference.exact`); importance sampling
     with continuous latents and fewer than 100 draws is flagged not trustworthy.
+
     :warns UserWarning: when importance sampling is unreliable for some sequence
         (:math:`\hat k` above the threshold, or a small ESS) or a quadrature grid cuts
         off posterior mass.
