@@ -17,20 +17,9 @@ from pyro_mpt.models import (
     ppca_collapsed,
     ppca_latent,
     ppca_log_marginal,
-    sample_ppca,
 )
 from tests.conftest import assert_close
-
-N, T, K = 40, 6, 2
-
-
-def _data(device=None):
-    g = torch.Generator().manual_seed(0)
-    X, truth = sample_ppca(N, T, K, 0.447, generator=g)
-    if device is not None:
-        X = X.to(device)
-        truth = {k: v.to(device) for k, v in truth.items()}
-    return X, truth
+from tests.test_masked_elbo import K, N, T, _data  # the same data as there
 
 
 def empty_guide(*args, **kwargs):
