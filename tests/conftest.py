@@ -46,3 +46,21 @@ def sample_hmm_data(N, T, C, V, seed=0):
     init, trans, emit = random_hmm_params(C, V, seed)
     X = sample_hmm(N, T, init, trans, emit, generator=torch.Generator().manual_seed(seed + 1))
     return X, init, trans, emit
+
+
+@pytest.fixture
+def ppca_data():
+    """``(X, truth)``: the PPCA data of the report tests (tests/report_cases.py)."""
+    from tests import report_cases
+
+    return report_cases.ppca_data()
+
+
+@pytest.fixture
+def ppca_report(ppca_data):
+    """``(report, X, truth)``: one evaluated report on :func:`ppca_data`, shared by the
+    evaluator, report, export and plotting tests."""
+    from tests import report_cases
+
+    X, truth = ppca_data
+    return report_cases.ppca_report(X, truth), X, truth

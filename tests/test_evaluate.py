@@ -19,17 +19,6 @@ from tests.conftest import assert_close
 from tests.report_cases import K, N, T
 
 
-@pytest.fixture
-def ppca_data():
-    return report_cases.ppca_data()
-
-
-@pytest.fixture
-def ppca_report(ppca_data):
-    X, truth = ppca_data
-    return report_cases.ppca_report(X, truth), X, truth
-
-
 def _check_matches_separate_calls(
     report,
     model,

@@ -15,17 +15,6 @@ from tests.report_cases import K, T
 az = pytest.importorskip("arviz")
 
 
-@pytest.fixture
-def ppca_data():
-    return report_cases.ppca_data()
-
-
-@pytest.fixture
-def ppca_report(ppca_data):
-    X, truth = ppca_data
-    return report_cases.ppca_report(X, truth), X, truth
-
-
 def test_draws_variable_names():
     assert draws_variable("chain") == "mpt_chain"
     assert draws_variable("fixed(0.15)") == "mpt_fixed_0_15_"

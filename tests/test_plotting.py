@@ -13,17 +13,6 @@ from tests.report_cases import K, T
 matplotlib = pytest.importorskip("matplotlib")
 
 
-@pytest.fixture
-def ppca_data():
-    return report_cases.ppca_data()
-
-
-@pytest.fixture
-def ppca_report(ppca_data):
-    X, truth = ppca_data
-    return report_cases.ppca_report(X, truth), X, truth
-
-
 def test_plot_draws_the_curve_area_band_and_reference(ppca_report):
     from matplotlib.collections import PolyCollection
 

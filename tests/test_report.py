@@ -12,17 +12,6 @@ from tests import report_cases
 from tests.report_cases import K
 
 
-@pytest.fixture
-def ppca_data():
-    return report_cases.ppca_data()
-
-
-@pytest.fixture
-def ppca_report(ppca_data):
-    X, truth = ppca_data
-    return report_cases.ppca_report(X, truth), X, truth
-
-
 def test_summary_contains_every_number(ppca_report):
     report, _, _ = ppca_report
     text = report.summary()
