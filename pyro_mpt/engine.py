@@ -204,6 +204,7 @@ def prepare(model, args, kwargs, options: MPTOptions):
         quadrature_points=options.quadrature_points,
         quadrature_bounds=options.quadrature_bounds,
         max_elements=resolve_max_elements(options.max_elements, layout.device),
+        model_call=(model, args, kwargs, trace),
     )
     logger.debug("pyro_mpt: conditionals %r for %d latent site(s)", backend, len(layout.latents))
     scorer = backend.scorer(model, args, kwargs, layout, trace)

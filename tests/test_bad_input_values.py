@@ -135,7 +135,9 @@ def test_importance_reference_below_minimum_draws_is_not_trustworthy(S):
     though it is tens of nats off."""
     X, truth = _problem()
     with pytest.warns(UserWarning) as caught:  # k-hat may fail too
-        ref = log_marginal_likelihood(ppca_latent, X, K, **truth, num_samples=S)
+        ref = log_marginal_likelihood(
+            ppca_latent, X, K, **truth, num_samples=S, method="importance"
+        )
     assert any(f"num_samples={S} is below 100" in str(w.message) for w in caught)
     assert not ref.trustworthy
     assert len(_too_few(ref.messages)) == 1
@@ -146,7 +148,9 @@ def test_importance_reference_at_minimum_draws_is_not_flagged_for_the_count():
     X, truth = _problem()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # other diagnostics may still fail
-        ref = log_marginal_likelihood(ppca_latent, X, K, **truth, num_samples=MIN_SAMPLES)
+        ref = log_marginal_likelihood(
+            ppca_latent, X, K, **truth, num_samples=MIN_SAMPLES, method="importance"
+        )
     assert _too_few(ref.messages) == []
 
 

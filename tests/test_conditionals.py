@@ -293,6 +293,14 @@ def test_backends_refuse_models_they_cannot_score():
     with pytest.raises(ValueError, match="enumerate"):
         _scorer(latent, X, conditionals="enumerate")
     _, backend = _scorer(latent, X, conditionals="auto", num_samples=10)
+    assert backend.name == "linear_gaussian"  # latent-z PPCA is linear-Gaussian
+
+    def laplace(X):  # continuous latents, not linear-Gaussian: importance
+        with pyro.plate("data", X.shape[0]):
+            z = pyro.sample("z", dist.Laplace(torch.zeros(K), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ truth["W"].T, 0.5).to_event(1), obs=X)
+
+    _, backend = _scorer(laplace, X, conditionals="auto", num_samples=10)
     assert backend.name == "importance"
     _, backend = _scorer(lambda X: ppca_collapsed(X, K, **truth), X, conditionals="auto")
     assert backend.name == "gaussian"

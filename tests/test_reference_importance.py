@@ -20,9 +20,24 @@ from tests.conftest import assert_close
 from tests.reference_data import latent_model, per_row_exact, ppca_data, quiet
 
 
+def _laplace_noise_model(t):
+    """Latent-z PPCA with Laplace noise: continuous latents, not linear-Gaussian."""
+
+    def model(X):
+        with pyro.plate("data", X.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            loc = z @ t["W"].T + t["loc"]
+            pyro.sample("x", dist.Laplace(loc, t["noise_scale"]).to_event(1), obs=X)
+
+    return model
+
+
 def test_auto_chooses_importance_for_continuous_latents():
+    """Continuous latents that are not linear-Gaussian (Laplace noise): importance; the
+    message says why the Gaussian route was not taken."""
     X, t = ppca_data()
-    est = log_marginal_likelihood(latent_model(t), X, num_samples=4000)
+    est = log_marginal_likelihood(_laplace_noise_model(t), X, num_samples=4000)
+    assert "observed site 'x' is a Laplace, not a Normal" in est.messages[0]
     assert est.method == "importance" and est.num_samples == 4000
     assert "chose 'importance'" in est.messages[0]
     assert est.messages[1].startswith("importance: 4000 draws per sequence from the prior")
@@ -47,8 +62,12 @@ def test_importance_converges_to_exact_within_its_standard_error():
     Allowance: 4 SE plus the O(1/S) downward bias SE^2/2 of the log of a mean."""
     X, t = ppca_data()
     exact = ppca_log_marginal(X, t["W"], t["loc"], t["noise_scale"])
-    small, _ = quiet(log_marginal_likelihood, latent_model(t), X, num_samples=100)
-    big = log_marginal_likelihood(latent_model(t), X, num_samples=100_000, chunk_size=16384)
+    small, _ = quiet(
+        log_marginal_likelihood, latent_model(t), X, num_samples=100, method="importance"
+    )
+    big = log_marginal_likelihood(
+        latent_model(t), X, num_samples=100_000, chunk_size=16384, method="importance"
+    )
     err_small = abs(float(small.total - exact))
     err_big = abs(float(big.total - exact))
     assert big.trustworthy and big.ess.min() > 1000
@@ -69,7 +88,9 @@ def test_standard_error_is_calibrated():
     (the spread of 400 draws is itself uncertain by about 4%)."""
     X, t = ppca_data(N=1)
     X = X.expand(400, -1).contiguous()
-    est, _ = quiet(log_marginal_likelihood, latent_model(t), X, num_samples=200)
+    est, _ = quiet(
+        log_marginal_likelihood, latent_model(t), X, num_samples=200, method="importance"
+    )
     spread = est.per_sequence.std()
     reported = est.per_sequence_stderr.mean()
     assert 0.85 < float(spread / reported) < 1.15, (float(spread), float(reported))
@@ -82,7 +103,7 @@ def test_per_sequence_beats_whole_trace_importance():
     whole-trace error -38.9 nats (its best single particle alone: -31.3)."""
     X, t = ppca_data(N=50)
     exact = ppca_log_marginal(X, t["W"], t["loc"], t["noise_scale"])
-    est = log_marginal_likelihood(latent_model(t), X, num_samples=2000)
+    est = log_marginal_likelihood(latent_model(t), X, num_samples=2000, method="importance")
     S = est.log_weights.shape[0]
     whole = torch.logsumexp(est.log_weights.sum(1), 0) - math.log(S)
     err_seq = float(est.total - exact)
@@ -106,8 +127,8 @@ def test_trained_guide_beats_prior():
     model = latent_model(t)
     exact = ppca_log_marginal(X, t["W"], t["loc"], t["noise_scale"])
     guide = _fit_autonormal(model, X)
-    prior, _ = quiet(log_marginal_likelihood, model, X, num_samples=2000)
-    post = log_marginal_likelihood(model, X, num_samples=2000, guide=guide)
+    prior, _ = quiet(log_marginal_likelihood, model, X, num_samples=2000, method="importance")
+    post = log_marginal_likelihood(model, X, num_samples=2000, guide=guide, method="importance")
     assert post.trustworthy
     assert (post.ess > 5 * prior.ess).all(), (post.ess, prior.ess)
     assert post.stderr < prior.stderr / 5
@@ -126,7 +147,9 @@ def test_bad_proposal_warns_and_is_flagged():
             pyro.sample("z", dist.Normal(torch.full((2,), 1.5), 0.05).to_event(1))
 
     with pytest.warns(UserWarning, match=r"Pareto k-hat up to .* \(threshold 0\.67"):
-        est = log_marginal_likelihood(latent_model(t), X, num_samples=1000, guide=bad_guide)
+        est = log_marginal_likelihood(
+            latent_model(t), X, num_samples=1000, guide=bad_guide, method="importance"
+        )
     assert not est.trustworthy
     assert (est.khat > est.khat_threshold).sum() >= N // 2
     assert any(m.startswith("UNRELIABLE") for m in est.messages)
@@ -139,7 +162,9 @@ def test_small_ess_is_flagged():
     X, t = ppca_data(w_scale=3.0, noise=0.2)
     S = 20_000
     with pytest.warns(UserWarning, match=r"ESS down to .* \(floor 100,") as caught:
-        est = log_marginal_likelihood(latent_model(t), X, num_samples=S, chunk_size=5000)
+        est = log_marginal_likelihood(
+            latent_model(t), X, num_samples=S, chunk_size=5000, method="importance"
+        )
     n_low = int((est.ess < MIN_ESS).sum())
     assert n_low > 0 and not est.trustworthy
     assert f"{n_low} below" in str(caught[0].message)

@@ -20,9 +20,11 @@ def test_chunked_equals_unchunked():
     the random stream splits exactly."""
     X, t = ppca_data()
     pyro.set_rng_seed(3)
-    one = log_marginal_likelihood(latent_model(t), X, num_samples=1024)
+    one = log_marginal_likelihood(latent_model(t), X, num_samples=1024, method="importance")
     pyro.set_rng_seed(3)
-    many = log_marginal_likelihood(latent_model(t), X, num_samples=1024, chunk_size=128)
+    many = log_marginal_likelihood(
+        latent_model(t), X, num_samples=1024, chunk_size=128, method="importance"
+    )
     assert_close(many.log_weights, one.log_weights, atol=1e-12)
     assert_close(many.total, one.total, atol=1e-10)
     assert_close(many.ess, one.ess, atol=1e-8)
@@ -36,10 +38,12 @@ def test_streaming_khat_equals_kept_weights_khat(monkeypatch):
     all the weights, kept in the other run, to 1e-10."""
     X, t = ppca_data()
     pyro.set_rng_seed(4)
-    kept = log_marginal_likelihood(latent_model(t), X, num_samples=2048)
+    kept = log_marginal_likelihood(latent_model(t), X, num_samples=2048, method="importance")
     monkeypatch.setattr(importance, "KEEP_LOG_WEIGHTS", 0)
     pyro.set_rng_seed(4)
-    streamed = log_marginal_likelihood(latent_model(t), X, num_samples=2048, chunk_size=256)
+    streamed = log_marginal_likelihood(
+        latent_model(t), X, num_samples=2048, chunk_size=256, method="importance"
+    )
     assert streamed.log_weights is None
     assert any("largest weights per sequence" in m for m in streamed.messages)
     assert_close(streamed.khat, pareto_khat(kept.log_weights), atol=1e-10)
@@ -99,7 +103,14 @@ def test_default_chunks_follow_the_device_budget():
     (N T = 40 elements here) allows 419430 particles per chunk, so 1000 draws run in one;
     max_elements=400 allows 10 per chunk."""
     X, t = ppca_data()
-    est, _ = quiet(log_marginal_likelihood, latent_model(t), X, num_samples=100, max_elements=400)
+    est, _ = quiet(
+        log_marginal_likelihood,
+        latent_model(t),
+        X,
+        num_samples=100,
+        max_elements=400,
+        method="importance",
+    )
     assert any("10 chunk(s) of up to 10;" in m for m in est.messages)
-    est = log_marginal_likelihood(latent_model(t), X, num_samples=1000)
+    est = log_marginal_likelihood(latent_model(t), X, num_samples=1000, method="importance")
     assert any("1 chunk(s) of up to 1000;" in m for m in est.messages)

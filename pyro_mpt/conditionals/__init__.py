@@ -27,6 +27,7 @@ from .base import Conditionals, Scorer
 from .enumerate import EnumerateConditionals
 from .gaussian import GaussianConditionals
 from .importance import ImportanceConditionals
+from .linear_gaussian import LinearGaussianConditionals, detect_linear_gaussian
 from .particles import ParticleScorer
 from .quadrature import QuadratureConditionals, check_bounds
 
@@ -39,6 +40,7 @@ __all__ = [
     "EnumerateConditionals",
     "GaussianConditionals",
     "ImportanceConditionals",
+    "LinearGaussianConditionals",
     "ParticleScorer",
     "QuadratureConditionals",
     "Scorer",
@@ -54,6 +56,7 @@ CONDITIONALS: dict[str, type[Conditionals]] = {
         EnumerateConditionals,
         ImportanceConditionals,
         QuadratureConditionals,
+        LinearGaussianConditionals,
     )
 }
 
@@ -64,15 +67,20 @@ def choose_conditionals(
     max_elements: int | None = None,
     *,
     num_particles: int | None = None,
+    model_call: tuple | None = None,
 ) -> Conditionals:
     """The ``"auto"`` rule: no latents -> ``"gaussian"`` (exact); only enumerated latents ->
-    ``"enumerate"`` (exact); otherwise ``"importance"`` with ``num_samples`` prior draws.
+    ``"enumerate"`` (exact); a linear-Gaussian model (found from ``model_call``, see
+    :mod:`~pyro_mpt.conditionals.affine`) -> ``"linear_gaussian"`` (exact); otherwise
+    ``"importance"`` with ``num_samples`` prior draws. The reason is logged.
 
     :param layout: the model's :class:`~pyro_mpt.tokens.TokenLayout`.
     :param int num_samples: prior draws of ``"importance"``.
     :param int max_elements: memory budget of ``"enumerate"``; ``None``: the default of the
         layout's device (:func:`~pyro_mpt.options.resolve_max_elements`).
     :param int num_particles: deprecated name of ``num_samples``.
+    :param tuple model_call: ``(model, args, kwargs, trace)``, to test whether the model is
+        linear-Gaussian; without it that route is not considered.
     :returns: a :class:`Conditionals` instance.
 
     Example::
@@ -88,9 +96,24 @@ def choose_conditionals(
     elif all(n in layout.enumerated for n in layout.latents):
         backend = EnumerateConditionals(resolve_max_elements(max_elements, layout.device))
     else:
-        backend = ImportanceConditionals(num_samples)
+        backend = _linear_gaussian_or_none(layout, max_elements, model_call)
+        backend = backend or ImportanceConditionals(num_samples)
     logger.info("conditionals='auto' chose %r for latents %s", backend.name, layout.latents)
     return backend
+
+
+def _linear_gaussian_or_none(layout, max_elements, model_call):
+    """``"linear_gaussian"`` (with the model it compiled) if the model is linear-Gaussian,
+    else ``None``; the reason is logged either way."""
+    if model_call is None:
+        return None
+    model, args, kwargs, trace = model_call
+    budget = resolve_max_elements(max_elements, layout.device)
+    compiled, why = detect_linear_gaussian(model, args, kwargs, layout, trace, budget)
+    logger.info("conditionals='auto': %s", why)
+    if compiled is None:
+        return None
+    return LinearGaussianConditionals(max_elements, compiled=(trace, compiled))
 
 
 def get_conditionals(
@@ -102,6 +125,7 @@ def get_conditionals(
     max_elements: int | None = None,
     *,
     num_particles: int | None = None,
+    model_call: tuple | None = None,
 ) -> Conditionals:
     """Looks a backend up by name (or passes a :class:`Conditionals` instance through).
     Every option is checked first, whichever backend uses it.
@@ -115,6 +139,8 @@ def get_conditionals(
     :param int max_elements: memory budget of ``"enumerate"``; ``None``: the default of the
         layout's device (:func:`~pyro_mpt.options.resolve_max_elements`).
     :param int num_particles: deprecated name of ``num_samples``.
+    :param tuple model_call: ``(model, args, kwargs, trace)`` for ``"auto"``
+        (:func:`choose_conditionals`).
     :returns: a :class:`Conditionals` instance.
     :raises ValueError: for an unknown name (listing the valid ones) or a bad option.
 
@@ -138,7 +164,9 @@ def get_conditionals(
     if isinstance(conditionals, Conditionals):
         return conditionals
     if conditionals == "auto":
-        return choose_conditionals(layout, options["num_samples"], options["max_elements"])
+        return choose_conditionals(
+            layout, options["num_samples"], options["max_elements"], model_call=model_call
+        )
     backend = CONDITIONALS[conditionals].from_options(**options)
     logger.debug("conditionals %r built as %r", conditionals, backend)
     return backend

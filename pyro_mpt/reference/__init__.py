@@ -12,8 +12,11 @@ methods in :data:`METHODS`, one module each:
   Pareto :math:`\hat k`;
 - ``"quadrature"`` (:mod:`~pyro_mpt.reference.quadrature`): a midpoint grid of
   :math:`G^d` points over the continuous latents (:math:`d \le 3` per sequence);
-- ``"auto"``: ``"exact"`` when every latent is enumerated (or there is none), otherwise
-  ``"importance"``.
+- ``"gaussian"`` (:mod:`~pyro_mpt.reference.gaussian`): linear-Gaussian models (normal
+  latents with means affine in their parents and scales free of latents, normal
+  observations likewise), their tokens' joint Gaussian computed exactly;
+- ``"auto"``: ``"exact"`` when every latent is enumerated (or there is none),
+  ``"gaussian"`` for a linear-Gaussian model, otherwise ``"importance"``.
 
 A method is a function ``(problem, options, messages) -> LMLEstimate``
 (:class:`~pyro_mpt.reference.problem.Problem`,
@@ -30,11 +33,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..options import check_choice, renamed_keyword
+from ..conditionals.linear_gaussian import detect_linear_gaussian
+from ..options import check_choice, renamed_keyword, resolve_max_elements
 from ..progress import logger
 from ..tokens import read_layout
 from ..tokens.checks import forget_new_params_on_error, trace_model
 from .exact import exact_reference
+from .gaussian import gaussian_reference
 from .importance import importance_reference
 from .problem import Problem, ReferenceOptions, check_options
 from .quadrature import quadrature_reference
@@ -52,6 +57,7 @@ __all__ = [
 #: The methods of :func:`log_marginal_likelihood`, by name (``"auto"`` chooses among them).
 METHODS: dict[str, Callable] = {
     "exact": exact_reference,
+    "gaussian": gaussian_reference,
     "importance": importance_reference,
     "quadrature": quadrature_reference,
 }
@@ -73,14 +79,23 @@ def _valid_methods() -> list:
     return ["auto", *METHODS]
 
 
-def _choose_auto(problem, messages) -> str:
-    """``"exact"`` when every latent is enumerated (or there is none), else
-    ``"importance"``; says why in ``messages``."""
+def _choose_auto(problem, messages, max_elements=None) -> str:
+    """``"exact"`` when every latent is enumerated (or there is none), ``"gaussian"`` for a
+    linear-Gaussian model, else ``"importance"``; says why in ``messages``."""
     continuous, layout = problem.continuous, problem.layout
     if continuous:
+        why = "not linear-Gaussian: it mixes enumerated and continuous latents"
+        if not layout.enumerated:
+            budget = resolve_max_elements(max_elements, layout.device)
+            compiled, why = detect_linear_gaussian(
+                problem.model, problem.args, problem.kwargs, layout, problem.trace, budget
+            )
+            if compiled is not None:
+                messages.append(f"method='auto' chose 'gaussian': {why}")
+                return "gaussian"
         messages.append(
             f"method='auto' chose 'importance': the latent site(s) {continuous} are not "
-            "enumerated, so no exact value is available"
+            f"enumerated and the model is {why}, so no exact value is available"
         )
         return "importance"
     why = (
@@ -134,7 +149,8 @@ def log_marginal_likelihood(
     :param model: a Pyro model; ``*args`` and ``**kwargs`` are passed to it (so they must
         not use the keyword names below).
     :param str method: ``"auto"`` (default: exact where possible, else importance), or a
-        name in :data:`METHODS`: ``"exact"``, ``"importance"``, ``"quadrature"``.
+        name in :data:`METHODS`: ``"exact"``, ``"gaussian"``, ``"importance"``,
+        ``"quadrature"``.
     :param int num_samples: :math:`S`, draws per sequence for importance sampling.
     :param guide: a proposal for ``"importance"`` (e.g. an
         :class:`~pyro.infer.autoguide.AutoNormal` trained by SVI) sampling exactly the
@@ -201,7 +217,7 @@ def log_marginal_likelihood(
         problem = Problem(model, tuple(args), dict(kwargs), trace, layout)
         messages = []
         if method == "auto":
-            method = _choose_auto(problem, messages)
+            method = _choose_auto(problem, messages, options.max_elements)
         if guide is not None and method != "importance":
             messages.append(f"guide ignored: method={method!r} does not sample from a proposal")
         logger.info("log_marginal_likelihood: method %r", method)
