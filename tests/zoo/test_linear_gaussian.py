@@ -1,0 +1,197 @@
+"""Linear-Gaussian models written as Pyro's tutorials write them (a Kalman filter with
+pyro.markov, PPCA with an explicit z, Bayesian linear regression, eight schools with a fixed
+tau): "auto" finds them, and the reference, MaskedELBO's chain and stratified estimates and
+their gradients agree with the exact values computed without pyro_mpt. Models that are not
+linear-Gaussian are not detected, and say why."""
+
+import logging
+import re
+import warnings
+
+import pyro
+import pytest
+import torch
+
+from pyro_mpt import MaskedELBO
+from pyro_mpt.conditionals import LinearGaussianConditionals, get_conditionals
+from pyro_mpt.conditionals.affine import compile_linear_gaussian
+from pyro_mpt.reference import log_marginal_likelihood
+from pyro_mpt.tokens import read_layout
+from pyro_mpt.tokens.checks import trace_model
+from tests.conftest import assert_close
+from tests.zoo import linear_gaussian_models as zoo
+
+#: relative tolerance of every exact comparison (float64 arithmetic, T <= 12 tokens)
+RTOL = 1e-6
+
+
+def _kalman():
+    y = zoo.kalman_data()
+    return zoo.kalman, (y,), {}, lambda: zoo.kalman_log_likelihood(y, *zoo.kalman_params())
+
+
+def _ppca():
+    X = zoo.ppca_data()
+
+    def exact():
+        store = pyro.get_param_store()
+        return zoo.ppca_log_likelihood(X, store["W"], store["mu"], store["sigma"])
+
+    return zoo.ppca, (X,), {}, exact
+
+
+def _blr():
+    X, y = zoo.blr_data()
+    return zoo.blr, (X, y), {"token_plate": "data"}, lambda: zoo.blr_log_likelihood(X, y)
+
+
+def _schools():
+    s, y = zoo.SCHOOLS_SIGMA, zoo.SCHOOLS_Y
+    exact = lambda: zoo.eight_schools_log_likelihood(s, y)  # noqa: E731
+    return zoo.eight_schools, (s, y), {"token_plate": "schools"}, exact
+
+
+CASES = {"kalman": _kalman, "ppca": _ppca, "blr": _blr, "eight_schools": _schools}
+
+
+def _case(name):
+    model, args, kwargs, exact = CASES[name]()
+    model(*args)  # creates the model's params, so that the exact value can read them
+    return model, args, kwargs, exact
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_auto_reference_is_gaussian_and_exact(name):
+    model, args, kwargs, exact = _case(name)
+    ref = log_marginal_likelihood(model, *args, **kwargs)
+    assert ref.method == "gaussian" and ref.trustworthy and ref.stderr == 0.0
+    assert "method='auto' chose 'gaussian'" in ref.messages[0]
+    expected = exact()
+    assert_close(ref.per_sequence, expected.reshape(-1), atol=0.0, rtol=RTOL)
+    assert_close(ref.total, expected.sum(), atol=0.0, rtol=RTOL)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_masked_elbo_chain_is_exact(name, caplog):
+    model, args, kwargs, exact = _case(name)
+    with caplog.at_level(logging.INFO, logger="pyro_mpt"):
+        est = MaskedELBO(estimator="chain", **kwargs).estimate(model, None, *args)
+    assert est.conditionals == "linear_gaussian"
+    assert any("joint is Gaussian" in r.getMessage() for r in caplog.records)
+    assert_close(est.total, exact().sum(), atol=0.0, rtol=RTOL)
+    with torch.no_grad():  # the affine map is found by autograd even under no_grad
+        quiet = MaskedELBO(estimator="chain", **kwargs).estimate(model, None, *args)
+    assert_close(quiet.total, exact().sum(), atol=0.0, rtol=RTOL)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_masked_elbo_stratified_within_four_standard_errors(name):
+    """Stratified MPT is unbiased for log p(x): 32 mask draws (seed 0 from the conftest)
+    land within 4 of their standard errors of the exact value."""
+    model, args, kwargs, exact = _case(name)
+    est = MaskedELBO(estimator="stratified", num_masks=32, **kwargs).estimate(model, None, *args)
+    assert est.conditionals == "linear_gaussian"
+    assert 0 < est.stderr < 5.0
+    gap = float(est.total.detach() - exact().sum().detach())
+    assert abs(gap) < 4 * est.stderr, (gap, est.stderr)
+
+
+@pytest.mark.parametrize("name", ["kalman", "ppca"])
+def test_gradients_equal_the_exact_gradients(name):
+    """The chain loss's gradients in the model's params (through the autograd-found affine
+    map) are the exact log-likelihood's, to 1e-6 relative."""
+    model, args, kwargs, exact = _case(name)
+    store = pyro.get_param_store()
+    leaves = [store[n].unconstrained() for n in sorted(store.keys())]
+    loss = MaskedELBO(estimator="chain", **kwargs).differentiable_loss(model, None, *args)
+    grads = torch.autograd.grad(loss, leaves)
+    expected = torch.autograd.grad(-exact().sum(), leaves)
+    for g, e in zip(grads, expected):
+        assert_close(g, e, atol=1e-9, rtol=RTOL)
+    ref = log_marginal_likelihood(model, *args, **kwargs)  # the reference is differentiable
+    ref_grads = torch.autograd.grad(-ref.total, leaves)
+    for g, e in zip(ref_grads, expected):
+        assert_close(g, e, atol=1e-9, rtol=RTOL)
+
+
+def test_kernels_low_rank_when_noise_is_diagonal_and_short():
+    """PPCA (K = 2 noise dims < 5 tokens, diagonal noise): Woodbury; eight schools (9 noise
+    dims > 8 tokens): dense."""
+    for name, kind in [("ppca", "LowRankGaussianKernel"), ("eight_schools", "DenseGaussian")]:
+        model, args, kwargs, _ = _case(name)
+        ref = log_marginal_likelihood(model, *args, **kwargs)
+        assert kind in ref.messages[1]
+
+
+def test_the_check_leaves_the_global_random_stream_alone():
+    model, args, kwargs, _ = _case("kalman")
+    trace = trace_model(model, args, kwargs)
+    layout = read_layout(trace)
+    state = torch.get_rng_state()
+    compiled = compile_linear_gaussian(model, args, kwargs, layout, trace, 10**6)
+    assert torch.equal(state, torch.get_rng_state())
+    assert compiled.factor.shape == (3, 8, 16)  # N, T, 2 state dims x 8 steps
+
+
+def test_too_large_for_a_dense_covariance_is_refused_not_used():
+    model, args, kwargs, exact = _case("kalman")
+    with pytest.raises(ValueError, match=r"method='gaussian' cannot .* over max_elements=50"):
+        log_marginal_likelihood(model, *args, method="gaussian", max_elements=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # prior IS on 8 steps is poor
+        ref = log_marginal_likelihood(model, *args, max_elements=50, num_samples=64)
+    assert ref.method == "importance"
+    assert "Markov-structured route" in ref.messages[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Not linear-Gaussian: not detected, with the reason
+# ----------------------------------------------------------------------------------------
+
+X4 = torch.tensor([[0.3, -0.2, 0.1], [1.2, 0.8, 1.0], [-0.5, -0.9, -0.2], [0.0, 0.4, -0.1]])
+
+NEGATIVE = {
+    "random_tau": (
+        zoo.eight_schools_random_tau,
+        (zoo.SCHOOLS_SIGMA, zoo.SCHOOLS_Y),
+        {"token_plate": "schools"},
+        r"latent site 'tau' is a HalfCauchy, not a Normal",
+    ),
+    "gamma_scale": (zoo.gamma_scale, (X4,), {}, r"latent site 'prec' is a Gamma, not a Normal"),
+    "nonlinear_mean": (zoo.nonlinear_mean, (X4,), {}, r"not affine in the latents"),
+    "latent_scale": (zoo.latent_scale, (X4,), {}, r"not affine in the latents"),
+    "ar_observations": (
+        zoo.ar_observations,
+        (X4,),
+        {},
+        r"depends on the observed value of 'y_0' \(observations that are parents",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", NEGATIVE)
+def test_not_linear_gaussian_is_not_detected(name, caplog):
+    model, args, kwargs, reason = NEGATIVE[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # importance diagnostics
+        ref = log_marginal_likelihood(model, *args, num_samples=200, **kwargs)
+    assert ref.method == "importance"
+    assert "chose 'importance'" in ref.messages[0]
+    assert re.search(reason, ref.messages[0])
+    with caplog.at_level(logging.INFO, logger="pyro_mpt"):
+        est = MaskedELBO(num_samples=16, **kwargs).estimate(model, None, *args)
+    assert est.conditionals == "importance"
+    assert any("not linear-Gaussian" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match=f"method='gaussian' cannot integrate.*{reason}"):
+        log_marginal_likelihood(model, *args, method="gaussian", **kwargs)
+    with pytest.raises(ValueError, match=f"conditionals='linear_gaussian' cannot.*{reason}"):
+        MaskedELBO(conditionals="linear_gaussian", **kwargs).estimate(model, None, *args)
+
+
+def test_backend_registry_and_options():
+    model, args, kwargs, _ = _case("ppca")
+    layout = read_layout(trace_model(model, args, kwargs))
+    backend = get_conditionals("linear_gaussian", layout, max_elements=1234)
+    assert isinstance(backend, LinearGaussianConditionals) and backend.max_elements == 1234
+    with pytest.raises(ValueError, match="max_elements"):
+        LinearGaussianConditionals(max_elements=0)
