@@ -11,7 +11,8 @@ Modules, low to high: :mod:`~pyro_mpt.conditionals.base` (the interface),
 :mod:`~pyro_mpt.conditionals.particles` (weighted particles and their scorer),
 :mod:`~pyro_mpt.conditionals.sites` (observed sites to kernels),
 :mod:`~pyro_mpt.conditionals.evidence` and :mod:`~pyro_mpt.conditionals.elimination`
-(variable elimination), then one module per backend.
+(variable elimination), :mod:`~pyro_mpt.conditionals.affine` (linear-Gaussian models
+compiled to a Gaussian over the tokens), then one module per backend.
 
 Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
