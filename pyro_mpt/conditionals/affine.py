@@ -92,8 +92,32 @@ def normal_parts(fn) -> tuple[str, torch.Tensor, torch.Tensor] | None:
     return None
 
 
+def _same_scale(a, b) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.equal(*torch.broadcast_tensors(torch.as_tensor(a), torch.as_tensor(b)))
+    return a == b
+
+
+def _refuse_weighting(name: str, site: dict, role: str, scale) -> None:
+    """A masked site, or one scaled unlike the observations, is not scored as a plain
+    Gaussian: refuse it rather than ignore the weighting."""
+    mask = site["mask"]
+    if mask is not None and mask is not True and not (torch.is_tensor(mask) and mask.all()):
+        raise NotLinearGaussian(
+            f"{role} site {name!r} is masked (poutine.mask or obs_mask), which this route "
+            "does not support"
+        )
+    if not _same_scale(site["scale"], scale):
+        raise NotLinearGaussian(
+            f"{role} site {name!r} has scale {site['scale']} (poutine.scale or a subsampled "
+            f"plate), unlike the observations' {scale}"
+        )
+
+
 def _refuse_sites(trace, layout: TokenLayout) -> None:
-    """Structural refusals, before any computation: the kind of every site."""
+    """Structural refusals, before any computation: the kind of every site, its mask and
+    its scale."""
+    scale = trace.nodes[layout.sites[0].name]["scale"]
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site["infer"].get("is_auxiliary"):
             continue
@@ -112,6 +136,7 @@ def _refuse_sites(trace, layout: TokenLayout) -> None:
                 f"{role} site {name!r} is a {type(base).__name__}, not a Normal or "
                 "MultivariateNormal"
             )
+        _refuse_weighting(name, site, role, scale)
         if observed and layout.token_plate is not None and fn.event_dim:
             raise NotLinearGaussian(
                 f"observed site {name!r} has vector tokens (event shape "

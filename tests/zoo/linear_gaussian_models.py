@@ -187,3 +187,20 @@ def ar_observations(y):
         prev = torch.zeros(N)
         for t in pyro.markov(range(T)):
             prev = pyro.sample(f"y_{t}", dist.Normal(level + 0.5 * prev, 1.0), obs=y[:, t])
+
+
+def masked_ppca(X, present):
+    """PPCA whose missing rows are masked out with poutine.mask: not served by this route
+    (yet), so it must be refused rather than scored as if observed."""
+    with pyro.plate("data", X.shape[0]):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        with pyro.poutine.mask(mask=present):
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 0.5).to_event(1), obs=X)
+
+
+def scaled_prior(X):
+    """A latent prior tempered with poutine.scale: not a plain Gaussian joint."""
+    with pyro.plate("data", X.shape[0]):
+        with pyro.poutine.scale(scale=0.5):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z.unsqueeze(-1), 0.5).to_event(1), obs=X)

@@ -166,6 +166,13 @@ NEGATIVE = {
         {},
         r"depends on the observed value of 'y_0' \(observations that are parents",
     ),
+    "poutine_mask": (
+        zoo.masked_ppca,
+        (X4, torch.tensor([True, False, True, True])),
+        {},
+        r"observed site 'x' is masked \(poutine.mask or obs_mask\)",
+    ),
+    "poutine_scale": (zoo.scaled_prior, (X4,), {}, r"latent site 'z' has scale 0.5"),
 }
 
 
