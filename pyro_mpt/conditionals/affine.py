@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import pyro.poutine as poutine
 import torch
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import (
     Independent,
     LowRankMultivariateNormal,
@@ -145,15 +146,20 @@ def _refuse_sites(trace, layout: TokenLayout) -> None:
 
 
 class _Reparameterize(Messenger):
-    r"""Sets every latent site to :math:`\mu + L\varepsilon` for the given noise, and every
-    observed value to a copy that requires grad (to see whether observations are parents)."""
+    r"""Sets every latent site to :math:`\mu + L\varepsilon` for the given noise, every
+    observed value to a copy that requires grad (to see whether observations are parents)
+    and every subsample site to its value in the ``fixed`` trace (each run must see the
+    same data points)."""
 
-    def __init__(self, eps: dict, observed: dict):
+    def __init__(self, eps: dict, observed: dict, fixed: dict):
         super().__init__()
-        self.eps, self.observed = eps, observed
+        self.eps, self.observed, self.fixed = eps, observed, fixed
 
     def _pyro_sample(self, msg):
         name = msg["name"]
+        if name in self.fixed and not msg["is_observed"]:
+            msg["value"], msg["done"] = self.fixed[name], True
+            return
         if msg["is_observed"]:
             if name in self.observed:
                 msg["value"] = self.observed[name]
@@ -211,8 +217,10 @@ def _observed_parts(trace, layout: TokenLayout):
     return torch.cat(locs, -1), torch.cat(variances, -1), blocks
 
 
-def _run(model, args, kwargs, eps: dict, observed: dict):
-    with poutine.block(), poutine.trace() as tracer, _Reparameterize(eps, observed):
+def _run(model, args, kwargs, eps: dict, observed: dict, base):
+    """A trace of the model at noise ``eps``, with the subsample indices of ``base``."""
+    fixed = {n: s["value"] for n, s in base.nodes.items() if site_is_subsample(s)}
+    with poutine.block(), poutine.trace() as tracer, _Reparameterize(eps, observed, fixed):
         model(*args, **kwargs)
     return tracer.trace
 
@@ -254,7 +262,7 @@ def _evaluate(problem, noise: dict, create_graph: bool):
     }
     names = list(noise)
     with torch.enable_grad():  # the reference and the curve run under no_grad
-        trace = _run(model, args, kwargs, eps, observed)
+        trace = _run(model, args, kwargs, eps, observed, base)
         missing = sorted(set(noise) - set(trace.nodes))
         if missing:
             raise NotLinearGaussian(f"the latent site(s) {missing} did not recur when rerun")
@@ -329,7 +337,7 @@ def compile_linear_gaussian(
     if create_graph:
         # the means, noise and factor of a run whose noise and observations need no grad:
         # they depend on the parameters only (the first run's tie them to its leaves)
-        mean, var, blocks = _observed_parts(_run(model, args, kwargs, zero, {}), layout)
+        mean, var, blocks = _observed_parts(_run(model, args, kwargs, zero, {}, trace), layout)
     x = [
         _per_sequence(_value(trace.nodes[i.name]), _event_dim(trace, i), layout)
         for i in layout.sites

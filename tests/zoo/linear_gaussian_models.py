@@ -204,3 +204,13 @@ def scaled_prior(X):
         with pyro.poutine.scale(scale=0.5):
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
         pyro.sample("x", dist.Normal(z.unsqueeze(-1), 0.5).to_event(1), obs=X)
+
+
+def ppca_subsampled(X, offsets, batch_size=3):
+    """PPCA with a known per-row offset, on a random minibatch of rows, as Pyro's SVI
+    tutorials subsample."""
+    N, T = X.shape
+    W = pyro.param("W", torch.linspace(-1.0, 1.0, T * 2).reshape(T, 2))
+    with pyro.plate("data", N, subsample_size=batch_size) as idx:
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        pyro.sample("x", dist.Normal(z @ W.T + offsets[idx], 0.7).to_event(1), obs=X[idx])

@@ -202,3 +202,20 @@ def test_backend_registry_and_options():
     assert isinstance(backend, LinearGaussianConditionals) and backend.max_elements == 1234
     with pytest.raises(ValueError, match="max_elements"):
         LinearGaussianConditionals(max_elements=0)
+
+
+def test_subsampled_rows_are_the_same_in_every_run():
+    """The affine map is found from several runs of the model: each must see the rows of
+    the trace the estimate is for, scaled N / B as Pyro scales them."""
+    X = zoo.ppca_data(N=8)
+    offsets = torch.arange(8.0).unsqueeze(-1).expand(8, 5)
+    pyro.set_rng_seed(5)
+    trace = pyro.poutine.trace(zoo.ppca_subsampled).get_trace(X, offsets)
+    idx = trace.nodes["data"]["value"]
+    pyro.set_rng_seed(5)
+    ref = log_marginal_likelihood(zoo.ppca_subsampled, X, offsets)
+    assert ref.method == "gaussian"
+    W = pyro.param("W")
+    rows = zoo.ppca_log_likelihood(X[idx], W, offsets[idx], torch.tensor(0.7))
+    assert_close(ref.per_sequence, rows, atol=0.0, rtol=RTOL)
+    assert_close(ref.total, 8 / 3 * rows.sum(), atol=0.0, rtol=RTOL)
