@@ -61,28 +61,78 @@ def detect_linear_gaussian(
     )
 
 
-def _shared(t: torch.Tensor) -> torch.Tensor | None:
-    """``t[0]`` when every sequence has the same value and no gradient is asked for (a
-    shared value is only right for the gradient if the parameters enter alike)."""
-    if t.requires_grad and torch.is_grad_enabled():
+#: Most autograd nodes walked to find the leaves a factor depends on; larger graphs keep
+#: one factor per sequence.
+_MAX_GRAPH_NODES = 20_000
+
+
+def _graph_leaves(t: torch.Tensor) -> list | None:
+    """The leaf tensors ``t`` depends on (``None`` if its graph is too large to walk)."""
+    seen, stack, leaves = set(), [t.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if len(seen) > _MAX_GRAPH_NODES:
+            return None
+        if hasattr(node, "variable"):  # an AccumulateGrad node: its leaf
+            leaves.append(node.variable)
+        stack.extend(child for child, _ in node.next_functions)
+    return leaves
+
+
+def _enter_alike(tensors: list) -> bool:
+    r"""Whether the parameters enter every sequence's tensor alike,
+    :math:`\partial A_n / \partial\theta = \partial A_0 / \partial\theta` for all
+    ``n``: then one shared tensor (the sequences' mean) has the right gradient. Tested on a
+    random contrast :math:`c = \sum_n \langle R, A_n - A_0\rangle`, whose gradient is 0
+    exactly then (to rounding, against the scale of :math:`\langle R, A_0\rangle`'s)."""
+    g = torch.Generator().manual_seed(0)
+    R = [torch.randn(t.shape[1:], generator=g, dtype=t.dtype).to(t.device) for t in tensors]
+    first = sum((r * t[0]).sum() for r, t in zip(R, tensors))
+    contrast = sum((r * (t - t[:1])).sum() for r, t in zip(R, tensors))
+    leaves = _graph_leaves(first + contrast)
+    if leaves is None:
+        return False
+    if not leaves:
+        return True
+    grad = torch.autograd.grad
+    g_first = grad(first, leaves, retain_graph=True, allow_unused=True)
+    g_contrast = grad(contrast, leaves, retain_graph=True, allow_unused=True)
+    N = tensors[0].shape[0]
+    scale = N * max((float(t.abs().max()) for t in g_first if t is not None), default=0.0)
+    tol = 1e-9 * scale + 1e-300
+    return all(c is None or float(c.abs().max()) <= tol for c in g_contrast)
+
+
+def _shared(tensors: list) -> list | None:
+    """One value per tensor for all sequences when every sequence has the same value and,
+    if a gradient is asked for, the parameters enter every sequence alike
+    (:func:`_enter_alike`); ``None`` otherwise (then one per sequence)."""
+    if not all(bool((t == t[:1]).all()) for t in tensors):
         return None
-    return t[0] if bool((t == t[:1]).all()) else None
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return [t[0] for t in tensors]
+    if not _enter_alike(tensors):
+        return None
+    return [t.mean(0) for t in tensors]  # the mean: the gradient reaches every sequence
 
 
 def gaussian_kernel(compiled: LinearGaussian):
     """The token kernel of :math:`\\mathcal N(b_n, A_n A_n^\\top + \\Sigma_n)`: low-rank
     when the noise is diagonal and positive and ``K < T``, dense otherwise; parameters
-    shared over sequences where they are equal (and no gradient is needed)."""
+    shared over sequences where they are equal (and enter alike, see :func:`_shared`)."""
     x, loc, W, D = compiled.x, compiled.loc.unsqueeze(0), compiled.factor, compiled.noise_var
     K, T = W.shape[-1], W.shape[-2]
     if not compiled.noise_blocks and K < T and bool((D > 0).all()):
-        W_s, D_s = _shared(W), _shared(D)
-        if W_s is not None and D_s is not None:
-            return LowRankGaussianKernel(x, loc, W_s, D_s)
+        shared = _shared([W, D])
+        if shared is not None:
+            return LowRankGaussianKernel(x, loc, *shared)
         return LowRankGaussianKernel(x, loc, W.unsqueeze(0), D.unsqueeze(0))
     cov = compiled.covariance()
-    cov_s = _shared(cov)
-    return DenseGaussianKernel(x, loc, cov.unsqueeze(0) if cov_s is None else cov_s)
+    shared = _shared([cov])
+    return DenseGaussianKernel(x, loc, cov.unsqueeze(0) if shared is None else shared[0])
 
 
 class LinearGaussianConditionals(Conditionals):

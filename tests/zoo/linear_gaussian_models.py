@@ -214,3 +214,14 @@ def ppca_subsampled(X, offsets, batch_size=3):
     with pyro.plate("data", N, subsample_size=batch_size) as idx:
         z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
         pyro.sample("x", dist.Normal(z @ W.T + offsets[idx], 0.7).to_event(1), obs=X[idx])
+
+
+def ppca_row_noise(X, K=2):
+    """PPCA with one noise scale per row, all initialised alike (equal values, distinct
+    parameters: one shared kernel would average their gradients)."""
+    N, T = X.shape
+    W = pyro.param("W", torch.linspace(-1.0, 1.0, T * K).reshape(T, K))
+    sigma = pyro.param("sigma", torch.full((N,), 0.7), constraint=constraints.positive)
+    with pyro.plate("data", N):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([K]).to_event(1))
+        pyro.sample("x", dist.Normal(z @ W.T, sigma.unsqueeze(-1)).to_event(1), obs=X)

@@ -219,3 +219,41 @@ def test_subsampled_rows_are_the_same_in_every_run():
     rows = zoo.ppca_log_likelihood(X[idx], W, offsets[idx], torch.tensor(0.7))
     assert_close(ref.per_sequence, rows, atol=0.0, rtol=RTOL)
     assert_close(ref.total, 8 / 3 * rows.sum(), atol=0.0, rtol=RTOL)
+
+
+def _kernel(model, *args):
+    from pyro_mpt.scoring import MPTOptions, prepare
+
+    return prepare(model, args, {}, MPTOptions())[1].kernels[0][1]
+
+
+def test_one_kernel_for_all_sequences_only_where_the_gradient_allows_it():
+    """PPCA's W and sigma enter every row alike: one (T, K) factor serves all rows, with
+    gradients still exact. Per-row noise scales with equal values are distinct parameters:
+    each row keeps its own, and each gets its own gradient."""
+    X = zoo.ppca_data()
+    zoo.ppca(X)
+    assert _kernel(zoo.ppca, X).W.dim() == 2
+    pyro.clear_param_store()
+    zoo.ppca_row_noise(X)
+    assert _kernel(zoo.ppca_row_noise, X).W.dim() == 4  # (1, N, T, K)
+    store = pyro.get_param_store()
+    leaves = [store[n].unconstrained() for n in ("W", "sigma")]
+    for estimator in ("chain", "stratified"):
+        est = MaskedELBO(estimator=estimator, num_masks=2).estimate(zoo.ppca_row_noise, None, X)
+        if estimator == "chain":
+            grads = torch.autograd.grad(-est.total, leaves)
+            W, sigma = store["W"], store["sigma"]
+            exact = dist_row_noise(X, W, sigma)
+            for g, e in zip(grads, torch.autograd.grad(-exact.sum(), leaves)):
+                assert_close(g, e, atol=1e-9, rtol=RTOL)
+        else:  # the rows' noise gradients differ, as the rows' data do
+            g_sigma = torch.autograd.grad(-est.total, leaves[1])[0]
+            assert float(g_sigma.std()) > 1e-3
+
+
+def dist_row_noise(X, W, sigma):
+    """``(N,)`` log N(x_n; 0, W W^T + sigma_n^2 I) without pyro_mpt."""
+    T = X.shape[-1]
+    cov = W @ W.T + sigma.pow(2)[:, None, None] * torch.eye(T)
+    return torch.distributions.MultivariateNormal(torch.zeros(T), cov).log_prob(X)
