@@ -225,3 +225,24 @@ def ppca_row_noise(X, K=2):
     with pyro.plate("data", N):
         z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([K]).to_event(1))
         pyro.sample("x", dist.Normal(z @ W.T, sigma.unsqueeze(-1)).to_event(1), obs=X)
+
+
+def noise_tril(T):
+    """A fixed correlated observation-noise scale_tril (built in the default dtype)."""
+    return 0.5 * torch.eye(T) + 0.2 * torch.tril(torch.ones(T, T), -1)
+
+
+def factor_model_mvn(X, K=2):
+    """A factor model with correlated noise: ``z_n ~ N(0, I)``,
+    ``x_n ~ MultivariateNormal(W z_n + mu, L L^T)``."""
+    N, T = X.shape
+    W = pyro.param("W", torch.linspace(-1.0, 1.0, T * K).reshape(T, K))
+    mu = pyro.param("mu", torch.zeros(T))
+    with pyro.plate("data", N):
+        z = pyro.sample("z", dist.MultivariateNormal(torch.zeros(K), torch.eye(K)))
+        pyro.sample("x", dist.MultivariateNormal(z @ W.T + mu, scale_tril=noise_tril(T)), obs=X)
+
+
+def factor_model_mvn_log_likelihood(X, W, mu):
+    L = noise_tril(X.shape[-1])
+    return dist.MultivariateNormal(mu, W @ W.T + L @ L.T).log_prob(X)

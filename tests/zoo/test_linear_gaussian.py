@@ -51,7 +51,23 @@ def _schools():
     return zoo.eight_schools, (s, y), {"token_plate": "schools"}, exact
 
 
-CASES = {"kalman": _kalman, "ppca": _ppca, "blr": _blr, "eight_schools": _schools}
+def _factor_mvn():
+    X = zoo.ppca_data()
+
+    def exact():
+        store = pyro.get_param_store()
+        return zoo.factor_model_mvn_log_likelihood(X, store["W"], store["mu"])
+
+    return zoo.factor_model_mvn, (X,), {}, exact
+
+
+CASES = {
+    "kalman": _kalman,
+    "ppca": _ppca,
+    "blr": _blr,
+    "eight_schools": _schools,
+    "factor_mvn": _factor_mvn,
+}
 
 
 def _case(name):
@@ -96,7 +112,7 @@ def test_masked_elbo_stratified_within_four_standard_errors(name):
     assert abs(gap) < 4 * est.stderr, (gap, est.stderr)
 
 
-@pytest.mark.parametrize("name", ["kalman", "ppca"])
+@pytest.mark.parametrize("name", ["kalman", "ppca", "factor_mvn"])
 def test_gradients_equal_the_exact_gradients(name):
     """The chain loss's gradients in the model's params (through the autograd-found affine
     map) are the exact log-likelihood's, to 1e-6 relative."""
@@ -257,3 +273,15 @@ def dist_row_noise(X, W, sigma):
     T = X.shape[-1]
     cov = W @ W.T + sigma.pow(2)[:, None, None] * torch.eye(T)
     return torch.distributions.MultivariateNormal(torch.zeros(T), cov).log_prob(X)
+
+
+@pytest.mark.parametrize("name", ["kalman", "eight_schools"])
+def test_curve_area_within_four_standard_errors(name):
+    """The curve S(m) of the linear-Gaussian backend integrates to log p(x)."""
+    from pyro_mpt import mpt_curve
+
+    model, args, kwargs, exact = _case(name)
+    curve = mpt_curve(model, *args, num_masks=32, **kwargs)
+    assert curve.conditionals == "linear_gaussian"
+    gap = float(torch.as_tensor(curve.area).detach() - exact().sum().detach())
+    assert abs(gap) < 4 * curve.area_stderr, (gap, curve.area_stderr)
