@@ -87,7 +87,7 @@ class MaskedELBO(ELBO):
         independent estimates averaged).
     :param int num_samples: prior draws for ``"importance"`` conditionals.
     :param str conditionals: ``"auto"`` (default), ``"gaussian"``, ``"enumerate"``,
-        ``"importance"`` or ``"quadrature"``, or a
+        ``"linear_gaussian"``, ``"importance"`` or ``"quadrature"``, or a
         :class:`~pyro_mpt.conditionals.Conditionals`.
     :param str token_plate: mask along this plate (its elements are the tokens of one
         sequence) instead of along event elements. Needed when a global latent couples

@@ -34,7 +34,8 @@ class LMLEstimate:
     :ivar float stderr: Monte Carlo standard error of ``total`` (0 for ``"exact"`` and
         ``"quadrature"``, whose error is not a sampling error).
     :ivar torch.Tensor per_sequence_stderr: ``(N,)``.
-    :ivar str method: ``"exact"``, ``"importance"`` or ``"quadrature"`` (what ran).
+    :ivar str method: ``"exact"``, ``"gaussian"``, ``"importance"`` or ``"quadrature"``
+        (what ran).
     :ivar int num_samples: :math:`S` (grid points for quadrature; ``None`` for exact).
     :ivar torch.Tensor ess: ``(N,)`` effective sample sizes (importance), else ``None``.
     :ivar torch.Tensor khat: ``(N,)`` Pareto :math:`\hat k` (importance), else ``None``.
