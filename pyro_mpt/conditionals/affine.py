@@ -335,8 +335,9 @@ def compile_linear_gaussian(
     _check_affine(first, second, torch.cat(eps, -1) if eps else None)
     mean, var, blocks, factor = first
     if create_graph:
-        # the means, noise and factor of a run whose noise and observations need no grad:
-        # they depend on the parameters only (the first run's tie them to its leaves)
+        # b and the noise again from a run whose noise and observations need no grad, so
+        # that they depend on the parameters only (the first run's hang on its leaves);
+        # the factor is a derivative, free of those leaves once the map is affine
         mean, var, blocks = _observed_parts(_run(model, args, kwargs, zero, {}, trace), layout)
     x = [
         _per_sequence(_value(trace.nodes[i.name]), _event_dim(trace, i), layout)
