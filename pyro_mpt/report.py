@@ -260,15 +260,14 @@ def _estimator_lines(report):
         "",
         "Masked estimators (estimate - reference; z = difference / its s.e.)",
         f"  {'estimator':<12} {'masks':>5} {'conditionals':<12} {'log p(X)':>14} "
-        f"{'s.e.':>10} {'- reference':>12} {'s.e.':>10} {'z':>8} {'dof':>6}  verdict",
+        f"{'s.e.':>10} {'- reference':>12} {'s.e.':>10} {'z':>8}",
     ]
     for r in rows:
         name = r.name if r.unbiased else r.name + "*"
         lines.append(
             f"  {name:<12} {r.num_masks:>5} {r.conditionals:<12} {_fmt(r.value):>14} "
             f"{_fmt(r.stderr):>10} {_fmt(r.difference, '+.3f'):>12} "
-            f"{_fmt(r.difference_stderr):>10} {_fmt_z(r.z_score):>8} {_fmt_dof(r.dof):>6}  "
-            f"{r.verdict}"
+            f"{_fmt(r.difference_stderr):>10} {_fmt_z(r.z_score):>8}"
         )
     lines += _interval_notes(report, rows)
     if any(not r.unbiased for r in rows):
@@ -288,13 +287,14 @@ SMALL_DOF = 30
 
 def _interval_notes(report, rows):
     """The summary's notes on how the intervals were made."""
-    lines = []
+    verdicts = ", ".join(f"{r.name} {r.verdict} (dof {_fmt_dof(r.dof)})" for r in rows)
+    lines = [f"  verdict (difference within its 95% interval): {verdicts}"]
     small = [r for r in rows if r.dof < SMALL_DOF]
     if small:
         dofs = ", ".join(f"{r.name} {_fmt_dof(r.dof)}" for r in small)
         lines.append(
-            f"  verdicts: 95% intervals, Student-t, dof={dofs} (few independent draws: "
-            "raise num_masks for tighter ones)"
+            f"  intervals: Student-t, dof={dofs} (few independent draws: raise num_masks "
+            "for tighter ones)"
         )
     if report.settings.get("share_masks"):
         lines.append(
@@ -304,8 +304,8 @@ def _interval_notes(report, rows):
     if any(r.conditionals == "importance" for r in rows):
         lines.append(
             "  s.e. includes the particle error of the importance conditionals "
-            f"(mpt_samples = {report.settings.get('mpt_samples')}; independent particle "
-            "groups), not their O(1/S) bias"
+            f"(mpt_samples = {report.settings.get('mpt_samples')}) from independent "
+            "particle groups, not their O(1/S) bias"
         )
     return lines
 

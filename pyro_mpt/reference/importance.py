@@ -55,13 +55,10 @@ KEEP_LOG_WEIGHTS = 2**22
 MIN_ESS = 100.0
 
 #: The data-level verdict fails when more than this fraction of the sequences fail their
-#: own diagnostics (a lone sequence over the k-hat threshold among many is expected by
-#: chance and moves the total little; its own verdict is in ``sequence_trustworthy``).
-MAX_BAD_FRACTION = 0.1
-
-#: ... or when any sequence's k-hat exceeds this (weights of infinite mean: its estimate,
-#: and so the total, may be off by any amount).
-KHAT_INFINITE_MEAN = 1.0
+#: own diagnostics: k-hat of a few sequences among many exceeds its threshold by chance
+#: even when the total is accurate (measured in docs/reliability.rst); their own verdicts
+#: are in ``sequence_trustworthy``.
+MAX_BAD_FRACTION = 0.75
 
 #: Below this many draws per sequence no diagnostic can be claimed (the Pareto fit rests on
 #: fewer than 20 tail weights, and a high ESS out of so few draws proves nothing): a model
@@ -101,7 +98,7 @@ def _standard_errors(ess, S, per_seq):
 def _check_diagnostics(ess, khat, S, per_seq, messages):
     """Flags the (finite) sequences whose k-hat or ESS fail; returns ``(trustworthy,
     sequence_ok)``: the data-level verdict fails when more than :data:`MAX_BAD_FRACTION`
-    of the sequences fail, or any k-hat exceeds :data:`KHAT_INFINITE_MEAN`."""
+    of the sequences fail (:func:`_check_bias` adds the other data-level check)."""
     threshold = khat_threshold(S)
     floor = min(MIN_ESS, 0.01 * S)
     bad_k, bad_ess = khat > threshold, ess < floor
@@ -109,7 +106,7 @@ def _check_diagnostics(ess, khat, S, per_seq, messages):
     n_bad = int(bad.sum())
     if not n_bad:
         return True, ~bad
-    if n_bad <= MAX_BAD_FRACTION * per_seq.numel() and not bool((khat > KHAT_INFINITE_MEAN).any()):
+    if n_bad <= MAX_BAD_FRACTION * per_seq.numel():
         messages.append(
             f"note: {n_bad} of {per_seq.numel()} sequences failed their own diagnostics "
             f"(k-hat up to {float(khat[bad].max()):.2f}, threshold {threshold:.2f}); at most "
@@ -126,6 +123,24 @@ def _check_diagnostics(ess, khat, S, per_seq, messages):
         "may be far off: use a better proposal (a guide trained by SVI, e.g. AutoNormal) or "
         "more particles",
     ), ~bad
+
+
+def _check_bias(se, scale, messages):
+    r"""The data-level check that tracks the error itself: the delta method's bias
+    estimate :math:`\sum_n c_n \mathrm{se}_n^2/2` must not exceed the standard error
+    :math:`\sqrt{\sum_n c_n^2 \mathrm{se}_n^2}` (else the interval misses the truth).
+
+    :returns: ``trustworthy``."""
+    bias = float((scale * se**2).sum() / 2)
+    total_se = float(((scale * se) ** 2).sum().sqrt())
+    if not bias > total_se:  # also passes NaN (one draw: flagged elsewhere)
+        return True
+    return flag_unreliable(
+        messages,
+        f"the estimate's bias (about sum_n se_n^2 / 2 = {bias:.3g}) exceeds its standard "
+        f"error {total_se:.3g}, so its interval misses log p(x): use a better proposal "
+        "(e.g. a trained AutoNormal guide) or more particles",
+    )
 
 
 def _note_method(messages, S, proposal, stats):
@@ -171,6 +186,7 @@ def importance_reference(problem, options, messages) -> LMLEstimate:
     khat = _khat(stats, S, tail_k, messages)
     se = _standard_errors(ess, S, per_seq)
     trustworthy, sequence_ok = _check_diagnostics(ess, khat, S, per_seq, messages)
+    trustworthy = _check_bias(se, layout.scale, messages) and trustworthy
     if problem.continuous and S < MIN_SAMPLES:
         trustworthy = flag_unreliable(
             messages,
