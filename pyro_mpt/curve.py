@@ -21,6 +21,7 @@ from .options import (
     renamed_keyword,
     resolve_max_elements,
 )
+from .particle_error import particle_terms
 from .tokens.checks import check_draws_memory, forget_new_params_on_error
 
 __all__ = ["MPTCurve", "mpt_curve"]
@@ -224,7 +225,8 @@ def mpt_curve(
         particle models (importance, quadrature, enumeration) by one matrix product per order.
         Not with ``exhaustive``.
     :param int num_particles: deprecated old name of ``num_samples``.
-    :returns: :class:`MPTCurve`.
+    :returns: :class:`MPTCurve`; with importance conditionals ``area_stderr`` includes the
+        particles' error (:mod:`pyro_mpt.particle_error`), the per-size ``stderr`` not.
 
     The other options are those of :class:`~pyro_mpt.MaskedELBO`.
     """
@@ -269,7 +271,8 @@ def mpt_curve(
             by_size=True,
             share_masks=options.share_masks,
         )
-    return MPTCurve.from_bins(
+        particle_var, _ = particle_terms(scorer, backend, layout, options)
+    curve = MPTCurve.from_bins(
         bins,
         draws,
         conditionals=backend.name,
@@ -277,3 +280,8 @@ def mpt_curve(
         scale=layout.scale,
         share_masks=options.share_masks,
     )
+    if particle_var is not None:  # importance conditionals: the area's particle error
+        variances = [curve.area_stderr**2, particle_var[0]]
+        curve.area_dof = satterthwaite_dof(variances, [curve.area_dof, particle_var[1]])
+        curve.area_stderr = math.sqrt(sum(variances))
+    return curve

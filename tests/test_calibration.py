@@ -176,3 +176,20 @@ def test_coverage_fast(name):
 def test_coverage_slow(name):
     cover, _, _ = cases.coverage(SETTINGS[name], range(1000, 1200))
     assert 0.90 <= cover <= 0.99, (name, cover)
+
+
+def test_exhaustive_curve_with_particles_counts_their_error():
+    X, params, exact = cases._ppca_data(N=10, T=4, K=1, noise=1.0)
+    pyro.set_rng_seed(0)
+    curve = mpt_curve(
+        cases.ppca_latent,
+        X,
+        *params.values(),
+        exhaustive=True,
+        conditionals="importance",
+        num_samples=512,
+    )
+    # every mask enumerated: the masks add no error, the 512 prior draws do
+    assert curve.area_stderr > 0 and curve.area_dof == pytest.approx(7)
+    low, high = curve.ci()
+    assert low < exact < high
