@@ -30,7 +30,9 @@ conditionals (and their standard error) cannot be trusted.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+import os
 import warnings
 
 import torch
@@ -156,8 +158,18 @@ def warn_low_ess(ess: torch.Tensor | None, num_samples: int) -> None:
             "and its standard error cannot be trusted; raise num_samples or use exact or "
             "quadrature conditionals",
             UserWarning,
-            stacklevel=4,
+            stacklevel=_user_stacklevel(),
         )
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside the package: the warning points at
+    the user's ``estimate`` / ``mpt_curve`` / ``evaluate`` call."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = inspect.currentframe().f_back, 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def particle_terms(scorer, backend, layout, options):
