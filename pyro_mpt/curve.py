@@ -13,6 +13,7 @@ import torch
 
 from .engine import MPTOptions, prepare, score
 from .estimators import ExhaustiveEstimator, StratifiedEstimator, check_mask_rate
+from .intervals import satterthwaite_dof, t_interval
 from .options import (
     check_bool,
     check_choice,
@@ -20,6 +21,7 @@ from .options import (
     renamed_keyword,
     resolve_max_elements,
 )
+from .particle_error import particle_terms
 from .tokens.checks import check_draws_memory, forget_new_params_on_error
 
 __all__ = ["MPTCurve", "mpt_curve"]
@@ -37,6 +39,11 @@ class MPTCurve:
     :ivar torch.Tensor area: :math:`\sum_m S(m)`, the estimate of :math:`\log p(X)`.
     :ivar float area_stderr: its standard error.
     :ivar bool exhaustive: whether every mask was enumerated (then exact).
+    :ivar float area_dof: the degrees of freedom of ``area_stderr`` (Welch-Satterthwaite
+        over the sequences, :math:`K - 1` with shared masks or one sequence, NaN with one
+        draw, infinite when exhaustive); :meth:`ci` uses Student-t with it.
+    :ivar torch.Tensor dof: ``(T,)`` the same for each ``stderr``.
+    :ivar bool shared_masks: whether every sequence had the same masks.
 
     Example::
 
@@ -53,6 +60,17 @@ class MPTCurve:
     area_stderr: float
     exhaustive: bool
     conditionals: str
+    area_dof: float = math.inf
+    dof: torch.Tensor | None = None
+    shared_masks: bool = False
+
+    def ci(self, level: float = 0.95) -> tuple[float, float]:
+        r"""The interval :math:`\text{area} \pm t_{(1+\ell)/2,\nu}\,\mathrm{se}` with
+        :math:`\nu` = :attr:`area_dof` (:func:`pyro_mpt.intervals.t_interval`).
+
+        :param float level: the coverage :math:`\ell`.
+        :returns: ``(low, high)``."""
+        return t_interval(self.area, self.area_stderr, self.area_dof, level)
 
     @classmethod
     def from_bins(
@@ -93,9 +111,11 @@ class MPTCurve:
         c = None if scale is None else scale.unsqueeze(-1)
         scores = (per_sequence if c is None else c * per_sequence).sum(0)
         area = scores.sum()
+        dof, area_dof = _dofs(bins, draws, c, scale, K, exhaustive or share_masks)
         if exhaustive:
             stderr = torch.zeros_like(scores)
             area_stderr = 0.0
+            dof, area_dof = torch.full_like(scores, math.inf), math.inf
         elif K > 1 and share_masks:
             # shared masks correlate the sequences: use the spread of the draws' totals
             totals = (bins if c is None else c * bins).sum(1)  # (K, T)
@@ -119,6 +139,9 @@ class MPTCurve:
             area_stderr=area_stderr,
             exhaustive=exhaustive,
             conditionals=conditionals,
+            area_dof=area_dof,
+            dof=dof,
+            shared_masks=bool(share_masks),
             **fields,
         )
 
@@ -143,6 +166,21 @@ class MPTCurve:
     def fixed_rate_bias(self, rate):
         r""":math:`T\,S(m) - \sum_m S(m)`: the bias of a fixed rate against the area."""
         return self.fixed_rate_estimate(rate) - self.area
+
+
+def _dofs(bins, draws, c, scale, K, pooled):
+    r"""``(dof (T,), area_dof)``: Welch-Satterthwaite's :math:`(\sum_n v_n)^2 / \sum_n
+    v_n^2/(K-1)` over the sequences' variance terms :math:`v_n`; :math:`K - 1` when
+    ``pooled`` (shared masks: one term) or with one sequence."""
+    if K < 2:
+        return torch.full((bins.shape[-1],), math.nan, device=bins.device), math.nan
+    if pooled or bins.shape[1] == 1:
+        return torch.full((bins.shape[-1],), K - 1.0, device=bins.device), K - 1.0
+    v = bins.var(0) if c is None else c**2 * bins.var(0)  # (N, T)
+    dof = v.sum(0) ** 2 / (v**2).sum(0) * (K - 1)
+    dof = torch.where(v.sum(0) > 0, dof, torch.full_like(dof, math.inf))
+    dv = draws.var(0) if scale is None else scale**2 * draws.var(0)
+    return dof, satterthwaite_dof(dv, K - 1.0) if float(dv.sum()) > 0 else math.inf
 
 
 def mpt_curve(
@@ -187,7 +225,8 @@ def mpt_curve(
         particle models (importance, quadrature, enumeration) by one matrix product per order.
         Not with ``exhaustive``.
     :param int num_particles: deprecated old name of ``num_samples``.
-    :returns: :class:`MPTCurve`.
+    :returns: :class:`MPTCurve`; with importance conditionals ``area_stderr`` includes the
+        particles' error (:mod:`pyro_mpt.particle_error`), the per-size ``stderr`` not.
 
     The other options are those of :class:`~pyro_mpt.MaskedELBO`.
     """
@@ -232,7 +271,8 @@ def mpt_curve(
             by_size=True,
             share_masks=options.share_masks,
         )
-    return MPTCurve.from_bins(
+        particle_var, _ = particle_terms(scorer, backend, layout, options)
+    curve = MPTCurve.from_bins(
         bins,
         draws,
         conditionals=backend.name,
@@ -240,3 +280,8 @@ def mpt_curve(
         scale=layout.scale,
         share_masks=options.share_masks,
     )
+    if particle_var is not None:  # importance conditionals: the area's particle error
+        variances = [curve.area_stderr**2, particle_var[0]]
+        curve.area_dof = satterthwaite_dof(variances, [curve.area_dof, particle_var[1]])
+        curve.area_stderr = math.sqrt(sum(variances))
+    return curve

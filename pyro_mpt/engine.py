@@ -25,6 +25,7 @@ import torch
 
 from .conditionals import CONDITIONALS, get_conditionals
 from .estimators import MaskEstimator, StratifiedEstimator, get_estimator
+from .intervals import satterthwaite_dof, t_interval
 from .options import (
     check_bool,
     check_choice,
@@ -128,6 +129,15 @@ class MPTEstimate:
     :ivar float stderr: Monte Carlo standard error of ``total`` (NaN with one draw).
     :ivar str estimator: the estimator's name; ``conditionals``: the backend's.
     :ivar bool unbiased: whether the estimator is unbiased for :math:`\log p(x)`.
+    :ivar float dof: the degrees of freedom of ``stderr`` (Welch-Satterthwaite over the
+        sequences' variances, each on :math:`K - 1`; :math:`K - 1` with shared masks or one
+        sequence; NaN with one draw): :meth:`ci` uses Student-t with it.
+    :ivar float particle_stderr: the part of ``stderr`` from the particles of importance
+        conditionals (0 for deterministic conditionals; see
+        :mod:`pyro_mpt.particle_error`).
+    :ivar bool shared_masks: whether every sequence had the same masks.
+    :ivar torch.Tensor particle_ess: ``(N,)`` the effective sample size of the importance
+        conditionals' weights given every token (``None`` for other conditionals).
 
     The draw of a sequence :math:`x_n` with :math:`T` tokens is, for the stratified estimator,
     :math:`\sum_{m=1}^T s(M_m)` with :math:`s(M) = \frac1m\sum_{j\in M}\log p(x_{n,j}\mid
@@ -147,6 +157,18 @@ class MPTEstimate:
     estimator: str
     conditionals: str
     unbiased: bool
+    dof: float = math.inf
+    particle_stderr: float = 0.0
+    shared_masks: bool = False
+    particle_ess: torch.Tensor | None = None
+
+    def ci(self, level: float = 0.95) -> tuple[float, float]:
+        r"""The interval :math:`\hat L \pm t_{(1+\ell)/2,\nu}\,\mathrm{se}` of ``total``
+        with :math:`\nu` = :attr:`dof` (:func:`pyro_mpt.intervals.t_interval`).
+
+        :param float level: the coverage :math:`\ell`.
+        :returns: ``(low, high)``."""
+        return t_interval(self.total.detach(), self.stderr, self.dof, level)
 
     @classmethod
     def from_draws(
@@ -157,6 +179,7 @@ class MPTEstimate:
         *,
         scale: torch.Tensor | None = None,
         share_masks: bool = False,
+        particle_var: tuple[float, float] | None = None,
     ) -> MPTEstimate:
         r"""The estimate of ``(K, N)`` draws: :math:`\sum_n c_n \bar d_n` with the
         subsampling scale :math:`c_n` (``scale``; ``None``: 1) and standard error
@@ -171,20 +194,33 @@ class MPTEstimate:
         per_sequence = draws.mean(0)
         total = per_sequence.sum() if scale is None else (scale * per_sequence).sum()
         detached = draws.detach()
-        if K > 1 and share_masks:
-            var = (detached if scale is None else detached * scale).sum(-1).var() / K
+        if K > 1 and (share_masks or draws.shape[1] == 1):
+            terms = (detached if scale is None else detached * scale).sum(-1).var().unsqueeze(0)
         elif K > 1:
-            var = (detached.var(0) if scale is None else scale**2 * detached.var(0)).sum() / K
+            terms = detached.var(0) if scale is None else scale**2 * detached.var(0)
         else:
-            var = float("nan")
+            terms = detached.new_full((1,), float("nan"))
+        terms = terms / K
+        variances, dofs = [terms], [torch.full_like(terms, K - 1.0)]
+        if particle_var is not None:
+            variances.append(terms.new_tensor([particle_var[0]]))
+            dofs.append(terms.new_tensor([particle_var[1]]))
+        variances, dofs = torch.cat(variances), torch.cat(dofs)
+        var = float(variances.sum())
+        dof = satterthwaite_dof(variances, dofs)
+        if K > 1 and var == 0.0:
+            dof = math.inf  # deterministic draws (e.g. the chain with exact conditionals)
         return cls(
             total=total,
             per_sequence=per_sequence,
             draws=draws,
-            stderr=math.sqrt(float(var)),
+            stderr=math.sqrt(var),
             estimator=estimator.name,
             conditionals=conditionals,
             unbiased=estimator.unbiased,
+            dof=dof,
+            particle_stderr=0.0 if particle_var is None else math.sqrt(particle_var[0]),
+            shared_masks=bool(share_masks),
         )
 
 
@@ -343,9 +379,16 @@ def score(
     )
 
 
-def summarize(draws, layout, estimator, backend, share_masks=False) -> MPTEstimate:
+def summarize(
+    draws, layout, estimator, backend, share_masks=False, particle_var=None
+) -> MPTEstimate:
     """Turns ``(K, N)`` draws into an :class:`MPTEstimate` (the layout's subsampling scale
-    applied)."""
+    applied; ``particle_var``: see :meth:`MPTEstimate.from_draws`)."""
     return MPTEstimate.from_draws(
-        draws, estimator, backend.name, scale=layout.scale, share_masks=share_masks
+        draws,
+        estimator,
+        backend.name,
+        scale=layout.scale,
+        share_masks=share_masks,
+        particle_var=particle_var,
     )

@@ -34,6 +34,7 @@ from .evaluator_options import (
     check_run_options,
     estimator_list,
 )
+from .intervals import satterthwaite_dof, verdict
 from .options import check_positive_int, renamed_keyword
 from .progress import logger, progress_bar
 from .reference import log_marginal_likelihood
@@ -68,18 +69,23 @@ def _estimator_result(name, estimate, ref, num_masks, seconds):
     value = float(estimate.total)
     difference = value - ref_value
     difference_se = math.hypot(estimate.stderr, ref_se)
+    dof = satterthwaite_dof([estimate.stderr**2, ref_se**2], [estimate.dof, ref.dof])
+    z = _z_score(difference, difference_se, ref_value, ref.total.dtype)
     return EstimatorResult(
         name=name,
         value=value,
         stderr=float(estimate.stderr),
         difference=difference,
         difference_stderr=difference_se,
-        z_score=_z_score(difference, difference_se, ref_value, ref.total.dtype),
+        z_score=z,
         num_masks=num_masks,
         conditionals=estimate.conditionals,
         unbiased=bool(estimate.unbiased),
         seconds=seconds,
         estimate=estimate,
+        dof=dof,
+        # z is NaN for two deterministic numbers: no verdict from their rounding
+        verdict="n/a" if math.isnan(z) else verdict(difference, difference_se, dof),
     )
 
 

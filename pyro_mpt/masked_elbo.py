@@ -14,6 +14,7 @@ from pyro.infer import ELBO
 
 from .engine import MPTEstimate, MPTOptions, prepare, score, summarize
 from .options import check_positive_int, renamed_keyword, resolve_max_elements
+from .particle_error import particle_terms
 from .tokens.checks import (
     check_bounds,
     check_draws_memory,
@@ -155,16 +156,22 @@ class MaskedELBO(ELBO):
         r"""The masked estimate of :math:`\sum_n \log p(x_n)` with its draws and standard
         error, differentiable in the model's parameters.
 
+        With importance conditionals the standard error includes the particles' error
+        (:mod:`pyro_mpt.particle_error`); the training losses skip that extra work.
+
         :returns: :class:`~pyro_mpt.engine.MPTEstimate`.
         """
+        return self._checked_estimate(model, guide, args, kwargs, errors=True)
+
+    def _checked_estimate(self, model, guide, args, kwargs, errors):
         self._warn_guide(guide)
         with forget_new_params_on_error():
-            estimate = self._estimate(model, args, kwargs)
+            estimate = self._estimate(model, args, kwargs, errors)
         if not torch.isfinite(estimate.total.detach()):
             _warn_nonfinite(estimate.total, model, args, kwargs)
         return estimate
 
-    def _estimate(self, model, args, kwargs):
+    def _estimate(self, model, args, kwargs, errors=True):
         opts = self.options
         with model_errors(args, kwargs):
             layout, scorer, backend = prepare(model, args, kwargs, opts)
@@ -179,7 +186,13 @@ class MaskedELBO(ELBO):
                 max_elements=opts.max_elements,
                 share_masks=opts.share_masks,
             )
-        return summarize(draws, layout, opts.estimator, backend, opts.share_masks)
+            # the particles' error, which the masks' spread does not see
+            particle_var, ess = (None, None)
+            if errors:
+                particle_var, ess = particle_terms(scorer, backend, layout, opts)
+        estimate = summarize(draws, layout, opts.estimator, backend, opts.share_masks, particle_var)
+        estimate.particle_ess = ess
+        return estimate
 
     def _warn_guide(self, guide):
         if _is_inert(guide) or getattr(self, "_guide_warned", False):
@@ -199,7 +212,7 @@ class MaskedELBO(ELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """Minus the masked estimate of :math:`\\sum_n \\log p(x_n)`, as a tensor."""
-        return -self.estimate(model, guide, *args, **kwargs).total
+        return -self._checked_estimate(model, guide, args, kwargs, errors=False).total
 
     def loss(self, model, guide, *args, **kwargs):
         """The loss as a float, without gradients."""

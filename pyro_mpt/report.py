@@ -46,6 +46,11 @@ class EstimatorResult:
     :ivar bool unbiased: whether its expectation is :math:`\log p(X)`.
     :ivar float seconds: wall time.
     :ivar estimate: the full :class:`~pyro_mpt.MPTEstimate` (draws, per-sequence values).
+    :ivar float dof: the degrees of freedom of ``difference_stderr`` (Welch-Satterthwaite
+        of the estimate's and the reference's).
+    :ivar str verdict: ``"ok"`` when the difference lies within its 95% Student-t interval
+        (:func:`pyro_mpt.intervals.verdict`), ``"check"`` when not, ``"n/a"`` without a
+        standard error.
 
     Example::
 
@@ -65,6 +70,8 @@ class EstimatorResult:
     unbiased: bool
     seconds: float
     estimate: object = field(repr=False)
+    dof: float = math.inf
+    verdict: str = "n/a"
 
 
 @dataclass
@@ -262,16 +269,44 @@ def _estimator_lines(report):
             f"{_fmt(r.stderr):>10} {_fmt(r.difference, '+.3f'):>12} "
             f"{_fmt(r.difference_stderr):>10} {_fmt_z(r.z_score):>8}"
         )
+    lines += _interval_notes(report, rows)
     if any(not r.unbiased for r in rows):
         lines.append("  * biased: its expectation is not log p(X)")
-    if any(r.conditionals == "importance" for r in rows):
-        lines.append(
-            "  s.e. covers the masks' randomness only: importance conditionals "
-            f"(mpt_samples = {report.settings.get('mpt_samples')}) add a particle "
-            "error (O(1/S) bias) that it does not include"
-        )
     if not getattr(report.reference, "trustworthy", True):
         lines.append("  (z-scores against an UNRELIABLE reference are not meaningful)")
+    return lines
+
+
+def _fmt_dof(dof):
+    return "n/a" if math.isnan(dof) else ("inf" if dof > 1e6 else f"{dof:.0f}")
+
+
+#: Below this many degrees of freedom the summary says that Student-t was used.
+SMALL_DOF = 30
+
+
+def _interval_notes(report, rows):
+    """The summary's notes on how the intervals were made."""
+    verdicts = ", ".join(f"{r.name} {r.verdict} (dof {_fmt_dof(r.dof)})" for r in rows)
+    lines = [f"  verdict (difference within its 95% interval): {verdicts}"]
+    small = [r for r in rows if r.dof < SMALL_DOF]
+    if small:
+        dofs = ", ".join(f"{r.name} {_fmt_dof(r.dof)}" for r in small)
+        lines.append(
+            f"  intervals: Student-t, dof={dofs} (few independent draws: raise num_masks "
+            "for tighter ones)"
+        )
+    if report.settings.get("share_masks"):
+        lines.append(
+            "  masks were shared by all sequences: s.e. and dof come from the draws' totals "
+            "(dof = num_masks - 1), not from the sequences"
+        )
+    if any(r.conditionals == "importance" for r in rows):
+        lines.append(
+            "  s.e. includes the particle error of the importance conditionals "
+            f"(mpt_samples = {report.settings.get('mpt_samples')}) from independent "
+            "particle groups, not their O(1/S) bias"
+        )
     return lines
 
 
@@ -284,7 +319,8 @@ def _curve_lines(report):
     return [
         "",
         f"Curve S(m), m = 1..{c.num_tokens} ({masks} per size, {c.conditionals})",
-        f"  area sum_m S(m) {_fmt(c.area):>14} +- {_fmt(c.area_stderr)}   "
+        f"  area sum_m S(m) {_fmt(c.area):>14} +- {_fmt(c.area_stderr)} "
+        f"(dof {_fmt_dof(getattr(c, 'area_dof', math.inf))})   "
         f"- reference {_fmt(difference, '+.3f')}",
     ]
 

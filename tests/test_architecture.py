@@ -16,10 +16,10 @@ MAX_FUNCTION_LINES = 80
 
 #: Layers, low to high: a module may import its own layer or lower ones only.
 LAYERS = [
-    {"options", "compat", "progress", "clock"},
+    {"options", "compat", "progress", "clock", "intervals"},
     {"tokens", "estimators", "models", "diagnostics", "plotting", "export"},
     {"conditionals"},
-    {"engine", "scoring"},
+    {"engine", "scoring", "particle_error"},
     {"masked_elbo", "curve", "reference", "evaluation"},
     {"report"},
     {"evaluator", "evaluator_options", "mlm"},

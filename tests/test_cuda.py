@@ -414,6 +414,7 @@ def test_cuda_matches_cpu(name):
     CHECKS[name]("cuda")
 
 
+@pytest.mark.filterwarnings("ignore:importance conditionals degenerate:UserWarning")
 @pytest.mark.parametrize("name", CHECKS)
 def test_check_runs_cpu_against_cpu(name):
     """The checks' own logic (inputs, masks, comparisons) with the CPU as the device."""

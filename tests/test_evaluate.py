@@ -141,6 +141,7 @@ def test_report_holds_the_numbers_exact_reference(ppca_report):
     assert report.settings["estimators"] == ["stratified", "uniform", "chain"]
 
 
+@pytest.mark.filterwarnings("ignore:importance conditionals degenerate:UserWarning")
 def test_report_holds_the_numbers_importance_reference():
     """Latent-variable PPCA: an importance reference, MPT with "auto" conditionals, all
     reproduced by the separate calls from the same seed."""
@@ -328,6 +329,7 @@ def _latent_problem():
     return X, truth, kw
 
 
+@pytest.mark.filterwarnings("ignore:importance conditionals degenerate:UserWarning")
 def test_old_keyword_names_warn_and_mean_the_same():
     """num_particles= and mpt_particles= are the deprecated names of reference_samples= and
     mpt_samples=: the same numbers from the same seed, with a DeprecationWarning."""
@@ -354,6 +356,7 @@ def test_old_keyword_names_warn_and_mean_the_same():
         evaluate(models.ppca_latent, X, K, mpt_particles=10, mpt_samples=20, **truth)
 
 
+@pytest.mark.filterwarnings("ignore:importance conditionals degenerate:UserWarning")
 def test_compare_old_keyword_names_warn_and_mean_the_same():
     X, truth, _ = _latent_problem()
 

@@ -101,6 +101,7 @@ def test_to_inference_data_passes_through_arviz(ppca_report, tmp_path):
     assert_close(torch.as_tensor(back["mpt"]["curve"].values), report.curve.per_sequence, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:importance conditionals degenerate:UserWarning")
 def test_to_inference_data_importance_weights_and_psis():
     """The importance log-weights go in with dims (particle, sequence); arviz's psislw on
     them reproduces the reference's k-hat."""

@@ -253,6 +253,7 @@ def test_chain_importance_telescopes_to_importance_estimate(max_elements):
     assert_close(draws[0].sum(), expected.sum(), atol=IDENTITY_ATOL)
 
 
+@pytest.mark.filterwarnings("ignore:importance conditionals degenerate:UserWarning")
 def test_chain_importance_masked_elbo_matches_reseeded_particles():
     """The same through ``MaskedELBO``: reseeding reproduces the scorer's particles."""
     N, T, K, S = 4, 5, 2, 200

@@ -162,6 +162,7 @@ def test_gaussian_kernels_and_independent_masks_keep_rows():
     assert StratifiedEstimator().orders(4, 5, 2, device="cpu") is None
 
 
+@pytest.mark.filterwarnings("ignore:importance conditionals degenerate:UserWarning")
 def test_nested_curve_of_an_importance_model_equals_its_row_path():
     """``mpt_curve(masks="nested")`` bins the order path's rows by size exactly as the row
     path bins the same masks (same particles and orders: same global seed)."""

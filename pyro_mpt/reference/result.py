@@ -5,11 +5,14 @@ cannot be trusted (:func:`flag_unreliable`: a message starting ``"UNRELIABLE: "`
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
 
 import torch
+
+from ..intervals import t_interval
 
 __all__ = [
     "UNRELIABLE",
@@ -45,6 +48,11 @@ class LMLEstimate:
     :ivar torch.Tensor log_weights: ``(S, N)`` importance log-weights when
         :math:`SN \le 2^{22}`, else ``None``.
     :ivar torch.device device: where the computation ran.
+    :ivar float dof: the degrees of freedom of ``stderr`` (infinite: the delta method's
+        normal approximation); :meth:`ci` uses it.
+    :ivar torch.Tensor sequence_trustworthy: ``(N,)`` bool, each sequence's own verdict
+        (importance: its k-hat and ESS passed), else ``None``. ``trustworthy`` is the
+        data-level verdict: see :func:`pyro_mpt.reference.importance.importance_reference`.
 
     Example::
 
@@ -66,6 +74,16 @@ class LMLEstimate:
     messages: list = field(default_factory=list)
     log_weights: torch.Tensor | None = None
     device: torch.device | None = None
+    dof: float = math.inf
+    sequence_trustworthy: torch.Tensor | None = None
+
+    def ci(self, level: float = 0.95) -> tuple[float, float]:
+        r"""The interval :math:`\hat L \pm t_{(1+\ell)/2,\nu}\,\mathrm{se}` with
+        :math:`\nu` = :attr:`dof` (the point itself for ``"exact"`` and ``"quadrature"``).
+
+        :param float level: the coverage :math:`\ell`.
+        :returns: ``(low, high)``."""
+        return t_interval(self.total, self.stderr, self.dof, level)
 
     @property
     def num_particles(self) -> int | None:

@@ -220,6 +220,12 @@ def _odd_dtype_argument(args, kwargs):
     return None, None
 
 
+def _meta_argument(args, kwargs):
+    named = [(f"argument {i} of the model", a) for i, a in enumerate(args)]
+    named += [(f"keyword argument {k}= of the model", a) for k, a in kwargs.items()]
+    return next((w for w, a in named if torch.is_tensor(a) and a.device.type == "meta"), None)
+
+
 def _is_library(filename) -> bool:
     return any(f"{os.sep}{lib}{os.sep}" in filename for lib in ("torch", "pyro"))
 
@@ -283,6 +289,16 @@ def model_errors(args=(), kwargs=None):
         ) from e
     except torch.linalg.LinAlgError as e:
         raise _linalg_error(e) from e
+    except ValueError as e:
+        found = _failing_distribution(e.__traceback__) if "Expected parameter" in str(e) else None
+        if found is None:
+            raise
+        # Pyro's validation names the parameter but not the site: add it
+        raise ValueError(
+            f"the model's {found[0]}{found[2]} got an invalid parameter: "
+            f"{str(e).splitlines()[0]}. Check its scale / noise parameters (zero, negative "
+            "or NaN?)"
+        ) from e
     except (AttributeError, TypeError) as e:
         where, value = _array_argument(args, kwargs or {})
         if where is None:
@@ -293,6 +309,13 @@ def model_errors(args=(), kwargs=None):
             f"The model failed with {type(e).__name__}: {str(e).splitlines()[0]}"
         ) from e
     except (NotImplementedError, RuntimeError) as e:
+        where = _meta_argument(args, kwargs or {})
+        if where is not None:
+            raise TypeError(
+                f"{where} is a tensor on the 'meta' device, which holds shapes but no values, "
+                "so the model cannot be scored: pass the data on 'cpu' or 'cuda'. The model "
+                f"failed with {type(e).__name__}: {str(e).splitlines()[0]}"
+            ) from e
         where, value = _odd_dtype_argument(args, kwargs or {})
         if where is None or "not implemented for" not in str(e):
             raise

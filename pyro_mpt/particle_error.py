@@ -1,0 +1,193 @@
+r"""The particle error of importance conditionals, which the spread over masks cannot see.
+
+The :math:`S` prior draws of :class:`~pyro_mpt.conditionals.ImportanceConditionals` are
+drawn once and shared by every mask draw, so the :math:`K` draws' spread measures the
+masks' randomness only; with the chain estimate (which telescopes to the same importance
+estimate for every order) that spread is exactly 0 while the particle error is not.
+
+**Estimator (independent particle groups, batch means).** The particles are iid, so
+splitting them into :math:`G` groups of :math:`S/G` gives :math:`G` independent estimates
+:math:`\hat L_g` (each group's particles alone, every group on the same masks, one mask
+draw). The particle variance of the full estimate is estimated by
+
+.. math:: \widehat{\mathrm{Var}}_\mathrm{part}(\hat L) = \frac{1}{G}\,\frac{1}{G-1}
+    \sum_{g=1}^{G} \big(\hat L_g - \bar L\big)^2 ,
+
+on :math:`G - 1` degrees of freedom: the variance of a mean of :math:`G` independent
+group estimates. It is conservative: a group's :math:`S/G` particles have the larger
+error (and :math:`O(G/S)` bias) of fewer draws, and one mask draw's particle error is at
+least that of the mean over :math:`K` draws. :class:`~pyro_mpt.MPTEstimate` adds it to the
+masks' variance, with Welch-Satterthwaite degrees of freedom.
+
+**Diagnostic.** The effective sample size of the weights given every token,
+:math:`\mathrm{ESS}_n = (\sum_s w_{s,n})^2 / \sum_s w_{s,n}^2` with
+:math:`\log w_{s,n} = \log w^0_s + \log p(x_n \mid z_s)` (the most degenerate of the
+conditionals' weights): when more than :data:`MAX_LOW_ESS_FRACTION` of the sequences have
+:math:`\mathrm{ESS}_n <` :data:`MIN_CONDITIONAL_ESS`, a :class:`UserWarning` says that the
+conditionals (and their standard error) cannot be trusted.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import os
+import warnings
+
+import torch
+
+from .engine import score_masks
+
+__all__ = [
+    "MAX_LOW_ESS_FRACTION",
+    "MIN_CONDITIONAL_ESS",
+    "NUM_GROUPS",
+    "STOCHASTIC_BACKENDS",
+    "conditional_ess",
+    "particle_variance",
+]
+
+#: Conditional backends whose particles are random draws (their error is counted).
+STOCHASTIC_BACKENDS = frozenset({"importance", "smc"})
+
+#: Independent particle groups :math:`G` (at most :math:`S`).
+NUM_GROUPS = 8
+
+#: A sequence's conditional weights with a smaller ESS are degenerate.
+MIN_CONDITIONAL_ESS = 10.0
+
+#: The warning fires when more than this fraction of the sequences are degenerate.
+MAX_LOW_ESS_FRACTION = 0.1
+
+
+def _scorer_with(scorer, log_w0: torch.Tensor):
+    """A shallow copy of ``scorer`` mixing over the particles of ``log_w0`` (the kernels,
+    and their particle tensors, are shared, not copied)."""
+    sub = copy.copy(scorer)
+    sub.log_w0 = log_w0
+    return sub
+
+
+def particle_variance(
+    scorer,
+    estimator,
+    layout,
+    *,
+    share_masks: bool = False,
+    max_elements: int | None = None,
+    num_groups: int = NUM_GROUPS,
+) -> tuple[float, float]:
+    r"""``(variance, dof)``: the batch-means estimate of the particle variance of the
+    total (see the module docstring), :math:`G - 1` degrees of freedom; ``(nan, nan)``
+    with a single particle.
+
+    :param scorer: a particle scorer with ``log_w0`` ``(S, N)`` (e.g.
+        :class:`~pyro_mpt.conditionals.particles.ParticleScorer`).
+    :param estimator: the :class:`~pyro_mpt.estimators.MaskEstimator` of the estimate.
+    :param layout: the model's :class:`~pyro_mpt.tokens.TokenLayout` (sizes, scale).
+    :param bool share_masks: as for the estimate.
+    :param int max_elements: the scoring chunk budget.
+    :param int num_groups: :math:`G` (at most :math:`S`).
+    """
+    log_w0 = scorer.log_w0
+    S = log_w0.shape[0]
+    G = min(num_groups, S)
+    if G < 2:
+        return math.nan, math.nan
+    # the same masks for every group: the groups' spread is then the particles' alone
+    seed = int(torch.randint(0, 2**62, ()))
+    group = torch.arange(S, device=log_w0.device) % G
+    group = group.reshape(S, *([1] * (log_w0.dim() - 1)))
+    totals = []
+    with torch.no_grad():
+        for g in range(G):  # G groups (8), not a loop over particles
+            # each group renormalised to total weight 1, as S/G draws of its own
+            sub = torch.where(group == g, log_w0 + math.log(G), log_w0.new_tensor(-math.inf))
+            generator = torch.Generator(device=layout.device).manual_seed(seed)
+            draws, _ = score_masks(
+                _scorer_with(scorer, sub),
+                estimator,
+                1,
+                num_sequences=layout.num_sequences,
+                num_tokens=layout.num_tokens,
+                dtype=layout.dtype,
+                device=layout.device,
+                max_elements=max_elements,
+                share_masks=share_masks,
+                generator=generator,
+            )
+            scale = 1.0 if layout.scale is None else layout.scale
+            totals.append((scale * draws[0]).sum())
+    totals = torch.stack(totals).to(torch.float64)
+    return float(totals.var() / G), float(G - 1)
+
+
+def conditional_ess(scorer, layout) -> torch.Tensor | None:
+    r"""``(N,)`` the ESS of the particle weights given every token,
+    :math:`\exp(2\operatorname{LSE}_s a_s - \operatorname{LSE}_s 2a_s)` with
+    :math:`a_s = \log w^0_s + \log p(x_n \mid z_s)`; ``None`` for a scorer without
+    particle kernels."""
+    kernels = getattr(scorer, "kernels", None)
+    if kernels is None or scorer.log_w0 is None:
+        return None
+    N, T = layout.num_sequences, layout.num_tokens
+    observed = torch.ones(1, N, T, dtype=torch.bool, device=layout.device)
+    none = torch.zeros_like(observed)
+    with torch.no_grad():
+        a = scorer.log_w0
+        for sl, kernel in kernels:
+            marginal, _ = kernel(observed[..., sl], none[..., sl], True)
+            a = a + marginal  # (1, S, N)
+        a = a.reshape(-1, *a.shape[-2:])[0] if a.dim() > 2 else a
+        return torch.exp(2 * torch.logsumexp(a, 0) - torch.logsumexp(2 * a, 0))
+
+
+def warn_low_ess(ess: torch.Tensor | None, num_samples: int) -> None:
+    """Warns (``UserWarning``) when more than :data:`MAX_LOW_ESS_FRACTION` of the sequences'
+    conditional weights have an ESS below :data:`MIN_CONDITIONAL_ESS`."""
+    if ess is None:
+        return
+    low = ess < MIN_CONDITIONAL_ESS
+    fraction = float(low.float().mean())
+    if fraction > MAX_LOW_ESS_FRACTION:
+        warnings.warn(
+            f"importance conditionals degenerate for {int(low.sum())} of {ess.numel()} "
+            f"sequences (ESS of the weights given every token below {MIN_CONDITIONAL_ESS:g}, "
+            f"down to {float(ess.min()):.1f} of num_samples={num_samples}): the estimate "
+            "and its standard error cannot be trusted; raise num_samples or use exact or "
+            "quadrature conditionals",
+            UserWarning,
+            stacklevel=_user_stacklevel(),
+        )
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside the package: the warning points at
+    the user's ``estimate`` / ``mpt_curve`` / ``evaluate`` call."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = inspect.currentframe().f_back, 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def particle_terms(scorer, backend, layout, options):
+    """``(particle_var, ess)`` for an estimate with ``backend``'s conditionals: the
+    particle variance (:func:`particle_variance`) and conditional ESS
+    (:func:`conditional_ess`, warned by :func:`warn_low_ess`) when its particles are random
+    draws, else ``(None, None)``.
+
+    :param options: the :class:`~pyro_mpt.engine.MPTOptions` of the estimate."""
+    if backend.name not in STOCHASTIC_BACKENDS or getattr(scorer, "log_w0", None) is None:
+        return None, None
+    var = particle_variance(
+        scorer,
+        options.estimator,
+        layout,
+        share_masks=options.share_masks,
+        max_elements=options.max_elements,
+    )
+    ess = conditional_ess(scorer, layout)
+    warn_low_ess(ess, options.num_samples)
+    return var, ess
