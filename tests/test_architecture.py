@@ -24,7 +24,7 @@ LAYERS = [
     {"report"},
     {"evaluator", "evaluator_options", "mlm"},
     {"experiments"},
-    {"cli", "__main__", "__init__"},
+    {"cli", "cli_args", "__main__", "__init__"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -290,8 +290,9 @@ def reproduce(
     results, rows, details, elapsed = {}, {}, {}, {}
     try:
         bar = progress_bar(len(names), progress, "experiments", unit="experiment")
-        for name in names:
+        for i, name in enumerate(names):
             bar.set_postfix_str(name)
+            logger.info("experiment %s (%d of %d) started", name, i + 1, len(names))
             start = time.perf_counter()
             r = _FUNCS[name](seed=seed, device=device, **sizes[name])
             elapsed[name] = time.perf_counter() - start
