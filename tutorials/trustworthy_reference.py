@@ -63,4 +63,4 @@ with warnings.catch_warnings():
 print(table.to_string() if hasattr(table, "to_string") else table)
 
 fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-report.plot(ax=ax)
+report.plot(ax=ax, shade="band")  # s.e. band around the curve, not down to 0
