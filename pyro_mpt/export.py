@@ -5,7 +5,8 @@ log p(X), dims ``chain x draw``, so ``az.summary(idata)``, ``az.plot_forest`` an
 ``az.plot_posterior`` work with their defaults) and into custom groups of the arviz schema
 (``mpt``, ``mpt_draws``, ``reference``); attributes are numbers and strings only, so
 ``idata.to_netcdf`` works. :func:`to_elpd_data` gives an :class:`arviz.ELPDData`, which
-``az.plot_khat`` and ``az.compare`` accept; :func:`compare` ranks models by their LML.
+``az.plot_khat`` and ``az.compare`` accept; :func:`compare_reports` ranks models by their
+LML in ``az.compare``'s table.
 arviz and xarray are imported on first use (``pip install pyro-mpt[arviz]``).
 
 Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
@@ -22,7 +23,7 @@ from .compat import import_arviz
 if TYPE_CHECKING:
     import arviz
 
-__all__ = ["compare", "draws_variable", "to_elpd_data", "to_inference_data"]
+__all__ = ["compare_reports", "draws_variable", "to_elpd_data", "to_inference_data"]
 
 
 def draws_variable(name: str) -> str:
@@ -241,10 +242,12 @@ def to_elpd_data(report: Any, estimator: str | None = None) -> arviz.ELPDData:
     return az.ELPDData(data=values + ["log", good_k], index=index + ["scale", "good_k"])
 
 
-def compare(reports: dict, estimator: str | None = None) -> Any:
+def compare_reports(reports: dict, estimator: str | None = None) -> Any:
     r"""Rank models by their log marginal likelihood in a table shaped like
     :func:`arviz.compare`'s (it is ``az.compare`` run on :func:`to_elpd_data` of each
-    report, ``method="pseudo-bma"``).
+    report, ``method="pseudo-bma"``). :func:`pyro_mpt.compare` runs the models itself and
+    gives the same ranking in its own columns; this function takes finished reports and
+    keeps arviz's column names, so ``az.plot_compare`` draws it.
 
     Columns: ``rank``; ``elpd_loo`` :math:`\log p(X)` of each model (reference or
     ``estimator``); ``p_loo`` NaN; ``elpd_diff`` :math:`\log p(X \mid \text{best}) -
@@ -265,14 +268,14 @@ def compare(reports: dict, estimator: str | None = None) -> Any:
     """
     if not isinstance(reports, dict) or len(reports) < 2:
         raise ValueError(
-            f"compare: reports must be a dict of at least two named reports, got "
+            f"compare_reports: reports must be a dict of at least two named reports, got "
             f"{type(reports).__name__} {_describe(reports)}; "
             "pass e.g. {'k=1': report1, 'k=2': report2}"
         )
     sizes = {name: r.num_sequences for name, r in reports.items()}
     if len(set(sizes.values())) > 1:
         raise ValueError(
-            f"compare: the reports are on different numbers of sequences {sizes}; evaluate "
+            f"compare_reports: the reports are on different numbers of sequences {sizes}; evaluate "
             "every model on the same data"
         )
     import warnings

@@ -1,6 +1,6 @@
 """arviz the standard way (pyro_mpt.export): the ``posterior`` group makes ``az.summary``,
 ``az.plot_forest`` and ``az.plot_posterior`` work with their defaults; ``to_elpd_data``
-feeds ``az.plot_khat`` and ``az.compare``; :func:`pyro_mpt.export.compare` ranks models by
+feeds ``az.plot_khat`` and ``az.compare``; :func:`pyro_mpt.export.compare_reports` ranks models by
 their LML. Each call's numbers are checked against the report's (computed by pyro_mpt)
 or against numpy/scipy directly."""
 
@@ -13,7 +13,7 @@ import torch
 from scipy.special import logsumexp
 
 from pyro_mpt import evaluate, models
-from pyro_mpt.export import compare, draws_variable, to_elpd_data
+from pyro_mpt.export import compare_reports, draws_variable, to_elpd_data
 from tests.conftest import assert_close
 from tests.report_cases import K, new_axes
 
@@ -172,7 +172,7 @@ def test_compare_ranks_models_by_lml(ppca_data):
         )
         for k in (1, 2)
     }
-    table = compare(reports)
+    table = compare_reports(reports)
     lml = {name: float(r.reference.total) for name, r in reports.items()}
     best = max(lml, key=lml.get)
     assert table.index[0] == best and table.loc[best, "rank"] == 0
@@ -198,7 +198,7 @@ def test_compare_ranks_models_by_lml(ppca_data):
     diff = (reports[best].reference.per_sequence - reports[other].reference.per_sequence).numpy()
     assert table.loc[other, "dse"] == pytest.approx(math.sqrt(len(diff) * diff.var()), rel=1e-9)
     # by an estimator instead of the reference
-    by_mpt = compare(reports, estimator="stratified")
+    by_mpt = compare_reports(reports, estimator="stratified")
     for name, r in reports.items():
         assert by_mpt.loc[name, "elpd_loo"] == r.estimators["stratified"].value
     ax = az.plot_compare(table, ax=new_axes())
@@ -208,9 +208,9 @@ def test_compare_ranks_models_by_lml(ppca_data):
 def test_compare_rejects_bad_input(ppca_report):
     report, _, _ = ppca_report
     with pytest.raises(ValueError, match="at least two named reports.*with 1 entries"):
-        compare({"a": report})
+        compare_reports({"a": report})
     with pytest.raises(ValueError, match=r"not a dict"):
-        compare([report, report])
+        compare_reports([report, report])
     X, truth = models.sample_ppca(5, 6, K, noise_scale=0.5)
     small = evaluate(
         models.ppca_collapsed,
@@ -223,4 +223,4 @@ def test_compare_rejects_bad_input(ppca_report):
         **truth,
     )
     with pytest.raises(ValueError, match="different numbers of sequences"):
-        compare({"a": report, "b": small})
+        compare_reports({"a": report, "b": small})
