@@ -161,28 +161,7 @@ def plot_curve(
             label="± 1 s.e.",
         )
     if reference is not None:
-        value, ref_se, method, trustworthy, khat_max, threshold = reference_parts(reference)
-        value /= div
-        ref_se /= div
-        text = f"reference log p(X) = {value:.3f}"
-        if ref_se > 0:
-            text += f" ± {ref_se:.3f}"
-        # a bare number has no method: "(reference)" would repeat the word
-        text += "" if method == "reference" else f" ({method})"
-        text += f"\nline at log p(X) / T; area − reference = {area - value:+.3f}"
-        if not trustworthy:
-            detail = ""
-            if khat_max is not None and threshold is not None:
-                detail = f" (k-hat {khat_max:.2f} > {threshold:.2f})"
-            text = "UNRELIABLE" + detail + "\n" + text
-        ax.axhline(
-            value / T,
-            color="black" if trustworthy else "tab:red",
-            linestyle="-" if trustworthy else "--",
-            linewidth=1.2,
-            label=text,
-            zorder=2,
-        )
+        _reference_line(ax, reference, div, T, area)
     if shade == "area":  # elsewhere a line at 0 would pull the y axis away from the curve
         ax.axhline(0.0, color="grey", linewidth=0.6, zorder=1)
     ax.set_xlim(0.0, 1.0)
@@ -192,6 +171,33 @@ def plot_curve(
     ax.set_title(f"Masked pre-training curve (T = {T})")
     ax.legend(loc="best", fontsize="small")
     return ax
+
+
+def _reference_line(ax, reference, div, T, area):
+    """The reference :math:`\\log p(X)` as a horizontal line at :math:`\\log p(X) / T`,
+    with its value, method and trust in the legend."""
+    value, ref_se, method, trustworthy, khat_max, threshold = reference_parts(reference)
+    value /= div
+    ref_se /= div
+    text = f"reference log p(X) = {value:.3f}"
+    if ref_se > 0:
+        text += f" ± {ref_se:.3f}"
+    # a bare number has no method: "(reference)" would repeat the word
+    text += "" if method == "reference" else f" ({method})"
+    text += f"\nline at log p(X) / T; area − reference = {area - value:+.3f}"
+    if not trustworthy:
+        detail = ""
+        if khat_max is not None and threshold is not None:
+            detail = f" (k-hat {khat_max:.2f} > {threshold:.2f})"
+        text = "UNRELIABLE" + detail + "\n" + text
+    ax.axhline(
+        value / T,
+        color="black" if trustworthy else "tab:red",
+        linestyle="-" if trustworthy else "--",
+        linewidth=1.2,
+        label=text,
+        zorder=2,
+    )
 
 
 def plot_fixed_rate_bias(
