@@ -20,7 +20,7 @@ LAYERS = [
     {"tokens", "estimators", "models", "diagnostics", "plotting", "export"},
     {"conditionals"},
     {"engine", "scoring"},
-    {"masked_elbo", "curve", "reference", "evaluation"},
+    {"masked_elbo", "curve", "reference", "evaluation", "distributed"},
     {"report"},
     {"evaluator", "evaluator_options", "mlm"},
     {"experiments"},
