@@ -30,7 +30,7 @@ test-all:
 	$(PYTHON) -m pytest -q -m ""
 
 docs:
-	sphinx-build -W --keep-going -b html docs docs/_build/html
+	sphinx-build -n -W --keep-going -b html docs docs/_build/html
 
 lint:
 	ruff check .

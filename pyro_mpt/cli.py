@@ -12,7 +12,10 @@ Subcommands:
     Runs the paper's experiments (:func:`pyro_mpt.experiments.reproduce`) and writes one PNG
     per experiment and ``report.md`` into ``DIR``.
 
-Heavy imports (torch, pyro) happen inside the subcommand so ``pyro-mpt --help`` is instant.
+Every argument is checked before the work starts (a bad one is a usage error, exit code 2).
+Log lines (``-v`` more, ``-q`` fewer) and, when stderr is not a terminal, periodic progress
+lines go to stderr; results go to stdout. Heavy imports (torch, pyro) happen inside the
+subcommand so ``pyro-mpt --help`` is instant.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
+
+from .cli_args import StepReporter, figure_path, logging_to_stderr, output_dir, positive_float
 
 if TYPE_CHECKING:
     import torch
@@ -49,14 +54,34 @@ def _build_parser():
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    _add_demo_parser(sub)
-    _add_reproduce_parser(sub)
+    common = argparse.ArgumentParser(add_help=False)
+    talk = common.add_mutually_exclusive_group()
+    talk.add_argument(
+        "-v",
+        "--verbose",
+        action="store_const",
+        const=1,
+        default=0,
+        dest="verbosity",
+        help="log the package's decisions (backends, chunk sizes) too",
+    )
+    talk.add_argument(
+        "-q",
+        "--quiet",
+        action="store_const",
+        const=-1,
+        dest="verbosity",
+        help="no progress or log lines, only warnings and results",
+    )
+    _add_demo_parser(sub, common)
+    _add_reproduce_parser(sub, common)
     return parser
 
 
-def _add_demo_parser(sub):
+def _add_demo_parser(sub, common):
     p = sub.add_parser(
         "demo",
+        parents=[common],
         help="train PPCA with MaskedELBO and compare the MPT estimate with the exact LML",
         description=(
             "Generate PPCA data, train the collapsed PPCA model by SVI on MaskedELBO "
@@ -76,9 +101,14 @@ def _add_demo_parser(sub):
     )
     p.add_argument("--latent-dim", type=_positive_int, default=2, help="latent dim K (default: 2)")
     p.add_argument(
-        "--noise-scale", type=float, default=0.5, help="true noise scale sigma (default: 0.5)"
+        "--noise-scale",
+        type=positive_float,
+        default=0.5,
+        help="true noise scale sigma (default: 0.5)",
     )
-    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default: 0.05)")
+    p.add_argument(
+        "--lr", type=positive_float, default=0.05, help="Adam learning rate (default: 0.05)"
+    )
     p.add_argument(
         "--num-masks",
         type=_positive_int,
@@ -88,15 +118,17 @@ def _add_demo_parser(sub):
     p.add_argument(
         "--plot",
         metavar="FILE",
+        type=figure_path,
         default=None,
         help="also save the MPT curve S(m) to FILE (needs matplotlib: pip install pyro-mpt[plots])",
     )
     p.set_defaults(func=_run_demo)
 
 
-def _add_reproduce_parser(sub):
+def _add_reproduce_parser(sub, common):
     r = sub.add_parser(
         "reproduce",
+        parents=[common],
         help="run the paper's experiments; write their figures and report.md",
         description=(
             "Run the experiments of Moreno-Muñoz et al. (2023) -- convergence, area, training, "
@@ -104,7 +136,9 @@ def _add_reproduce_parser(sub):
             "beside the paper's claim) into the output directory."
         ),
     )
-    r.add_argument("--output", "-o", required=True, metavar="DIR", help="output directory")
+    r.add_argument(
+        "--output", "-o", required=True, metavar="DIR", type=output_dir, help="output directory"
+    )
     size = r.add_mutually_exclusive_group()
     size.add_argument(
         "--quick",
@@ -186,7 +220,7 @@ def demo(
         ppca_maximum_likelihood,
         sample_ppca,
     )
-    from pyro_mpt.progress import progress_bar
+    from pyro_mpt.progress import logger
 
     file = sys.stdout if file is None else file
     device = check_device(device)
@@ -204,14 +238,14 @@ def demo(
         return ppca_collapsed(data, K)
 
     svi = SVI(model, None, Adam({"lr": lr}), loss=MaskedELBO(estimator="stratified", num_masks=1))
-    bar = progress_bar(steps, progress, "SVI (MaskedELBO, stratified)", unit="step")
-    for step in range(steps):
-        loss = svi.step(X)
-        bar.update()
-        if step % 10 == 0 or step == steps - 1:
-            bar.set_postfix(loss_per_seq=f"{loss / N:.3f}")
+    logger.info("demo: %d SVI steps on PPCA (N=%d, T=%d, K=%d), device %s", steps, N, T, K, device)
+    # a bar on a terminal; log lines every few seconds when piped, so the run is never silent
+    bar = StepReporter(steps, progress, "SVI (MaskedELBO, stratified)")
+    for _ in range(steps):
+        bar.update(loss_per_seq=svi.step(X) / N)
     bar.close()
 
+    logger.info("demo: MPT curve (%d masks per size) and exact log p(X)", num_masks)
     with torch.no_grad():
         trained = {name: pyro.param(name).detach() for name in ("W", "loc", "noise_scale")}
         curve = mpt_curve(model, X, num_masks=num_masks)
@@ -229,6 +263,7 @@ def demo(
     if plot is not None:
         _save_curve(curve, results, plot)
         print(f"MPT curve saved to {plot}", file=file)
+    file.flush()
     return results
 
 
@@ -267,24 +302,20 @@ def _print_table(r, *, N, T, K, steps, seed, device, file):
 
 
 def _save_curve(curve, results, path):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError(
-            "--plot needs matplotlib; install it with `pip install pyro-mpt[plots]`"
-        ) from None
-    # A bare Figure (no pyplot) leaves global matplotlib state alone.
-    scores = curve.scores.detach().cpu().numpy()
-    T = scores.shape[-1]
-    sizes = range(1, T + 1)
+    """The demo's curve (:func:`~pyro_mpt.plotting.plot_curve`, s.e. band around the curve)
+    with the trained model's exact log p(X) as the reference line."""
+    from pyro_mpt.plotting import bare_axes, plot_curve
+
+    fig, ax = bare_axes(figsize=(6.5, 4.2))
+    plot_curve(curve, reference=results["trained"], ax=ax, per_sequence=True, shade="band")
     N = results["num_data"]
-    fig = Figure(figsize=(5, 3.5), layout="constrained")
-    ax = fig.add_subplot()
-    ax.plot(sizes, scores / N, marker="o")
-    ax.set_xlabel("mask size m")
-    ax.set_ylabel("S(m) per sequence [nats]")
-    ax.set_title(f"MPT curve: area {results['mpt'] / N:.3f} nats/sequence")
+    ax.set_title(
+        f"PPCA demo: MPT curve, area {results['mpt'] / N:.3f} vs exact "
+        f"{results['trained'] / N:.3f} nats/sequence",
+        fontsize="medium",
+    )
     fig.savefig(path, dpi=120)
+    return fig
 
 
 def _run_demo(args, parser):
@@ -308,6 +339,7 @@ def _run_demo(args, parser):
         lr=args.lr,
         num_masks=args.num_masks,
         plot=args.plot,
+        progress=False if args.verbosity < 0 else None,
     )
     return 0
 
@@ -325,7 +357,7 @@ def _run_reproduce(args, parser):
         quick=args.quick,
         device=args.device,
         seed=args.seed,
-        progress=args.progress,
+        progress=False if args.verbosity < 0 else args.progress,
         only=args.only,
     )
     print(f"figures and report written to {args.output}/report.md")
@@ -336,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pyro-mpt``; returns the process exit code."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    return args.func(args, parser)
+    with logging_to_stderr(args.verbosity):
+        return args.func(args, parser)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ class MaskEstimator:
         raise NotImplementedError
 
     def batches(self, N, T, num_draws, *, device, dtype, max_rows, generator=None):
-        """Yields :class:`MaskBatch` chunks of at most ``max_rows`` rows covering
+        """Yields :class:`~pyro_mpt.estimators.MaskBatch` chunks of at most ``max_rows`` rows covering
         ``num_draws`` independent draws for ``N`` sequences of ``T`` tokens."""
         raise NotImplementedError
 
@@ -306,7 +306,7 @@ class ChainEstimator(MaskEstimator):
 class ExhaustiveEstimator(MaskEstimator):
     r"""Every non-empty mask, weighted :math:`1/(m\binom{T}{m})`: returns
     :math:`\sum_m S(m)` exactly (no randomness). ``2^T - 1`` rows per draw: small ``T`` only
-    (at most :data:`MAX_EXHAUSTIVE_TOKENS`). Every one of ``num_draws`` draws enumerates the
+    (at most ``MAX_EXHAUSTIVE_TOKENS``). Every one of ``num_draws`` draws enumerates the
     same masks, so each draw is exact and their spread is 0; one draw is enough.
 
     Example::

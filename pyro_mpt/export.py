@@ -1,7 +1,12 @@
 r"""An :class:`~pyro_mpt.EvaluationReport` as an :class:`arviz.InferenceData`.
 
-The report's arrays go into custom groups of the arviz schema (``mpt``, ``mpt_draws``,
-``reference``); attributes are numbers and strings only, so ``idata.to_netcdf`` works.
+The report's arrays go into the standard ``posterior`` group (the estimators' draws of
+log p(X), dims ``chain x draw``, so ``az.summary(idata)``, ``az.plot_forest`` and
+``az.plot_posterior`` work with their defaults) and into custom groups of the arviz schema
+(``mpt``, ``mpt_draws``, ``reference``); attributes are numbers and strings only, so
+``idata.to_netcdf`` works. :func:`to_elpd_data` gives an :class:`arviz.ELPDData`, which
+``az.plot_khat`` and ``az.compare`` accept; :func:`compare_reports` ranks models by their
+LML in ``az.compare``'s table.
 arviz and xarray are imported on first use (``pip install pyro-mpt[arviz]``).
 
 Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
@@ -18,7 +23,7 @@ from .compat import import_arviz
 if TYPE_CHECKING:
     import arviz
 
-__all__ = ["draws_variable", "to_inference_data"]
+__all__ = ["compare_reports", "draws_variable", "to_elpd_data", "to_inference_data"]
 
 
 def draws_variable(name: str) -> str:
@@ -30,10 +35,22 @@ def draws_variable(name: str) -> str:
 
 
 def to_inference_data(report: Any) -> arviz.InferenceData:
-    """The arrays of an :class:`~pyro_mpt.EvaluationReport` as an
+    r"""The arrays of an :class:`~pyro_mpt.EvaluationReport` as an
     :class:`arviz.InferenceData`.
 
-    Groups (custom groups of the arviz schema):
+    Groups:
+
+    - ``posterior`` (only with estimators): one variable per estimator, ``mpt_<name>``
+      ``(chain, draw)``: the estimator's draw of :math:`\log p(X)`, the per-sequence draws
+      summed, :math:`\sum_{n} \hat{\ell}_{n}^{(k)}`, one chain of ``num_masks``
+      independent draws. These are Monte Carlo draws of an estimator, not posterior draws of
+      model parameters; they sit in ``posterior`` so that arviz's defaults find them
+      (``az.summary(idata)``, ``az.plot_forest(idata)``, ``az.plot_posterior(idata,
+      ref_val=idata.posterior.attrs["reference_total"])``). With one chain, r_hat is NaN and
+      arviz logs "Shape validation failed"; a deterministic estimator (``chain``, zero
+      variance) makes arviz warn on its ESS. Attribute ``reference_total``.
+
+    Custom groups of the arviz schema:
 
     - ``mpt`` (only with a curve): ``curve`` ``(sequence, mask_size)`` :math:`S_n(m)`;
       ``curve_total`` ``(mask_size)`` :math:`S(m)` summed over sequences, ``curve_stderr``;
@@ -58,6 +75,7 @@ def to_inference_data(report: Any) -> arviz.InferenceData:
     if report.curve is not None:
         groups["mpt"] = _curve_group(report)
     if report.estimators:
+        groups["posterior"] = _posterior_group(report)
         groups["mpt_draws"] = _draws_group(report)
     groups["reference"] = _reference_group(report)
     top = {
@@ -109,6 +127,19 @@ def _curve_group(report):
     )
 
 
+def _posterior_group(report):
+    import numpy as np
+    import xarray as xr
+
+    data = {
+        draws_variable(name): (("chain", "draw"), _numpy(r.estimate.draws.sum(-1))[None])
+        for name, r in report.estimators.items()
+    }
+    K = next(iter(report.estimators.values())).num_masks
+    attrs = {"reference_total": float(report.reference.total), "pyro_mpt_group": "estimators"}
+    return xr.Dataset(data, coords={"chain": [0], "draw": np.arange(K)}, attrs=attrs)
+
+
 def _draws_group(report):
     import numpy as np
     import xarray as xr
@@ -157,3 +188,102 @@ def _reference_group(report):
     if ref.khat_threshold is not None:
         attrs["khat_threshold"] = float(ref.khat_threshold)
     return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+def _describe(reports):
+    return f"with {len(reports)} entries" if isinstance(reports, dict) else "(not a dict)"
+
+
+def to_elpd_data(report: Any, estimator: str | None = None) -> arviz.ELPDData:
+    r"""The report's log marginal likelihood as an :class:`arviz.ELPDData` in arviz's
+    ``loo`` layout, so that ``az.plot_khat`` and ``az.compare`` take it.
+
+    The fields hold the LML, not a leave-one-out score: ``elpd_loo`` is
+    :math:`\log p(X) = \sum_n \log p(x_n)` (the reference's, or ``estimator``'s),
+    ``loo_i`` the per-sequence terms :math:`\log p(x_n)` (dim ``sequence``), ``se`` the
+    Monte Carlo standard error of the estimate, ``p_loo`` NaN (there is no effective
+    number of parameters), ``n_samples`` the reference's importance samples (0 when exact)
+    or the estimator's ``num_masks``, ``warning`` True when the reference is not
+    trustworthy, ``pareto_k`` the reference's per-sequence :math:`\hat k` (only for a
+    reference with importance weights) and ``good_k`` its threshold.
+
+    :param report: an :class:`~pyro_mpt.EvaluationReport`.
+    :param estimator: the name of one of ``report.estimators``; ``None`` for the reference.
+    :returns: :class:`arviz.ELPDData`.
+    :raises ValueError: ``estimator`` is not one of the report's estimators.
+    """
+    import numpy as np
+    import xarray as xr
+
+    az = import_arviz()
+    ref = report.reference
+    if estimator is None:
+        per_sequence, total, se = ref.per_sequence, float(ref.total), float(ref.stderr)
+        n_samples = int(ref.num_samples or 0)
+    elif estimator in report.estimators:
+        row = report.estimators[estimator]
+        per_sequence, total, se = row.estimate.per_sequence, row.value, row.stderr
+        n_samples = row.num_masks
+    else:
+        raise ValueError(
+            f"to_elpd_data: estimator={estimator!r} is not in the report; use None for the "
+            f"reference or one of {sorted(report.estimators)}"
+        )
+    coords = {"sequence": np.arange(report.num_sequences)}
+    values = [total, se, float("nan"), n_samples, report.num_sequences]
+    values += [not bool(ref.trustworthy)]
+    values += [xr.DataArray(_numpy(per_sequence), dims=("sequence",), coords=coords)]
+    index = ["elpd_loo", "se", "p_loo", "n_samples", "n_data_points", "warning", "loo_i"]
+    if getattr(ref, "khat", None) is not None:
+        khat = xr.DataArray(_numpy(ref.khat), dims=("sequence",), coords=coords)
+        values.append(khat.rename("pareto_k"))
+        index.append("pareto_k")
+    good_k = 0.7 if ref.khat_threshold is None else float(ref.khat_threshold)
+    return az.ELPDData(data=values + ["log", good_k], index=index + ["scale", "good_k"])
+
+
+def compare_reports(reports: dict, estimator: str | None = None) -> Any:
+    r"""Rank models by their log marginal likelihood in a table shaped like
+    :func:`arviz.compare`'s (it is ``az.compare`` run on :func:`to_elpd_data` of each
+    report, ``method="pseudo-bma"``). :func:`pyro_mpt.compare` runs the models itself and
+    gives the same ranking in its own columns; this function takes finished reports and
+    keeps arviz's column names, so ``az.plot_compare`` draws it.
+
+    Columns: ``rank``; ``elpd_loo`` :math:`\log p(X)` of each model (reference or
+    ``estimator``); ``p_loo`` NaN; ``elpd_diff`` :math:`\log p(X \mid \text{best}) -
+    \log p(X \mid \text{model})`, the log Bayes factor against the best model; ``weight``
+    the posterior model probability under a uniform prior over the models,
+
+    .. math:: w_j = \frac{p(X \mid M_j)}{\sum_i p(X \mid M_i)};
+
+    ``se`` the Monte Carlo standard error; ``dse`` arviz's standard error of the difference
+    over sequences, :math:`\sqrt{N \operatorname{Var}_n(\ell_{n}^{\text{best}} -
+    \ell_{n}^{j})}`, which needs every report on the same ``N`` sequences; ``warning``
+    (reference not trustworthy) and ``scale`` (``"log"``). ``az.plot_compare`` draws it.
+
+    :param reports: model name -> :class:`~pyro_mpt.EvaluationReport`, at least two.
+    :param estimator: the estimator whose LML is compared; ``None`` for the reference.
+    :returns: :class:`pandas.DataFrame` indexed by model name, best first.
+    :raises ValueError: fewer than two reports, or reports on different numbers of sequences.
+    """
+    if not isinstance(reports, dict) or len(reports) < 2:
+        raise ValueError(
+            f"compare_reports: reports must be a dict of at least two named reports, got "
+            f"{type(reports).__name__} {_describe(reports)}; "
+            "pass e.g. {'k=1': report1, 'k=2': report2}"
+        )
+    sizes = {name: r.num_sequences for name, r in reports.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"compare_reports: the reports are on different numbers of sequences {sizes}; evaluate "
+            "every model on the same data"
+        )
+    import warnings
+
+    az = import_arviz()
+    elpds = {name: to_elpd_data(r, estimator) for name, r in reports.items()}
+    with warnings.catch_warnings():
+        # arviz 0.23 calls DataFrame.sort_values(inplace=True), which pandas >= 3.1
+        # deprecates; nothing the caller can act on.
+        warnings.filterwarnings("ignore", message=".*inplace keyword.*")
+        return az.compare(elpds, method="pseudo-bma")

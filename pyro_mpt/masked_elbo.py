@@ -13,7 +13,7 @@ import torch
 from pyro.infer import ELBO
 
 from .engine import MPTEstimate, MPTOptions, prepare, score, summarize
-from .options import check_positive_int, renamed_keyword, resolve_max_elements
+from .options import check_bool, check_positive_int, renamed_keyword, resolve_max_elements
 from .particle_error import particle_terms
 from .tokens.checks import (
     check_bounds,
@@ -106,6 +106,25 @@ class MaskedELBO(ELBO):
         stratified estimator (see :class:`~pyro_mpt.estimators.StratifiedEstimator`);
         ``None``: the estimator's own (independent).
     :param int num_particles: deprecated old name of ``num_samples``.
+    :param bool vectorize_particles: Pyro's keyword; accepted and always in effect: the
+        ``num_masks`` draws (Pyro's particles) are scored as one batched tensor expression
+        (chunked to ``max_elements``), never in a Python loop, so ``False`` gives the same
+        draws. The model needs no extra particle plate (``max_plate_nesting`` unchanged).
+    :param bool retain_graph: Pyro's meaning: keep the autograd graph after the backward
+        pass of :meth:`loss_and_grads` (default ``None``: freed), e.g. when the model uses
+        a tensor computed once from parameters outside it.
+    :param bool ignore_jit_warnings: Pyro's keyword of its ``JitTrace_*`` ELBOs; there is no
+        JIT variant of ``MaskedELBO`` (nothing is traced by ``torch.jit``), so there is no
+        warning to ignore and the flag has no effect.
+    :param dict jit_options: refused unless ``None``: there is no JIT variant of
+        ``MaskedELBO`` for the options to reach.
+
+    .. note:: Names against Pyro's. Pyro's ``num_particles`` (independent estimates
+        averaged per step) is ``num_masks`` here, and ``elbo.num_particles`` reads it.
+        ``num_samples`` is something Pyro's ELBOs lack: the prior draws inside the
+        ``"importance"`` conditionals for one conditional :math:`\log p(x_j \mid x_O)`
+        (a self-normalised estimate; its bias falls as ``num_samples`` grows), not the
+        number of estimates averaged.
     """
 
     def __init__(
@@ -123,7 +142,12 @@ class MaskedELBO(ELBO):
         share_masks=False,
         masks=None,
         num_particles=None,
+        vectorize_particles=False,
+        retain_graph=None,
+        ignore_jit_warnings=False,
+        jit_options=None,
     ):
+        _check_pyro_keywords(vectorize_particles, retain_graph, ignore_jit_warnings, jit_options)
         if num_particles is not None:
             check_positive_int("num_particles", num_particles)
         num_samples = renamed_keyword(
@@ -145,7 +169,14 @@ class MaskedELBO(ELBO):
             share_masks=share_masks,
             masks=masks,
         )
-        super().__init__(num_particles=self.options.num_masks, max_plate_nesting=max_plate_nesting)
+        super().__init__(
+            num_particles=self.options.num_masks,
+            max_plate_nesting=max_plate_nesting,
+            retain_graph=retain_graph,
+            ignore_jit_warnings=ignore_jit_warnings,
+        )
+        # set after Pyro's __init__, which would add a particle plate to max_plate_nesting
+        self.vectorize_particles = bool(vectorize_particles)
 
     @property
     def estimator(self):
@@ -231,6 +262,19 @@ class MaskedELBO(ELBO):
         return (
             f"MaskedELBO(estimator={o.estimator.name!r}, num_masks={o.num_masks}, "
             f"conditionals={o.conditionals!r}, token_plate={o.token_plate!r})"
+        )
+
+
+def _check_pyro_keywords(vectorize_particles, retain_graph, ignore_jit_warnings, jit_options):
+    """Pyro's ELBO keywords: bools as Pyro takes them; ``jit_options`` refused."""
+    check_bool("vectorize_particles", vectorize_particles)
+    check_bool("retain_graph", retain_graph, allow_none=True)
+    check_bool("ignore_jit_warnings", ignore_jit_warnings)
+    if jit_options is not None:
+        raise ValueError(
+            f"MaskedELBO: jit_options={jit_options!r}, but MaskedELBO has no JIT variant "
+            "(it is not traced by torch.jit, so the options would reach nothing); drop "
+            "jit_options"
         )
 
 

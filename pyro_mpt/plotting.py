@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from .options import check_bool
+from .options import check_bool, check_choice
 
 if TYPE_CHECKING:
     import numpy as np
@@ -86,6 +86,7 @@ def plot_curve(
     per_sequence: bool = False,
     color: Any = None,
     label: str | None = None,
+    shade: str = "area",
 ) -> Axes:
     r"""The paper's curve figure: :math:`S(m)` against the mask rate :math:`m/T`, with a
     :math:`\pm 1` standard-error band, the area under it shaded, and the reference log
@@ -106,6 +107,11 @@ def plot_curve(
     :param bool per_sequence: divide by the number of sequences ``N`` (nats per sequence).
     :param color: the curve's colour (matplotlib's cycle by default).
     :param str label: the curve's legend label (default ``"S(m)"``).
+    :param str shade: ``"area"`` (default): the area under the curve shaded down to 0, the
+        paper's picture of :math:`\sum_m S(m)`, with the s.e. band; ``"band"``: only the
+        :math:`\pm 1` s.e. band around the curve and the y axis fitted to the curve (the
+        area goes in the curve's legend label), which shows the curve's shape where shading
+        from 0 would flatten it into a thin band; ``"none"``: the curve alone.
     :returns: the :class:`~matplotlib.axes.Axes`.
 
     Example::
@@ -115,6 +121,7 @@ def plot_curve(
         ax = plot_curve(curve, ref)
     """
     check_bool("per_sequence", per_sequence)
+    check_choice("shade", shade, ("area", "band", "none"))
     ax = _new_axes(ax)
     T = curve.num_tokens
     N = int(curve.per_sequence.shape[0])
@@ -125,22 +132,24 @@ def plot_curve(
     area = float(curve.area) / div
     area_se = float(curve.area_stderr) / div
 
+    area_text = f"area Σ_m S(m) = {area:.3f}"
+    if math.isfinite(area_se) and area_se > 0:
+        area_text += f" ± {area_se:.3f}"
+    label = label or "S(m)"
     (line,) = ax.plot(
         rates,
         scores,
         marker="o" if T <= 40 else None,
         markersize=3,
         color=color,
-        label=label or "S(m)",
+        label=label if shade == "area" else f"{label}; {area_text}",
         zorder=3,
     )
     color = line.get_color()
-    area_text = f"area Σ_m S(m) = {area:.3f}"
-    if math.isfinite(area_se) and area_se > 0:
-        area_text += f" ± {area_se:.3f}"
-    ax.fill_between(rates, scores, 0.0, color=color, alpha=0.15, linewidth=0, label=area_text)
+    if shade == "area":
+        ax.fill_between(rates, scores, 0.0, color=color, alpha=0.15, linewidth=0, label=area_text)
     finite = stderr == stderr  # not NaN (one mask per size has no standard error)
-    if finite.any() and (stderr[finite] > 0).any():
+    if shade != "none" and finite.any() and (stderr[finite] > 0).any():
         ax.fill_between(
             rates,
             scores - stderr,
@@ -152,27 +161,9 @@ def plot_curve(
             label="± 1 s.e.",
         )
     if reference is not None:
-        value, ref_se, method, trustworthy, khat_max, threshold = reference_parts(reference)
-        value /= div
-        ref_se /= div
-        text = f"reference log p(X) = {value:.3f}"
-        if ref_se > 0:
-            text += f" ± {ref_se:.3f}"
-        text += f" ({method})\nline at log p(X) / T; area − reference = {area - value:+.3f}"
-        if not trustworthy:
-            detail = ""
-            if khat_max is not None and threshold is not None:
-                detail = f" (k-hat {khat_max:.2f} > {threshold:.2f})"
-            text = "UNRELIABLE" + detail + "\n" + text
-        ax.axhline(
-            value / T,
-            color="black" if trustworthy else "tab:red",
-            linestyle="-" if trustworthy else "--",
-            linewidth=1.2,
-            label=text,
-            zorder=2,
-        )
-    ax.axhline(0.0, color="grey", linewidth=0.6, zorder=1)
+        _reference_line(ax, reference, div, T, area)
+    if shade == "area":  # elsewhere a line at 0 would pull the y axis away from the curve
+        ax.axhline(0.0, color="grey", linewidth=0.6, zorder=1)
     ax.set_xlim(0.0, 1.0)
     ax.set_xlabel("mask rate m / T")
     unit = "nats per sequence" if per_sequence else f"nats, summed over {N} sequences"
@@ -180,6 +171,33 @@ def plot_curve(
     ax.set_title(f"Masked pre-training curve (T = {T})")
     ax.legend(loc="best", fontsize="small")
     return ax
+
+
+def _reference_line(ax, reference, div, T, area):
+    """The reference :math:`\\log p(X)` as a horizontal line at :math:`\\log p(X) / T`,
+    with its value, method and trust in the legend."""
+    value, ref_se, method, trustworthy, khat_max, threshold = reference_parts(reference)
+    value /= div
+    ref_se /= div
+    text = f"reference log p(X) = {value:.3f}"
+    if ref_se > 0:
+        text += f" ± {ref_se:.3f}"
+    # a bare number has no method: "(reference)" would repeat the word
+    text += "" if method == "reference" else f" ({method})"
+    text += f"\nline at log p(X) / T; area − reference = {area - value:+.3f}"
+    if not trustworthy:
+        detail = ""
+        if khat_max is not None and threshold is not None:
+            detail = f" (k-hat {khat_max:.2f} > {threshold:.2f})"
+        text = "UNRELIABLE" + detail + "\n" + text
+    ax.axhline(
+        value / T,
+        color="black" if trustworthy else "tab:red",
+        linestyle="-" if trustworthy else "--",
+        linewidth=1.2,
+        label=text,
+        zorder=2,
+    )
 
 
 def plot_fixed_rate_bias(

@@ -20,11 +20,11 @@ LAYERS = [
     {"tokens", "estimators", "models", "diagnostics", "plotting", "export"},
     {"conditionals"},
     {"engine", "scoring", "particle_error"},
-    {"masked_elbo", "curve", "reference", "evaluation"},
+    {"masked_elbo", "curve", "reference", "evaluation", "distributed"},
     {"report"},
     {"evaluator", "evaluator_options", "mlm"},
     {"experiments"},
-    {"cli", "__main__", "__init__"},
+    {"cli", "cli_args", "__main__", "__init__"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 

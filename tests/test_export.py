@@ -139,7 +139,7 @@ def test_without_curve_there_is_no_curve_group(ppca_data):
     report = report_cases.report_without_curve(*ppca_data)
     idata = report.to_inference_data()
     assert "mpt" not in idata.groups()
-    assert set(idata.groups()) == {"mpt_draws", "reference"}
+    assert set(idata.groups()) == {"posterior", "mpt_draws", "reference"}
     assert "num_tokens" not in idata.attrs
     draws = idata["mpt_draws"]["mpt_stratified"]
     assert_close(

@@ -41,5 +41,5 @@ for rate in (0.15, 0.5, 0.8):
     )
 
 fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-plot_curve(curve, reference=exact, ax=ax)
+plot_curve(curve, reference=exact, ax=ax, shade="band")  # band around the curve
 ax.set_title(f"PPCA, T = {T}: the MPT curve S(m) (area = log p(X))")

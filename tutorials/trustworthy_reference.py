@@ -9,10 +9,12 @@ ranks models by their log marginal likelihood.
 import os
 import warnings
 
+import arviz as az
 import matplotlib.pyplot as plt
 import pyro
 
 from pyro_mpt import compare, evaluate
+from pyro_mpt.export import to_elpd_data
 from pyro_mpt.models import ppca_latent, ppca_log_marginal, sample_ppca
 
 smoke_test = "CI" in os.environ
@@ -62,5 +64,18 @@ with warnings.catch_warnings():
     )
 print(table.to_string() if hasattr(table, "to_string") else table)
 
-fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-report.plot(ax=ax)
+# The same numbers the arviz way: the estimators' draws of log p(X) in the posterior group
+# (az.summary, az.plot_forest), the reference's per-sequence k-hats in an ELPDData.
+idata = report.to_inference_data()
+print(az.summary(idata, var_names=["mpt_stratified", "mpt_uniform"], kind="stats"))
+elpd_good, elpd_poor = to_elpd_data(report), to_elpd_data(poor)
+print(
+    f"k-hat above {elpd_poor['good_k']:.2f}: {int((elpd_poor['pareto_k'] > elpd_poor['good_k']).sum())}"
+    f" of {N} sequences with 32 draws, "
+    f"{int((elpd_good['pareto_k'] > elpd_good['good_k']).sum())} with 16384"
+)
+
+fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
+report.plot(ax=axes[0], shade="band")  # s.e. band around the curve, not down to 0
+az.plot_khat(elpd_poor, ax=axes[1], show_hlines=True)
+axes[1].set_title("Pareto k-hat per sequence, 32 prior draws (az.plot_khat)")

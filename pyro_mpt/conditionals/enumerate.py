@@ -75,7 +75,7 @@ class EnumerateConditionals(Conditionals):
     def scorer(self, model, args: tuple, kwargs: dict, layout: TokenLayout, trace) -> Scorer:
         """A :class:`~pyro_mpt.conditionals.particles.ParticleScorer` over the joint support
         when every enumerated site has a dim of its own and the support has at most
-        :data:`MAX_JOINT_SUPPORT` configurations; an
+        ``MAX_JOINT_SUPPORT`` configurations; an
         :class:`~pyro_mpt.conditionals.elimination.EliminationScorer` otherwise."""
         self.check(layout, trace)
         tr = particle_trace(model, args, kwargs, layout)

@@ -86,7 +86,7 @@ class ImportanceConditionals(Conditionals):
 
     @property
     def num_particles(self) -> int:
-        """The old name of :attr:`num_samples`."""
+        """The old name of ``num_samples``."""
         return self.num_samples
 
     def check(self, layout: TokenLayout, trace) -> None:

@@ -85,9 +85,11 @@ class AreaResult:
         return "; ".join(parts) + f"; exact LML {self.exact / self.N:.4f} (nats per sequence)"
 
     def figure(self, ax: Axes | None = None) -> Figure:
-        """The curves :math:`S(m)` per sequence against the mask rate, their areas shaded
-        (:func:`~pyro_mpt.plot_curve`), the exact LML in the legend. Returns the Figure."""
-        fig, ax = bare_axes(ax, figsize=(7.0, 4.5))
+        r"""The curves :math:`S(m)` per sequence against the mask rate, each with its
+        :math:`\pm 1` s.e. band and its area in the legend (:func:`~pyro_mpt.plot_curve`,
+        ``shade="band"``: overlapping areas shaded from 0 would blend into colours the legend
+        does not show), and the exact LML as the reference line. Returns the Figure."""
+        fig, ax = bare_axes(ax, figsize=(7.0, 4.8))
         colors = ["tab:orange", "tab:blue", "tab:green", "tab:purple"]
         last = len(self.curves) - 1
         for i, (p, curve) in enumerate(zip(self.permutations, self.curves)):
@@ -98,10 +100,12 @@ class AreaResult:
                 per_sequence=True,
                 color=colors[i % len(colors)],
                 label=f"S(m), {p} permutation{'s' if p > 1 else ''} per size",
+                shade="band",
             )
+        # two short lines: one long line was cut off at the figure's right edge
         ax.set_title(
-            f"MPT curve and its area (PPCA, T = {self.T}, K = {self.K}, N = {self.N}); "
-            f"exact log p(X) = {self.exact / self.N:.3f} / seq",
+            f"MPT curve and its area: PPCA, T = {self.T}, K = {self.K}, N = {self.N}\n"
+            f"exact log p(X) = {self.exact / self.N:.3f} nats per sequence",
             fontsize="medium",
         )
         return fig

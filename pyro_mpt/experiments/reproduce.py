@@ -2,7 +2,7 @@ r"""Runs the paper's experiments end to end: every figure as a PNG and a ``repor
 each experiment's headline number beside the paper's claim.
 
 ``quick=True`` runs reduced sizes (a CPU in well under two minutes); ``quick=False`` runs the
-paper's sizes (see :data:`PRESETS`). The command line is ``pyro-mpt reproduce``.
+paper's sizes (see :data:`~pyro_mpt.experiments.reproduce.PRESETS`). The command line is ``pyro-mpt reproduce``.
 
 Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
@@ -265,7 +265,7 @@ def reproduce(
         print(open("out/report.md").read())
 
     :param str output_dir: where the figures and the report go.
-    :param bool quick: reduced sizes (:data:`PRESETS` ``"quick"``) instead of the paper's.
+    :param bool quick: reduced sizes (:data:`~pyro_mpt.experiments.reproduce.PRESETS` ``"quick"``) instead of the paper's.
     :param str device: torch device (``"cpu"``, ``"cuda"``...).
     :param int seed: seeds every experiment.
     :param bool progress: a tqdm bar over the experiments; ``None``: only on a terminal.
@@ -290,8 +290,9 @@ def reproduce(
     results, rows, details, elapsed = {}, {}, {}, {}
     try:
         bar = progress_bar(len(names), progress, "experiments", unit="experiment")
-        for name in names:
+        for i, name in enumerate(names):
             bar.set_postfix_str(name)
+            logger.info("experiment %s (%d of %d) started", name, i + 1, len(names))
             start = time.perf_counter()
             r = _FUNCS[name](seed=seed, device=device, **sizes[name])
             elapsed[name] = time.perf_counter() - start

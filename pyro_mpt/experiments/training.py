@@ -154,7 +154,7 @@ def training(
     device: str | torch.device = "cpu",
 ) -> TrainingResult:
     r"""SVI on :func:`~pyro_mpt.models.ppca_collapsed` with each MaskedELBO of ``runs``
-    (default :data:`TRAINING_RUNS`: stratified, and a fixed 80% rate), recording the
+    (default ``TRAINING_RUNS``: stratified, and a fixed 80% rate), recording the
     objective and the exact LML of the current parameters every ``record_every`` steps.
 
     Clears Pyro's global parameter store before each run (and leaves the last run's

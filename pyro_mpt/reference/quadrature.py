@@ -3,7 +3,7 @@ latents (:math:`d \le 3` per sequence, :func:`pyro_mpt.conditionals.grid.midpoin
 
 .. math:: \log p(x_n) \approx \log \sum_s p(z_s)\,\Delta^d\, p(x_n \mid z_s),
 
-as in :mod:`pyro_mpt.conditionals.quadrature`. Its error is not estimated; a sequence that
+as in :class:`~pyro_mpt.conditionals.quadrature.QuadratureConditionals`. Its error is not estimated; a sequence that
 puts more than :data:`MAX_EDGE_MASS` of its posterior mass on the grid's outer cells is
 flagged (the bounds cut off mass).
 """

@@ -87,7 +87,7 @@ class LMLEstimate:
 
     @property
     def num_particles(self) -> int | None:
-        """Deprecated name of :attr:`num_samples`."""
+        """Deprecated name of ``num_samples``."""
         warnings.warn(
             "LMLEstimate.num_particles is deprecated and will be removed in the next release; "
             "use LMLEstimate.num_samples (it means the same)",
