@@ -165,8 +165,11 @@ class _GivenPrefix(torch.autograd.Function):
 
 
 def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
-    """``y[..., i] = sum_{i' >= i} x[..., i']`` without flipping copies."""
-    return x.sum(-1, keepdim=True) - x.cumsum(-1) + x
+    """``y[..., i] = sum_{i' >= i} x[..., i']`` without flipping copies: total - cumsum +
+    self, in one new table."""
+    out = x.cumsum(-1)
+    torch.sub(x.sum(-1, keepdim=True), out, out=out)
+    return out.add_(x)
 
 
 def order_pair_cost(T: int, K: int | None) -> int:
