@@ -202,3 +202,15 @@ def test_nested_masked_elbo_is_unbiased_for_the_exact_lml():
     est = MaskedELBO(masks="nested", num_masks=400).estimate(ppca_collapsed, None, *args)
     assert abs(float(est.total) - float(exact.sum())) < 4 * est.stderr
     assert est.stderr > 0
+
+
+def test_second_derivatives_are_refused_not_wrong():
+    """The backward reads saved tables that are not inputs, so a second derivative through
+    it would be silently wrong: it raises instead."""
+    g = _gen(9)
+    W = torch.randn(5, 2, generator=g).requires_grad_(True)
+    kernel = _Kernel(torch.randn(2, 5, generator=g), W=W, D=torch.ones(5))
+    out = gaussian_suffix_scores(kernel, torch.arange(5).expand(1, 2, 5), 10**6)
+    (grad,) = torch.autograd.grad(out.sum(), W, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(grad.sum(), W)

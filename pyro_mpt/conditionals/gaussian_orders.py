@@ -40,6 +40,9 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
+
+from ..progress import logger
 
 __all__ = [
     "dense_order_factor",
@@ -147,6 +150,7 @@ class _GivenPrefix(torch.autograd.Function):
         return given - 0.5 * _LOG_2PI * counts  # T - 1 - i conditionals in column i
 
     @staticmethod
+    @once_differentiable  # the saved tables are not inputs: no second derivatives
     def backward(ctx, grad):
         lower, e, var, z, floored, above = ctx.saved_tensors
         g = grad.unsqueeze(-2)  # (P, 1, T_i)
@@ -206,6 +210,7 @@ def gaussian_suffix_scores(kernel, ranks: torch.Tensor, max_elements: int) -> to
     chunk = max(1, max_elements // cost)
     if resid.device.type == "cpu":  # cache-sized tables (see _CACHE_TABLE)
         chunk = max(1, min(chunk, _CACHE_TABLE // (T * T)))
+    logger.debug("pyro_mpt: Gaussian order path, %d order(s) per chunk of %d", chunk, D * N)
     out = []
     for start in range(0, D * N, chunk):
         n, pi = seq[start : start + chunk], order[start : start + chunk]
