@@ -211,6 +211,5 @@ def test_second_derivatives_are_refused_not_wrong():
     W = torch.randn(5, 2, generator=g).requires_grad_(True)
     kernel = _Kernel(torch.randn(2, 5, generator=g), W=W, D=torch.ones(5))
     out = gaussian_suffix_scores(kernel, torch.arange(5).expand(1, 2, 5), 10**6)
-    (grad,) = torch.autograd.grad(out.sum(), W, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        torch.autograd.grad(grad.sum(), W)
+    with pytest.raises(RuntimeError, match="cannot differentiate twice.*independent"):
+        torch.autograd.grad(out.sum(), W, create_graph=True)

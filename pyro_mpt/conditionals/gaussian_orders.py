@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..progress import logger
 
@@ -150,8 +149,12 @@ class _GivenPrefix(torch.autograd.Function):
         return given - 0.5 * _LOG_2PI * counts  # T - 1 - i conditionals in column i
 
     @staticmethod
-    @once_differentiable  # the saved tables are not inputs: no second derivatives
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: the saved tables are not inputs
+            raise RuntimeError(
+                "the Gaussian order path (masks='nested') cannot differentiate twice: "
+                "use masks='independent' for second derivatives"
+            )
         lower, e, var, z, floored, above = ctx.saved_tensors
         g = grad.unsqueeze(-2)  # (P, 1, T_i)
         g_mean = z * g  # d/d mean of -0.5 (r - m)^2 / v
