@@ -200,7 +200,8 @@ class StratifiedEstimator(MaskEstimator):
           :math:`M_m = \{\pi_{T-m+1}, \dots, \pi_T\}` (the first :math:`T - m` tokens
           observed), so :math:`M_1 \subset M_2 \subset \dots`; an argsort of ``(num_draws, N,
           T)`` keys. Particle scorers with factorized tokens score all ``T`` masks of an order
-          by one matrix product (:mod:`pyro_mpt.conditionals.orders`).
+          by one matrix product (:mod:`pyro_mpt.conditionals.orders`), exact Gaussian
+          kernels by one factor per order (:mod:`pyro_mpt.conditionals.gaussian_orders`).
         - ``"affine"``: one random order (its ranks :math:`\rho_t`) per draw, and per mask an
           independent uniform affine map of :math:`\mathbb Z_T`,
           :math:`M_m = \{t : (a_m \rho_t + c_m) \bmod T < m\}` with :math:`a_m` a unit of

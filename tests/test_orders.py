@@ -157,8 +157,12 @@ def test_gaussian_kernels_and_independent_masks_keep_rows():
     X, truth = sample_ppca(4, 5, 2, 0.5, generator=_gen(7))
     args = (X, 2, truth["W"], truth["loc"], truth["noise_scale"])
     _, scorer, _ = prepare(ppca_collapsed, args, {}, MPTOptions())
-    assert not scorer.scores_orders
-    assert scorer.suffix_scores(torch.zeros(1, 4, 5, dtype=torch.long), 10**6) is None
+    # Gaussian kernels now score orders themselves (pyro_mpt.conditionals.gaussian_orders;
+    # their values are tested in tests/test_gaussian_orders.py); independent masks still
+    # give no orders, so they keep the rows.
+    assert scorer.scores_orders
+    ranks = torch.arange(5).expand(1, 4, 5)
+    assert scorer.suffix_scores(ranks, 10**6).shape == (1, 4, 5)
     assert StratifiedEstimator().orders(4, 5, 2, device="cpu") is None
 
 

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from .gaussian_orders import gaussian_suffix_scores
+
 __all__ = ["DenseGaussianKernel", "FactorizedKernel", "LowRankGaussianKernel"]
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -48,6 +50,16 @@ class FactorizedKernel:
         if s.shape[1] == 1:  # masks shared by all sequences: one matrix product
             return s[:, 0] @ table.T
         return torch.einsum("rnt,nt->rn", s, table)
+
+    def suffix_scores(self, ranks: torch.Tensor, max_elements: int) -> torch.Tensor:
+        r"""``(D, N, T)``: :math:`\sum_{j \ge k} l_{\pi_j}` for the orders ``ranks``
+        (``(D, N|1, T)``) without particles (the tokens are independent): reversed
+        cumulative sums along each order."""
+        table = self.table[0]  # (N, T)
+        D, T = ranks.shape[0], ranks.shape[-1]
+        order = ranks.expand(D, table.shape[0], T).argsort(-1)
+        in_order = table.expand(D, -1, -1).gather(-1, order)
+        return in_order.flip(-1).cumsum(-1).flip(-1)
 
 
 def _normal_log_prob(x, mean, var):
@@ -137,6 +149,12 @@ class LowRankGaussianKernel:
         ch = (r @ torch.cat([Zc, Zh], -1).reshape(T, R * 2 * K)).reshape(-1, R, 2 * K)
         quad = r**2 @ u.T + (ch[..., :K] * ch[..., K:]).sum(-1)  # (N, R)
         return log_norm.unsqueeze(-1) - 0.5 * quad.T  # (R, N)
+
+    def suffix_scores(self, ranks: torch.Tensor, max_elements: int) -> torch.Tensor:
+        r"""``(D, N, T)`` suffix sums of the orders ``ranks`` (``(D, N|1, T)``) without
+        particles: every prefix conditional at once
+        (:func:`~pyro_mpt.conditionals.gaussian_orders.gaussian_suffix_scores`)."""
+        return gaussian_suffix_scores(self, ranks, max_elements)
 
     def _per_sequence_row_scores(self, observed, scored):
         r"""``(R, N)`` for masks drawn per sequence (``(R, N, T)``), without particles.
@@ -241,6 +259,12 @@ class DenseGaussianKernel:
     def row_cost(self, shared: bool = False) -> int:
         S, N, T = self.resid.shape
         return S * N * T * T * 3
+
+    def suffix_scores(self, ranks: torch.Tensor, max_elements: int) -> torch.Tensor:
+        r"""``(D, N, T)`` suffix sums of the orders ``ranks`` (``(D, N|1, T)``) without
+        particles: every prefix conditional at once
+        (:func:`~pyro_mpt.conditionals.gaussian_orders.gaussian_suffix_scores`)."""
+        return gaussian_suffix_scores(self, ranks, max_elements)
 
     def __call__(
         self, observed: torch.Tensor, scored: torch.Tensor, need_marginal: bool

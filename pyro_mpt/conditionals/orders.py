@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["factorized_suffix_scores", "order_pair_cost"]
+__all__ = ["factorized_suffix_scores", "independent_sites_suffix_scores", "order_pair_cost"]
 
 
 def order_pair_cost(S: int, T: int) -> int:
@@ -91,3 +91,32 @@ def factorized_suffix_scores(
             return None
         out.append(scores)
     return torch.cat(out).reshape(D, N, T)
+
+
+def independent_sites_suffix_scores(sites: list, ranks: torch.Tensor) -> torch.Tensor:
+    r"""``(D, N, T)`` suffix sums of orders over sites independent of each other (no
+    particles): a site's tokens after position ``k`` of the order are the site's own tokens
+    after its :math:`c_k` first ones, :math:`c_k` its tokens among the first ``k``, and they
+    are conditioned on those :math:`c_k` only, so
+
+    .. math:: \sum_{j \ge k} \log p(x_{\pi_j} \mid x_{\pi_{<k}})
+        = \sum_{\text{sites } s} \sigma_s\big(c^{(s)}_k\big),
+
+    :math:`\sigma_s(c)` the site's suffix sum after its first ``c`` tokens in the
+    restricted order (0 for ``c`` = all of them).
+
+    :param sites: ``(token slice, suffix)`` pairs; ``suffix(site_ranks)`` returns ``(D, N,
+        T_s)`` for long ``(D, N|1, T_s)`` ranks of the site's tokens among themselves.
+    :param ranks: long ``(D, N|1, T)``, the position of every token in its order.
+    """
+    if len(sites) == 1 and sites[0][0].start == 0 and sites[0][0].stop == ranks.shape[-1]:
+        return sites[0][1](ranks)
+    order = ranks.argsort(-1)  # the token at each position
+    total = 0.0
+    for sl, suffix in sites:
+        inside = (order >= sl.start) & (order < sl.stop)
+        seen = inside.cumsum(-1) - inside.long()  # site tokens among the first k
+        scores = suffix(ranks[..., sl].argsort(-1).argsort(-1))  # (D, N, T_s)
+        scores = torch.cat([scores, scores.new_zeros(*scores.shape[:-1], 1)], -1)
+        total = total + scores.gather(-1, seen.expand(*scores.shape[:-1], seen.shape[-1]))
+    return total

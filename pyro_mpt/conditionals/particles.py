@@ -18,6 +18,7 @@ Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import TYPE_CHECKING
 
 import pyro
@@ -28,7 +29,7 @@ from ..compat import enumerate_dim
 from ..tokens import PARTICLE_PLATE
 from .base import Scorer
 from .kernels import FactorizedKernel
-from .orders import factorized_suffix_scores
+from .orders import factorized_suffix_scores, independent_sites_suffix_scores
 
 if TYPE_CHECKING:
     from ..tokens import TokenLayout
@@ -90,17 +91,27 @@ class ParticleScorer(Scorer):
     def scores_orders(self) -> bool:
         """Whether :meth:`suffix_scores` applies: every kernel is a
         :class:`~pyro_mpt.conditionals.kernels.FactorizedKernel` (tokens independent given
-        the particle)."""
-        return all(isinstance(k, FactorizedKernel) for _, k in self.kernels)
+        the particle), or there are no particles and every kernel scores orders itself
+        (the exact Gaussian kernels, :mod:`pyro_mpt.conditionals.gaussian_orders`)."""
+        if all(isinstance(k, FactorizedKernel) for _, k in self.kernels):
+            return True
+        return self.log_w0 is None and all(hasattr(k, "suffix_scores") for _, k in self.kernels)
 
     def suffix_scores(self, ranks: torch.Tensor, max_elements: int) -> torch.Tensor | None:
         r"""``(D, N, T)``: :math:`\sum_{j \ge k} \log p(x_{\pi_j} \mid x_{\pi_{<k}})` for
         the orders ``ranks`` (``(D, N|1, T)``, the position of each token), every prefix
-        of every order from one matrix product
-        (:func:`~pyro_mpt.conditionals.orders.factorized_suffix_scores`); ``None`` when
-        :attr:`scores_orders` is false or a product underflows (then score rows)."""
+        of every order at once: by one matrix product for factorized kernels
+        (:func:`~pyro_mpt.conditionals.orders.factorized_suffix_scores`), by the sites'
+        own order paths without particles (:func:`~pyro_mpt.conditionals.orders.
+        independent_sites_suffix_scores`); ``None`` when :attr:`scores_orders` is false
+        or a product underflows (then score rows)."""
         if not self.scores_orders:
             return None
+        if not all(isinstance(k, FactorizedKernel) for _, k in self.kernels):
+            sites = [
+                (sl, partial(k.suffix_scores, max_elements=max_elements)) for sl, k in self.kernels
+            ]
+            return independent_sites_suffix_scores(sites, ranks)
         kernels = sorted(self.kernels, key=lambda item: item[0].start)
         tables = [k.table for _, k in kernels]
         S = max(t.shape[0] for t in tables)
