@@ -34,6 +34,7 @@ from .options import (
     resolve_max_elements,
 )
 from .progress import logger
+from .ragged import ragged_batches
 from .tokens import TokenLayout, read_layout
 from .tokens.checks import check_bounds, check_plate_options, trace_model
 
@@ -223,6 +224,7 @@ def score_masks(
     by_size: bool = False,
     share_masks: bool = False,
     generator: torch.Generator | None = None,
+    present: torch.Tensor | None = None,
 ):
     r"""Scores ``num_draws`` independent draws of ``estimator``'s masks for ``N =
     num_sequences`` sequences of ``T = num_tokens`` tokens, in chunks of mask rows whose
@@ -235,6 +237,9 @@ def score_masks(
     :param bool share_masks: every sequence of a draw gets the same masks (still uniform for
         each sequence, so still unbiased, but the sequences' errors are then correlated).
     :param generator: the random generator of the masks (``None``: torch's global one).
+    :param present: bool ``(N, T)``, the tokens Pyro's masks keep (``None``: all); masks
+        are then drawn over each sequence's present tokens (:mod:`pyro_mpt.ragged`), never
+        shared, and the order path is not taken.
     :returns: ``(draws, bins)``: ``draws`` ``(num_draws, N)``; ``bins`` ``(num_draws, N, T +
         1)`` the weighted row scores binned by mask size (entry ``m`` estimates
         :math:`S(m)`), or ``None`` unless ``by_size``.
@@ -248,9 +253,9 @@ def score_masks(
     """
     N, T = num_sequences, num_tokens
     if estimator.chain_rule and getattr(scorer, "telescopes", False) and not by_size:
-        return telescoped_chain(scorer, num_draws, N, T, device=device), None
+        return telescoped_chain(scorer, num_draws, N, T, device=device, present=present), None
     ranks = None
-    if getattr(scorer, "scores_orders", False):
+    if getattr(scorer, "scores_orders", False) and present is None:
         shape = (1 if share_masks else N, T, num_draws)
         ranks = estimator.orders(*shape, device=device, generator=generator)
     if ranks is not None:
@@ -265,15 +270,21 @@ def score_masks(
     draws = torch.zeros(num_draws, N, dtype=dtype, device=device)
     bins = torch.zeros(num_draws * N * (T + 1), dtype=dtype, device=device) if by_size else None
     seq = torch.arange(N, device=device)
-    for batch in estimator.batches(
-        1 if share_masks else N,
-        T,
-        num_draws,
-        device=device,
-        dtype=dtype,
-        max_rows=max_rows,
-        generator=generator,
-    ):
+    if present is not None:  # ragged: every sequence its own masks over its present tokens
+        batches = ragged_batches(
+            estimator, present, num_draws, dtype=dtype, max_rows=max_rows, generator=generator
+        )
+    else:
+        batches = estimator.batches(
+            1 if share_masks else N,
+            T,
+            num_draws,
+            device=device,
+            dtype=dtype,
+            max_rows=max_rows,
+            generator=generator,
+        )
+    for batch in batches:
         rows = scorer.row_scores(batch.observed, batch.scored) * batch.weight  # (R, N)
         draws = draws.index_add(0, batch.draw, rows)
         if by_size:
@@ -295,7 +306,9 @@ def _order_draws(suffix: torch.Tensor, weight: torch.Tensor, by_size: bool):
     return rows.sum(-1), bins
 
 
-def telescoped_chain(scorer, num_draws: int, N: int, T: int, *, device) -> torch.Tensor:
+def telescoped_chain(
+    scorer, num_draws: int, N: int, T: int, *, device, present: torch.Tensor | None = None
+) -> torch.Tensor:
     r"""``(num_draws, N)``: the chain estimate of a scorer that ``telescopes``, the same for
     every order :math:`\pi`,
 
@@ -307,8 +320,11 @@ def telescoped_chain(scorer, num_draws: int, N: int, T: int, *, device) -> torch
     its own evidences (``scorer.log_evidence``), so the sum telescopes term by term. The
     last term is 0 for exact evidence and :math:`\operatorname{LSE}_s \log w^0_s` for
     weighted particles. Two evidence rows instead of ``T`` conditional rows per draw.
+    With ``present`` (``(N, T)`` bool) the order runs over the present tokens only.
     """
     everything = torch.ones(1, N, T, dtype=torch.bool, device=device)
+    if present is not None:
+        everything = present.unsqueeze(0)
     evidence = scorer.log_evidence(torch.cat([everything, ~everything]))  # (2, N)
     return (evidence[0] - evidence[1]).expand(num_draws, N).clone()
 
@@ -339,6 +355,7 @@ def score(
         max_elements=max_elements,
         by_size=by_size,
         share_masks=share_masks,
+        present=layout.present,
     )
 
 
