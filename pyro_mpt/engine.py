@@ -37,6 +37,7 @@ from .progress import logger
 from .ragged import ragged_batches
 from .tokens import TokenLayout, read_layout
 from .tokens.checks import check_bounds, check_plate_options, trace_model
+from .tokens.subsample import replay_subsample
 
 __all__ = [
     "MPTEstimate",
@@ -195,6 +196,7 @@ def prepare(model, args, kwargs, options: MPTOptions):
     :returns: ``(layout, scorer, backend)``.
     """
     trace = trace_model(model, args, kwargs)
+    model = replay_subsample(model, trace)  # one subsample per call, in every trace
     layout = read_layout(
         trace, token_plate=options.token_plate, max_plate_nesting=options.max_plate_nesting
     )

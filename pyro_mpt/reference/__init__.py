@@ -34,6 +34,7 @@ from ..options import check_choice, renamed_keyword
 from ..progress import logger
 from ..tokens import read_layout
 from ..tokens.checks import forget_new_params_on_error, trace_model
+from ..tokens.subsample import replay_subsample, subsample_message
 from .exact import exact_reference
 from .importance import importance_reference
 from .problem import Problem, ReferenceOptions, check_options
@@ -197,9 +198,10 @@ def log_marginal_likelihood(
     )
     with forget_new_params_on_error():
         trace = trace_model(model, args, kwargs)
+        model = replay_subsample(model, trace)  # one subsample per call, in every trace
         layout = read_layout(trace, token_plate=token_plate, max_plate_nesting=max_plate_nesting)
         problem = Problem(model, tuple(args), dict(kwargs), trace, layout)
-        messages = []
+        messages = [m for m in [subsample_message(trace)] if m]
         if method == "auto":
             method = _choose_auto(problem, messages)
         if guide is not None and method != "importance":
