@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .conditionals import CONDITIONALS, get_conditionals
+from .conditionals.probe import probe_particles
 from .estimators import MaskEstimator, StratifiedEstimator, get_estimator
 from .options import (
     check_bool,
@@ -209,6 +210,8 @@ def prepare(model, args, kwargs, options: MPTOptions):
         max_elements=resolve_max_elements(options.max_elements, layout.device),
     )
     logger.debug("pyro_mpt: conditionals %r for %d latent site(s)", backend, len(layout.latents))
+    if any(n not in layout.enumerated for n in layout.latents):  # particles will be drawn
+        probe_particles(model, args, kwargs, layout, trace)
     scorer = backend.scorer(model, args, kwargs, layout, trace)
     return layout, scorer, backend
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..conditionals.probe import probe_particles
 from ..options import check_choice, renamed_keyword
 from ..progress import logger
 from ..tokens import read_layout
@@ -202,6 +203,8 @@ def log_marginal_likelihood(
         layout = read_layout(trace, token_plate=token_plate, max_plate_nesting=max_plate_nesting)
         problem = Problem(model, tuple(args), dict(kwargs), trace, layout)
         messages = [m for m in [subsample_message(trace)] if m]
+        if problem.continuous:  # particles will be drawn: a model not vectorised fails now
+            probe_particles(model, problem.args, problem.kwargs, layout, trace)
         if method == "auto":
             method = _choose_auto(problem, messages)
         if guide is not None and method != "importance":

@@ -24,6 +24,8 @@ import torch
 from pyro.distributions import MaskedDistribution
 from torch.distributions import Independent
 
+from ..compat import distribution_mask
+
 __all__ = ["imputed_sites", "is_deterministic", "site_token_mask"]
 
 
@@ -62,9 +64,9 @@ def _fn_masks(fn, name):
     around it (over its batch) or inside ``.to_event`` (over the token elements)."""
     batch_mask = element_mask = None
     if isinstance(fn, MaskedDistribution):
-        batch_mask, fn = _as_mask(fn._mask, name), fn.base_dist
+        batch_mask, fn = _as_mask(distribution_mask(fn), name), fn.base_dist
     if isinstance(fn, Independent) and isinstance(fn.base_dist, MaskedDistribution):
-        element_mask = _as_mask(fn.base_dist._mask, name)
+        element_mask = _as_mask(distribution_mask(fn.base_dist), name)
     return batch_mask, element_mask
 
 
