@@ -172,11 +172,13 @@ def contract_evidence(
     observed sites' (and the named ``latents``') unscaled with their masks applied inside the
     log-sum-exp, so masked evidence is marginalised. Subsampling scales are the caller's.
     """
-    names = set(latents)
+    names, fixed = set(latents), set(layout.fixed)
 
-    def relevant(name, site):
-        return not site_is_subsample(site) and (
-            site["is_observed"] or enumerate_dim(site) is not None or name in names
+    def relevant(name, site):  # values fixed by poutine.condition are not evidence
+        return (
+            not site_is_subsample(site)
+            and name not in fixed
+            and (site["is_observed"] or enumerate_dim(site) is not None or name in names)
         )
 
     trace.compute_log_prob(relevant)

@@ -17,6 +17,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal
 
+from ..progress import logger
 from .checks import check_enumerable, check_observed_value, check_sizes, site_dtype
 from .masks import imputed_sites, is_deterministic, site_token_mask
 
@@ -57,6 +58,8 @@ class TokenLayout:
     :ivar int max_plate_nesting: the number of plate dims the model uses.
     :ivar token_dim: the batch dim of ``token_plate`` (negative), or ``None``.
     :ivar torch.Tensor scale: ``(N,)`` the subsampling scale of each sequence.
+    :ivar list fixed: observed sites outside the sequence plates of the data (latents fixed
+        by ``poutine.condition``): fixed values, neither tokens nor scored.
     :ivar torch.Tensor present: ``(N, T)`` bool, the tokens Pyro's masks keep
         (:mod:`pyro_mpt.tokens.masks`), or ``None`` when every token is present.
     """
@@ -73,6 +76,7 @@ class TokenLayout:
     device: torch.device = None
     enumerated: list = field(default_factory=list)
     present: torch.Tensor = None
+    fixed: list = field(default_factory=list)
 
     def present_tokens(self) -> torch.Tensor:
         """``(N, T)`` bool: the present tokens (all of them without masks)."""
@@ -191,6 +195,11 @@ def _read_site(s, offset, P, token_plate, token_dim):
         )
     if token_plate is None:
         token_shape = _token_event_shape(fn, name)
+        if token_shape and _gaussian_kind(fn) is None:
+            # Pyro broadcasts the data against the event (Normal(loc[..., None], s)
+            # .to_event(1) with loc per sequence): the tokens are the data's elements
+            event = tuple(value.shape[value.dim() - fn.event_dim :])[: len(token_shape)]
+            token_shape = tuple(torch.broadcast_shapes(token_shape, event))
         num = 1
         for d in token_shape:
             num *= d
@@ -250,6 +259,18 @@ def _sequence_scale(scales, seq_shape, dtype, device):
     return torch.full((N,), float(scale), dtype=dtype, device=device)
 
 
+def _fixed_values(observed, token_plate):
+    """The observed sites whose plates (of size > 1, ``token_plate`` included) are a strict
+    subset of another observed site's: values fixed by ``poutine.condition`` (a global such
+    as a noise scale or a transition matrix) outside the data's plates, not data of every
+    sequence. (Sites in unrelated plates stay, and are refused as before.)"""
+    plates = [{f.name for f in _plate_frames(s) if f.size > 1} for s in observed]
+    fixed = [s["name"] for s, p in zip(observed, plates) if any(p < q for q in plates)]
+    if fixed:
+        logger.info("pyro_mpt: %s outside the data's plates: fixed values, not tokens", fixed)
+    return fixed
+
+
 def _present_tokens(masks, sites, seq_shape, device):
     """``(N, T)`` bool, the sites' present tokens side by side; ``None`` without masks."""
     if all(m is None for m in masks):
@@ -297,6 +318,8 @@ def read_layout(trace, *, token_plate=None, max_plate_nesting=None) -> TokenLayo
         raise ValueError(
             "the model has no observed sample site: pass data with pyro.sample(..., obs=data)"
         )
+    fixed = _fixed_values(observed, token_plate)
+    observed = [s for s in observed if s["name"] not in fixed]
     P = _max_plate_nesting(trace)
     if max_plate_nesting is not None and max_plate_nesting != float("inf"):
         P = max(P, int(max_plate_nesting))
@@ -342,4 +365,5 @@ def read_layout(trace, *, token_plate=None, max_plate_nesting=None) -> TokenLayo
         device=device,
         enumerated=[s["name"] for s in latents if s["infer"].get("enumerate") == "parallel"],
         present=_present_tokens(masks, sites, seq_shape, device),
+        fixed=fixed,
     )
