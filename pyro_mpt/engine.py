@@ -328,9 +328,10 @@ def telescoped_chain(
     With ``present`` (``(N, T)`` bool) the order runs over the present tokens only.
     """
     everything = torch.ones(1, N, T, dtype=torch.bool, device=device)
+    nothing = torch.zeros_like(everything)
     if present is not None:
         everything = present.unsqueeze(0)
-    evidence = scorer.log_evidence(torch.cat([everything, ~everything]))  # (2, N)
+    evidence = scorer.log_evidence(torch.cat([everything, nothing]))  # (2, N)
     return (evidence[0] - evidence[1]).expand(num_draws, N).clone()
 
 

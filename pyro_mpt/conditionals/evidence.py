@@ -84,7 +84,11 @@ class EvidenceMessenger(Messenger):
             return
         mode, mask = entry
         if mode == "batch":
-            msg["mask"] = mask if msg["mask"] is None else msg["mask"] & mask
+            # The evidence replaces the site's own mask: that mask is already in the layout's
+            # present tokens (read, as Pyro reads it, after the run) and an evidence mask never
+            # observes an absent token; ``msg["mask"] & mask`` here would freeze a mask that
+            # the model mutates after the statement (capture-recapture's ``seen |= ...``).
+            msg["mask"] = mask
         else:
             msg["fn"] = _mask_elements(msg["fn"], mask)
 
