@@ -215,7 +215,7 @@ def mpt_curve(
         share_masks=share_masks,
     )
     with torch.no_grad(), forget_new_params_on_error():
-        layout, scorer, backend = prepare(model, args, kwargs, options)
+        layout, scorer, backend = prepare(model, args, kwargs, options, curve=True)
         check_draws_memory(
             "num_masks",
             options.num_masks,

@@ -25,7 +25,7 @@ import torch
 
 from .conditionals import CONDITIONALS, get_conditionals
 from .conditionals.probe import probe_particles
-from .estimators import MaskEstimator, StratifiedEstimator, get_estimator
+from .estimators import FixedRateEstimator, MaskEstimator, StratifiedEstimator, get_estimator
 from .options import (
     check_bool,
     check_choice,
@@ -38,6 +38,7 @@ from .progress import logger
 from .ragged import ragged_batches
 from .tokens import TokenLayout, read_layout
 from .tokens.checks import check_bounds, check_plate_options, trace_model
+from .tokens.dependencies import check_no_observed_parents
 from .tokens.subsample import replay_subsample
 
 __all__ = [
@@ -191,9 +192,12 @@ class MPTEstimate:
         )
 
 
-def prepare(model, args, kwargs, options: MPTOptions):
+def prepare(model, args, kwargs, options: MPTOptions, *, curve: bool = False):
     """Traces the model once, reads its token layout and builds the backend's scorer.
 
+    :param bool curve: the masked averages :math:`S(m)` themselves are wanted (the curve),
+        so a model whose observed tokens are parents of other tokens is refused
+        (:mod:`pyro_mpt.tokens.dependencies`), as it is for ``estimator="fixed"``.
     :returns: ``(layout, scorer, backend)``.
     """
     trace = trace_model(model, args, kwargs)
@@ -209,6 +213,9 @@ def prepare(model, args, kwargs, options: MPTOptions):
         quadrature_bounds=options.quadrature_bounds,
         max_elements=resolve_max_elements(options.max_elements, layout.device),
     )
+    if curve or isinstance(options.estimator, FixedRateEstimator):
+        what = "mpt_curve" if curve else "estimator='fixed'"
+        check_no_observed_parents(model, args, kwargs, layout, what)
     logger.debug("pyro_mpt: conditionals %r for %d latent site(s)", backend, len(layout.latents))
     if any(n not in layout.enumerated for n in layout.latents):  # particles will be drawn
         probe_particles(model, args, kwargs, layout, trace)
