@@ -210,3 +210,23 @@ def test_ragged_stratified_matches_brute_force_expectation():
     )
     se = draws.std(0) / math.sqrt(draws.shape[0])
     assert ((draws.mean(0) - expect).abs() <= 4 * se + 1e-12).all()
+
+
+def test_imputed_values_that_feed_other_sites_are_refused():
+    """obs_mask's imputed values are integrated out as leaves; when the model feeds them to
+    another site (an AR series with gaps), that is refused before running, naming both."""
+
+    def ar_with_gaps(x, present):
+        with pyro.plate("seq", x.shape[0]):
+            prev = torch.zeros(x.shape[0])
+            for t in pyro.markov(range(x.shape[1])):
+                prev = pyro.sample(
+                    f"x_{t}", dist.Normal(0.5 * prev, 1.0), obs=x[:, t], obs_mask=present[:, t]
+                )
+
+    x, present = _data()
+    match = r"imputes for the missing data of site 'x_0' feed site 'x_1_observed'"
+    with pytest.raises(ValueError, match=match):
+        MaskedELBO().loss(ar_with_gaps, None, x, present)
+    with pytest.raises(ValueError, match=match):
+        log_marginal_likelihood(ar_with_gaps, x, present)

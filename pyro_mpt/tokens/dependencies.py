@@ -25,8 +25,45 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer.inspect import TrackProvenance
 from pyro.ops.provenance import detach_provenance, get_provenance
+from pyro.poutine.util import site_is_subsample
 
-__all__ = ["check_no_observed_parents", "observed_parents"]
+from .masks import imputed_sites, is_deterministic
+
+__all__ = ["check_imputed_leaves", "check_no_observed_parents", "observed_parents"]
+
+
+def _provenance_trace(model, args, kwargs):
+    """A trace whose sample values carry their site's name as provenance (RNG restored)."""
+    with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False):
+        with TrackProvenance():
+            return poutine.trace(model).get_trace(*args, **kwargs)
+
+
+def check_imputed_leaves(model, args: tuple, kwargs: dict, trace) -> None:
+    """The values that ``obs_mask`` imputes (``x_unobserved``) must feed no other site:
+    pyro_mpt integrates them out as leaves (their density integrates to one).
+
+    :param trace: a plain trace of the model.
+    :raises ValueError: naming the obs_mask site and the site it feeds.
+    """
+    imputed = imputed_sites(trace)
+    if not imputed:
+        return
+    tracked = _provenance_trace(model, args, kwargs)
+    for name, site in tracked.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site) or name in imputed:
+            continue
+        if is_deterministic(site):
+            continue
+        fed = get_provenance(site["fn"].log_prob(detach_provenance(site["value"]))) & imputed
+        if fed:
+            source = sorted(fed)[0][: -len("_unobserved")]
+            raise ValueError(
+                f"the values obs_mask imputes for the missing data of site {source!r} feed "
+                f"site {name!r}: pyro_mpt integrates imputed values out only when nothing "
+                "depends on them; write the dependence through a latent state (or impute "
+                "the missing values before calling the model)"
+            )
 
 
 def observed_parents(model, args: tuple, kwargs: dict, layout) -> dict:
@@ -39,9 +76,7 @@ def observed_parents(model, args: tuple, kwargs: dict, layout) -> dict:
     names = [s.name for s in layout.sites]
     if len(names) < 2:
         return {}
-    with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False):
-        with TrackProvenance():
-            trace = poutine.trace(model).get_trace(*args, **kwargs)
+    trace = _provenance_trace(model, args, kwargs)
     out = {}
     for name in names:
         site = trace.nodes[name]
