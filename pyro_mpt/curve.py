@@ -53,6 +53,9 @@ class MPTCurve:
     area_stderr: float
     exhaustive: bool
     conditionals: str
+    #: sequences have different numbers of present tokens (Pyro's masks): ``scores[m - 1]``
+    #: sums :math:`S_n(m)` over the sequences with :math:`T_n \ge m`
+    ragged: bool = False
 
     @classmethod
     def from_bins(
@@ -137,7 +140,18 @@ class MPTCurve:
         return min(self.num_tokens, max(1, round(rate * self.num_tokens)))
 
     def fixed_rate_estimate(self, rate):
-        r"""What a fixed mask rate estimates: :math:`T\,S(\mathrm{round}(rT))`."""
+        r"""What a fixed mask rate estimates: :math:`T\,S(\mathrm{round}(rT))`.
+
+        :raises ValueError: for a ``ragged`` curve (a fixed rate masks
+            :math:`\mathrm{round}(r T_n)` tokens of each sequence; ``MaskedELBO(estimator=
+            "fixed")`` does that)."""
+        if self.ragged:
+            raise ValueError(
+                "fixed_rate_estimate: the sequences have different numbers of present tokens "
+                "(poutine.mask / obs_mask), so one mask size per rate does not apply; use "
+                "MaskedELBO(estimator='fixed', mask_rate=rate), which masks round(rate * T_n) "
+                "tokens of each sequence"
+            )
         return self.num_tokens * self.scores[self.mask_size(rate) - 1]
 
     def fixed_rate_bias(self, rate):
@@ -239,4 +253,5 @@ def mpt_curve(
         exhaustive=exhaustive,
         scale=layout.scale,
         share_masks=options.share_masks,
+        ragged=layout.present is not None,
     )

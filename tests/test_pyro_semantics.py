@@ -230,3 +230,16 @@ def test_imputed_values_that_feed_other_sites_are_refused():
         MaskedELBO().loss(ar_with_gaps, None, x, present)
     with pytest.raises(ValueError, match=match):
         log_marginal_likelihood(ar_with_gaps, x, present)
+
+
+def test_curve_of_ragged_sequences():
+    """The curve's area is log p(x_present) (exhaustive: exact); one mask size per fixed
+    rate does not apply to ragged sequences, so fixed_rate_estimate says so."""
+    from pyro_mpt import mpt_curve
+
+    x, present = _data()
+    curve = mpt_curve(mixture_poutine_mask, x, present, exhaustive=True, token_plate="tokens")
+    assert_close(curve.area, _mixture_log_p(x, present), atol=1e-9)
+    assert curve.ragged
+    with pytest.raises(ValueError, match="different numbers of present tokens"):
+        curve.fixed_rate_bias(0.15)
