@@ -38,7 +38,11 @@ from .progress import logger
 from .ragged import ragged_batches
 from .tokens import TokenLayout, read_layout
 from .tokens.checks import check_bounds, check_plate_options, trace_model
-from .tokens.dependencies import check_imputed_leaves, check_no_observed_parents
+from .tokens.dependencies import (
+    check_fixed_values,
+    check_imputed_leaves,
+    check_no_observed_parents,
+)
 from .tokens.subsample import replay_subsample
 
 __all__ = [
@@ -214,6 +218,7 @@ def prepare(model, args, kwargs, options: MPTOptions, *, curve: bool = False):
         max_elements=resolve_max_elements(options.max_elements, layout.device),
     )
     check_imputed_leaves(model, args, kwargs, trace)
+    check_fixed_values(model, args, kwargs, layout)
     if curve or isinstance(options.estimator, FixedRateEstimator):
         what = "mpt_curve" if curve else "estimator='fixed'"
         check_no_observed_parents(model, args, kwargs, layout, what)

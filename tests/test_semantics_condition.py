@@ -5,6 +5,7 @@ density, subtracted here)."""
 
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO, config_enumerate
@@ -89,3 +90,21 @@ def test_conditioned_noise_of_a_regression_with_token_plate():
     assert_close(est.total, exact, atol=1e-9)
     est = MaskedELBO(num_masks=16, token_plate="data").estimate(model, None, x, y)
     assert abs(float(est.total) - float(exact)) < 4 * est.stderr
+
+
+def test_fixed_value_with_latent_parents_is_refused():
+    """A per-dataset observation outside the data's plates that depends on a latent would be
+    ignored as a fixed value: refused, naming both sites."""
+
+    def model(x, total):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        pyro.sample("total", dist.Normal(mu * x.shape[0], 1.0), obs=total)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    x = torch.randn(5)
+    match = r"'total' sits outside the plates of the data.*\['mu'\]"
+    with pytest.raises(ValueError, match=match):
+        MaskedELBO(token_plate="data").loss(model, None, x, torch.tensor(1.0))
+    with pytest.raises(ValueError, match=match):
+        log_marginal_likelihood(model, x, torch.tensor(1.0), token_plate="data")

@@ -29,7 +29,12 @@ from pyro.poutine.util import site_is_subsample
 
 from .masks import imputed_sites, is_deterministic
 
-__all__ = ["check_imputed_leaves", "check_no_observed_parents", "observed_parents"]
+__all__ = [
+    "check_fixed_values",
+    "check_imputed_leaves",
+    "check_no_observed_parents",
+    "observed_parents",
+]
 
 
 def _provenance_trace(model, args, kwargs):
@@ -63,6 +68,30 @@ def check_imputed_leaves(model, args: tuple, kwargs: dict, trace) -> None:
                 f"site {name!r}: pyro_mpt integrates imputed values out only when nothing "
                 "depends on them; write the dependence through a latent state (or impute "
                 "the missing values before calling the model)"
+            )
+
+
+def check_fixed_values(model, args: tuple, kwargs: dict, layout) -> None:
+    r"""The fixed values (``layout.fixed``: observed sites outside the data's plates, such as
+    globals fixed by ``poutine.condition``) must not depend on latents: their density is
+    then a constant left out of the estimate, :math:`\log p(x \mid \text{fixed})`.
+
+    :raises ValueError: naming the fixed site and its latent parents.
+    """
+    if not layout.fixed:
+        return
+    tracked = _provenance_trace(model, args, kwargs)
+    latents = set(layout.latents)
+    for name in layout.fixed:
+        site = tracked.nodes[name]
+        parents = get_provenance(site["fn"].log_prob(detach_provenance(site["value"])))
+        if parents & latents:
+            raise ValueError(
+                f"observed site {name!r} sits outside the plates of the data, so pyro_mpt "
+                "takes it for a fixed value (a global fixed by poutine.condition), but it "
+                f"depends on the latent site(s) {sorted(parents & latents)}: its evidence "
+                "would be ignored. Move it into the data's plates (it is then a token) or "
+                "fix its latent parents too"
             )
 
 
