@@ -284,3 +284,19 @@ def test_masks_and_subsample_on_the_data_device(device):
             assert abs(float(total) - float(exact)) < 4 * est.stderr + 1e-9
         else:
             assert_close(total.cpu(), exact, atol=1e-9)
+
+
+def test_ragged_fixed_rate_masks_round_rate_times_each_length():
+    """estimator='fixed' on ragged sequences estimates sum_n T_n S_n(m_n), m_n = max(1,
+    round(r T_n)), with S_n(m) exact from the exhaustive curve (4 standard errors)."""
+    from pyro_mpt import mpt_curve
+
+    x, present = _data()
+    curve = mpt_curve(mixture_poutine_mask, x, present, exhaustive=True, token_plate="tokens")
+    Tn = present.sum(-1)
+    m = (0.4 * Tn.double()).round().long().clamp(min=1)
+    picked = curve.per_sequence.gather(-1, (m - 1).unsqueeze(-1)).squeeze(-1)
+    expected = (Tn.double() * picked)[Tn > 0].sum()
+    est = MaskedELBO(estimator="fixed", mask_rate=0.4, num_masks=400, token_plate="tokens")
+    draw = est.estimate(mixture_poutine_mask, None, x, present)
+    assert abs(float(draw.total) - float(expected)) < 4 * draw.stderr
