@@ -38,11 +38,7 @@ from .progress import logger
 from .ragged import ragged_batches
 from .tokens import TokenLayout, read_layout
 from .tokens.checks import check_bounds, check_plate_options, trace_model
-from .tokens.dependencies import (
-    check_fixed_values,
-    check_imputed_leaves,
-    check_no_observed_parents,
-)
+from .tokens.dependencies import check_semantics
 from .tokens.subsample import replay_subsample
 
 __all__ = [
@@ -217,11 +213,9 @@ def prepare(model, args, kwargs, options: MPTOptions, *, curve: bool = False):
         quadrature_bounds=options.quadrature_bounds,
         max_elements=resolve_max_elements(options.max_elements, layout.device),
     )
-    check_imputed_leaves(model, args, kwargs, trace)
-    check_fixed_values(model, args, kwargs, layout)
-    if curve or isinstance(options.estimator, FixedRateEstimator):
-        what = "mpt_curve" if curve else "estimator='fixed'"
-        check_no_observed_parents(model, args, kwargs, layout, what)
+    fixed_rate = isinstance(options.estimator, FixedRateEstimator)
+    refuse = "mpt_curve" if curve else "estimator='fixed'" if fixed_rate else None
+    check_semantics(model, args, kwargs, trace, layout, refuse)
     logger.debug("pyro_mpt: conditionals %r for %d latent site(s)", backend, len(layout.latents))
     if any(n not in layout.enumerated for n in layout.latents):  # particles will be drawn
         probe_particles(model, args, kwargs, layout, trace)

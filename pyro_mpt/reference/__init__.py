@@ -36,7 +36,7 @@ from ..options import check_choice, renamed_keyword
 from ..progress import logger
 from ..tokens import read_layout
 from ..tokens.checks import forget_new_params_on_error, trace_model
-from ..tokens.dependencies import check_fixed_values, check_imputed_leaves
+from ..tokens.dependencies import check_semantics
 from ..tokens.subsample import replay_subsample, subsample_message
 from .exact import exact_reference
 from .importance import importance_reference
@@ -205,8 +205,7 @@ def log_marginal_likelihood(
         layout = read_layout(trace, token_plate=token_plate, max_plate_nesting=max_plate_nesting)
         problem = Problem(model, tuple(args), dict(kwargs), trace, layout)
         messages = [m for m in [subsample_message(trace)] if m]
-        check_imputed_leaves(model, problem.args, problem.kwargs, trace)
-        check_fixed_values(model, problem.args, problem.kwargs, layout)
+        check_semantics(model, problem.args, problem.kwargs, trace, layout)
         if guide is not None:  # the guide's subsampled plates take the model's indices
             options = dataclasses.replace(options, guide=replay_subsample(guide, trace))
         if problem.continuous:  # particles will be drawn: a model not vectorised fails now

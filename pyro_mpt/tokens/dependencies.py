@@ -31,6 +31,7 @@ from .masks import imputed_sites, is_deterministic
 
 __all__ = [
     "check_fixed_values",
+    "check_semantics",
     "check_imputed_leaves",
     "check_no_observed_parents",
     "observed_parents",
@@ -134,3 +135,18 @@ def check_no_observed_parents(model, args: tuple, kwargs: dict, layout, what: st
         "estimator='chain', 'stratified' or 'uniform' remain exact or unbiased for "
         "log p(x); for the curve, write the dependence through a latent state"
     )
+
+
+def check_semantics(model, args: tuple, kwargs: dict, trace, layout, refuse=None) -> None:
+    """The checks a call runs after reading the layout: imputed values are leaves
+    (:func:`check_imputed_leaves`), fixed values have no latent parents
+    (:func:`check_fixed_values`) and, when ``refuse`` names what needs the masked averages
+    themselves (``"mpt_curve"``, ``"estimator='fixed'"``), no token has observed parents
+    (:func:`check_no_observed_parents`).
+
+    :param trace: a plain trace of the model; ``layout`` its token layout.
+    """
+    check_imputed_leaves(model, args, kwargs, trace)
+    check_fixed_values(model, args, kwargs, layout)
+    if refuse is not None:
+        check_no_observed_parents(model, args, kwargs, layout, refuse)
