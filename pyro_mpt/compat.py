@@ -74,3 +74,9 @@ def packed_dims(tensor: torch.Tensor) -> str:
     """The dim symbols of a tensor packed by ``Trace.pack_tensors()`` (Pyro stores them as the
     private attribute ``_pyro_dims``). Only here."""
     return tensor._pyro_dims
+
+
+def distribution_mask(fn: Any) -> Any:
+    """The mask a :class:`pyro.distributions.MaskedDistribution` (``fn.mask(m)``) applies
+    (a bool tensor or bool). Pyro keeps it in the private attribute ``_mask``."""
+    return fn._mask

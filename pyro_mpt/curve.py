@@ -71,6 +71,9 @@ class MPTCurve:
         :param float level: the coverage :math:`\ell`.
         :returns: ``(low, high)``."""
         return t_interval(self.area, self.area_stderr, self.area_dof, level)
+    #: sequences have different numbers of present tokens (Pyro's masks): ``scores[m - 1]``
+    #: sums :math:`S_n(m)` over the sequences with :math:`T_n \ge m`
+    ragged: bool = False
 
     @classmethod
     def from_bins(
@@ -160,7 +163,18 @@ class MPTCurve:
         return min(self.num_tokens, max(1, round(rate * self.num_tokens)))
 
     def fixed_rate_estimate(self, rate):
-        r"""What a fixed mask rate estimates: :math:`T\,S(\mathrm{round}(rT))`."""
+        r"""What a fixed mask rate estimates: :math:`T\,S(\mathrm{round}(rT))`.
+
+        :raises ValueError: for a ``ragged`` curve (a fixed rate masks
+            :math:`\mathrm{round}(r T_n)` tokens of each sequence; ``MaskedELBO(estimator=
+            "fixed")`` does that)."""
+        if self.ragged:
+            raise ValueError(
+                "fixed_rate_estimate: the sequences have different numbers of present tokens "
+                "(poutine.mask / obs_mask), so one mask size per rate does not apply; use "
+                "MaskedELBO(estimator='fixed', mask_rate=rate), which masks round(rate * T_n) "
+                "tokens of each sequence"
+            )
         return self.num_tokens * self.scores[self.mask_size(rate) - 1]
 
     def fixed_rate_bias(self, rate):
@@ -254,7 +268,7 @@ def mpt_curve(
         share_masks=share_masks,
     )
     with torch.no_grad(), forget_new_params_on_error():
-        layout, scorer, backend = prepare(model, args, kwargs, options)
+        layout, scorer, backend = prepare(model, args, kwargs, options, curve=True)
         check_draws_memory(
             "num_masks",
             options.num_masks,
@@ -279,6 +293,7 @@ def mpt_curve(
         exhaustive=exhaustive,
         scale=layout.scale,
         share_masks=options.share_masks,
+        ragged=layout.present is not None,
     )
     if particle_var is not None:  # importance conditionals: the area's particle error
         variances = [curve.area_stderr**2, particle_var[0]]

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from .conditionals import CONDITIONALS, get_conditionals
-from .estimators import MaskEstimator, StratifiedEstimator, get_estimator
+from .conditionals.probe import probe_particles
+from .estimators import FixedRateEstimator, MaskEstimator, StratifiedEstimator, get_estimator
 from .intervals import satterthwaite_dof, t_interval
 from .options import (
     check_bool,
@@ -35,8 +36,11 @@ from .options import (
     resolve_max_elements,
 )
 from .progress import logger
+from .ragged import ragged_batches
 from .tokens import TokenLayout, read_layout
 from .tokens.checks import check_bounds, check_plate_options, trace_model
+from .tokens.dependencies import check_semantics
+from .tokens.subsample import replay_subsample
 
 __all__ = [
     "MPTEstimate",
@@ -224,12 +228,16 @@ class MPTEstimate:
         )
 
 
-def prepare(model, args, kwargs, options: MPTOptions):
+def prepare(model, args, kwargs, options: MPTOptions, *, curve: bool = False):
     """Traces the model once, reads its token layout and builds the backend's scorer.
 
+    :param bool curve: the masked averages :math:`S(m)` themselves are wanted (the curve),
+        so a model whose observed tokens are parents of other tokens is refused
+        (:mod:`pyro_mpt.tokens.dependencies`), as it is for ``estimator="fixed"``.
     :returns: ``(layout, scorer, backend)``.
     """
     trace = trace_model(model, args, kwargs)
+    model = replay_subsample(model, trace)  # one subsample per call, in every trace
     layout = read_layout(
         trace, token_plate=options.token_plate, max_plate_nesting=options.max_plate_nesting
     )
@@ -242,7 +250,12 @@ def prepare(model, args, kwargs, options: MPTOptions):
         max_elements=resolve_max_elements(options.max_elements, layout.device),
         model_call=(model, args, kwargs, trace),
     )
+    fixed_rate = isinstance(options.estimator, FixedRateEstimator)
+    refuse = "mpt_curve" if curve else "estimator='fixed'" if fixed_rate else None
+    check_semantics(model, args, kwargs, trace, layout, refuse)
     logger.debug("pyro_mpt: conditionals %r for %d latent site(s)", backend, len(layout.latents))
+    if any(n not in layout.enumerated for n in layout.latents):  # particles will be drawn
+        probe_particles(model, args, kwargs, layout, trace)
     scorer = backend.scorer(model, args, kwargs, layout, trace)
     return layout, scorer, backend
 
@@ -260,6 +273,7 @@ def score_masks(
     by_size: bool = False,
     share_masks: bool = False,
     generator: torch.Generator | None = None,
+    present: torch.Tensor | None = None,
 ):
     r"""Scores ``num_draws`` independent draws of ``estimator``'s masks for ``N =
     num_sequences`` sequences of ``T = num_tokens`` tokens, in chunks of mask rows whose
@@ -272,6 +286,9 @@ def score_masks(
     :param bool share_masks: every sequence of a draw gets the same masks (still uniform for
         each sequence, so still unbiased, but the sequences' errors are then correlated).
     :param generator: the random generator of the masks (``None``: torch's global one).
+    :param present: bool ``(N, T)``, the tokens Pyro's masks keep (``None``: all); masks
+        are then drawn over each sequence's present tokens (:mod:`pyro_mpt.ragged`), never
+        shared, and the order path is not taken.
     :returns: ``(draws, bins)``: ``draws`` ``(num_draws, N)``; ``bins`` ``(num_draws, N, T +
         1)`` the weighted row scores binned by mask size (entry ``m`` estimates
         :math:`S(m)`), or ``None`` unless ``by_size``.
@@ -285,9 +302,9 @@ def score_masks(
     """
     N, T = num_sequences, num_tokens
     if estimator.chain_rule and getattr(scorer, "telescopes", False) and not by_size:
-        return telescoped_chain(scorer, num_draws, N, T, device=device), None
+        return telescoped_chain(scorer, num_draws, N, T, device=device, present=present), None
     ranks = None
-    if getattr(scorer, "scores_orders", False):
+    if getattr(scorer, "scores_orders", False) and present is None:
         shape = (1 if share_masks else N, T, num_draws)
         ranks = estimator.orders(*shape, device=device, generator=generator)
     if ranks is not None:
@@ -302,15 +319,21 @@ def score_masks(
     draws = torch.zeros(num_draws, N, dtype=dtype, device=device)
     bins = torch.zeros(num_draws * N * (T + 1), dtype=dtype, device=device) if by_size else None
     seq = torch.arange(N, device=device)
-    for batch in estimator.batches(
-        1 if share_masks else N,
-        T,
-        num_draws,
-        device=device,
-        dtype=dtype,
-        max_rows=max_rows,
-        generator=generator,
-    ):
+    if present is not None:  # ragged: every sequence its own masks over its present tokens
+        batches = ragged_batches(
+            estimator, present, num_draws, dtype=dtype, max_rows=max_rows, generator=generator
+        )
+    else:
+        batches = estimator.batches(
+            1 if share_masks else N,
+            T,
+            num_draws,
+            device=device,
+            dtype=dtype,
+            max_rows=max_rows,
+            generator=generator,
+        )
+    for batch in batches:
         rows = scorer.row_scores(batch.observed, batch.scored) * batch.weight  # (R, N)
         draws = draws.index_add(0, batch.draw, rows)
         if by_size:
@@ -332,7 +355,9 @@ def _order_draws(suffix: torch.Tensor, weight: torch.Tensor, by_size: bool):
     return rows.sum(-1), bins
 
 
-def telescoped_chain(scorer, num_draws: int, N: int, T: int, *, device) -> torch.Tensor:
+def telescoped_chain(
+    scorer, num_draws: int, N: int, T: int, *, device, present: torch.Tensor | None = None
+) -> torch.Tensor:
     r"""``(num_draws, N)``: the chain estimate of a scorer that ``telescopes``, the same for
     every order :math:`\pi`,
 
@@ -344,9 +369,13 @@ def telescoped_chain(scorer, num_draws: int, N: int, T: int, *, device) -> torch
     its own evidences (``scorer.log_evidence``), so the sum telescopes term by term. The
     last term is 0 for exact evidence and :math:`\operatorname{LSE}_s \log w^0_s` for
     weighted particles. Two evidence rows instead of ``T`` conditional rows per draw.
+    With ``present`` (``(N, T)`` bool) the order runs over the present tokens only.
     """
     everything = torch.ones(1, N, T, dtype=torch.bool, device=device)
-    evidence = scorer.log_evidence(torch.cat([everything, ~everything]))  # (2, N)
+    nothing = torch.zeros_like(everything)
+    if present is not None:
+        everything = present.unsqueeze(0)
+    evidence = scorer.log_evidence(torch.cat([everything, nothing]))  # (2, N)
     return (evidence[0] - evidence[1]).expand(num_draws, N).clone()
 
 
@@ -376,6 +405,7 @@ def score(
         max_elements=max_elements,
         by_size=by_size,
         share_masks=share_masks,
+        present=layout.present,
     )
 
 

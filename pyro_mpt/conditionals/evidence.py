@@ -84,7 +84,11 @@ class EvidenceMessenger(Messenger):
             return
         mode, mask = entry
         if mode == "batch":
-            msg["mask"] = mask if msg["mask"] is None else msg["mask"] & mask
+            # The evidence replaces the site's own mask: that mask is already in the layout's
+            # present tokens (read, as Pyro reads it, after the run) and an evidence mask never
+            # observes an absent token; ``msg["mask"] & mask`` here would freeze a mask that
+            # the model mutates after the statement (capture-recapture's ``seen |= ...``).
+            msg["mask"] = mask
         else:
             msg["fn"] = _mask_elements(msg["fn"], mask)
 
@@ -172,11 +176,13 @@ def contract_evidence(
     observed sites' (and the named ``latents``') unscaled with their masks applied inside the
     log-sum-exp, so masked evidence is marginalised. Subsampling scales are the caller's.
     """
-    names = set(latents)
+    names, fixed = set(latents), set(layout.fixed)
 
-    def relevant(name, site):
-        return not site_is_subsample(site) and (
-            site["is_observed"] or enumerate_dim(site) is not None or name in names
+    def relevant(name, site):  # values fixed by poutine.condition are not evidence
+        return (
+            not site_is_subsample(site)
+            and name not in fixed
+            and (site["is_observed"] or enumerate_dim(site) is not None or name in names)
         )
 
     trace.compute_log_prob(relevant)

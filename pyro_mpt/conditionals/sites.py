@@ -92,10 +92,16 @@ def build_kernels(trace, layout: TokenLayout, extra_tensors=()) -> tuple[list, t
     kernels = []
     for info, obj in per_site:
         sl = layout.site_slice(info)
+        # masked-out tokens are never observed nor scored; their values (NaN for missing
+        # data) are replaced so that no 0 * NaN reaches a sum
+        present = None if layout.present is None else layout.present[:, sl]
         if info.kind == "factorized":
-            kernels.append((sl, FactorizedKernel(flatten_particles(obj, layout, lead, 1))))
+            lp = flatten_particles(obj, layout, lead, 1)
+            lp = lp if present is None else torch.where(present, lp, 0.0)
+            kernels.append((sl, FactorizedKernel(lp)))
         else:
             value = trace.nodes[info.name]["value"]
             x = flatten_particles(value, layout, (), 1)[0]  # observations: (N, T)
+            x = x if present is None else torch.where(present, x, 0.0)
             kernels.append((sl, _gaussian_kernel(obj, x, layout, lead)))
     return kernels, lead

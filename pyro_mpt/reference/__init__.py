@@ -31,13 +31,17 @@ Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from ..conditionals.linear_gaussian import detect_linear_gaussian
+from ..conditionals.probe import probe_particles
 from ..options import check_choice, renamed_keyword, resolve_max_elements
 from ..progress import logger
 from ..tokens import read_layout
 from ..tokens.checks import forget_new_params_on_error, trace_model
+from ..tokens.dependencies import check_semantics
+from ..tokens.subsample import replay_subsample, subsample_message
 from .exact import exact_reference
 from .gaussian import gaussian_reference
 from .importance import importance_reference
@@ -213,9 +217,15 @@ def log_marginal_likelihood(
     )
     with forget_new_params_on_error():
         trace = trace_model(model, args, kwargs)
+        model = replay_subsample(model, trace)  # one subsample per call, in every trace
         layout = read_layout(trace, token_plate=token_plate, max_plate_nesting=max_plate_nesting)
         problem = Problem(model, tuple(args), dict(kwargs), trace, layout)
-        messages = []
+        messages = [m for m in [subsample_message(trace)] if m]
+        check_semantics(model, problem.args, problem.kwargs, trace, layout)
+        if guide is not None:  # the guide's subsampled plates take the model's indices
+            options = dataclasses.replace(options, guide=replay_subsample(guide, trace))
+        if problem.continuous:  # particles will be drawn: a model not vectorised fails now
+            probe_particles(model, problem.args, problem.kwargs, layout, trace)
         if method == "auto":
             method = _choose_auto(problem, messages, options.max_elements)
         if guide is not None and method != "importance":

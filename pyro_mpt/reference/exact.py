@@ -61,8 +61,7 @@ def _exact_per_sequence(problem, max_elements, messages):
     scorer = EnumerateConditionals(budget).scorer(
         problem.model, problem.args, problem.kwargs, layout, trace
     )
-    N, T = layout.num_sequences, layout.num_tokens
-    observed = torch.ones(1, N, T, dtype=torch.bool, device=layout.device)
+    observed = layout.present_tokens().unsqueeze(0)  # masked-out tokens marginalised
     if isinstance(scorer, ParticleScorer):
         messages.append(
             f"exact: enumeration of the joint support of {layout.enumerated} "

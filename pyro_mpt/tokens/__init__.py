@@ -17,7 +17,9 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal
 
+from ..progress import logger
 from .checks import check_enumerable, check_observed_value, check_sizes, site_dtype
+from .masks import imputed_sites, is_deterministic, site_token_mask
 
 __all__ = ["ObservedSite", "TokenLayout", "read_layout"]
 
@@ -56,6 +58,10 @@ class TokenLayout:
     :ivar int max_plate_nesting: the number of plate dims the model uses.
     :ivar token_dim: the batch dim of ``token_plate`` (negative), or ``None``.
     :ivar torch.Tensor scale: ``(N,)`` the subsampling scale of each sequence.
+    :ivar list fixed: observed sites outside the sequence plates of the data (latents fixed
+        by ``poutine.condition``): fixed values, neither tokens nor scored.
+    :ivar torch.Tensor present: ``(N, T)`` bool, the tokens Pyro's masks keep
+        (:mod:`pyro_mpt.tokens.masks`), or ``None`` when every token is present.
     """
 
     sites: list
@@ -69,6 +75,15 @@ class TokenLayout:
     dtype: torch.dtype = torch.float64
     device: torch.device = None
     enumerated: list = field(default_factory=list)
+    present: torch.Tensor = None
+    fixed: list = field(default_factory=list)
+
+    def present_tokens(self) -> torch.Tensor:
+        """``(N, T)`` bool: the present tokens (all of them without masks)."""
+        if self.present is not None:
+            return self.present
+        shape = (self.num_sequences, self.num_tokens)
+        return torch.ones(shape, dtype=torch.bool, device=self.device)
 
     @property
     def num_sequences(self):
@@ -126,12 +141,23 @@ def _max_plate_nesting(trace):
     return max(dims, default=0)
 
 
-def _check_finite(name, value):
-    if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
-        bad = (~torch.isfinite(value)).sum().item()
+def _check_finite(name, value, present, fn, batch, token_axis):
+    """Non-finite data are refused where they are present (masked-out values, such as the
+    NaNs of missing data under ``obs_mask``, are never read)."""
+    if not (torch.is_tensor(value) and value.is_floating_point()):
+        return
+    bad = ~torch.isfinite(value)
+    if present is not None:
+        bad = bad.expand(batch + tuple(value.shape[value.dim() - fn.event_dim :]))
+        if token_axis is not None:
+            bad = bad.reshape(*batch, -1).any(-1).movedim(token_axis, -1)
+        else:
+            bad = bad.reshape(*batch, present.shape[-1], -1).any(-1)
+        bad = bad & present.to(bad.device)
+    if bad.any():
         raise ValueError(
-            f"observed site {name!r} holds {bad} NaN or infinite value(s); "
-            "remove or impute them before scoring the model"
+            f"observed site {name!r} holds {int(bad.sum())} NaN or infinite value(s); "
+            "remove or impute them, or mark them missing with obs_mask= or poutine.mask"
         )
 
 
@@ -158,7 +184,6 @@ def _read_site(s, offset, P, token_plate, token_dim):
     """One observed site: its :class:`ObservedSite` and its sequence batch shape."""
     name, fn, value = s["name"], s["fn"], s["value"]
     check_observed_value(name, fn, value)
-    _check_finite(name, value)
     batch = torch.broadcast_shapes(
         tuple(fn.batch_shape), tuple(value.shape[: value.dim() - fn.event_dim])
     )
@@ -170,19 +195,29 @@ def _read_site(s, offset, P, token_plate, token_dim):
         )
     if token_plate is None:
         token_shape = _token_event_shape(fn, name)
+        if token_shape and _gaussian_kind(fn) is None:
+            # Pyro broadcasts the data against the event (Normal(loc[..., None], s)
+            # .to_event(1) with loc per sequence): the tokens are the data's elements
+            event = tuple(value.shape[value.dim() - fn.event_dim :])[: len(token_shape)]
+            token_shape = tuple(torch.broadcast_shapes(token_shape, event))
         num = 1
         for d in token_shape:
             num *= d
         kind = _gaussian_kind(fn) or "factorized"
+        present = site_token_mask(s, batch, token_shape, None)
+        _check_finite(name, value, present, fn, batch, None)
     else:
         if token_plate not in {f.name for f in _plate_frames(s)}:
             raise ValueError(f"observed site {name!r} is not inside token_plate {token_plate!r}")
         i = P + token_dim
         num = batch[i]
+        present = site_token_mask(s, batch, (), i)
+        _check_finite(name, value, present, fn, batch, i)
         batch = batch[:i] + batch[i + 1 :]
         token_shape = (num,)
         kind = "factorized"
-    return ObservedSite(name, offset, num, kind, token_shape, _plate_frames(s)), batch
+    site = ObservedSite(name, offset, num, kind, token_shape, _plate_frames(s))
+    return site, batch, present
 
 
 def _check_latents(latents, sites, token_plate):
@@ -224,6 +259,31 @@ def _sequence_scale(scales, seq_shape, dtype, device):
     return torch.full((N,), float(scale), dtype=dtype, device=device)
 
 
+def _fixed_values(observed, token_plate):
+    """The observed sites whose plates (of size > 1, ``token_plate`` included) are a strict
+    subset of another observed site's: values fixed by ``poutine.condition`` (a global such
+    as a noise scale or a transition matrix) outside the data's plates, not data of every
+    sequence. (Sites in unrelated plates stay, and are refused as before.)"""
+    plates = [{f.name for f in _plate_frames(s) if f.size > 1} for s in observed]
+    fixed = [s["name"] for s, p in zip(observed, plates) if any(p < q for q in plates)]
+    if fixed:
+        logger.info("pyro_mpt: %s outside the data's plates: fixed values, not tokens", fixed)
+    return fixed
+
+
+def _present_tokens(masks, sites, seq_shape, device):
+    """``(N, T)`` bool, the sites' present tokens side by side; ``None`` without masks."""
+    if all(m is None for m in masks):
+        return None
+    parts = []
+    for m, site in zip(masks, sites):
+        if m is None:
+            m = torch.ones(site.num_tokens, dtype=torch.bool)
+        m = m.to(device).expand(*seq_shape, site.num_tokens)
+        parts.append(m.reshape(-1, site.num_tokens))
+    return torch.cat(parts, -1)
+
+
 def read_layout(trace, *, token_plate=None, max_plate_nesting=None) -> TokenLayout:
     """Reads the token layout off a trace of the model (run once, without particles).
 
@@ -240,26 +300,36 @@ def read_layout(trace, *, token_plate=None, max_plate_nesting=None) -> TokenLayo
     observed = [
         s
         for s in trace.nodes.values()
-        if s["type"] == "sample" and s["is_observed"] and not s["infer"].get("is_auxiliary")
+        if s["type"] == "sample"
+        and s["is_observed"]
+        and not s["infer"].get("is_auxiliary")
+        and not is_deterministic(s)
     ]
+    imputed = imputed_sites(trace)
     latents = [
         s
         for s in trace.nodes.values()
-        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+        if s["type"] == "sample"
+        and not s["is_observed"]
+        and not site_is_subsample(s)
+        and s["name"] not in imputed
     ]
     if not observed:
         raise ValueError(
             "the model has no observed sample site: pass data with pyro.sample(..., obs=data)"
         )
+    fixed = _fixed_values(observed, token_plate)
+    observed = [s for s in observed if s["name"] not in fixed]
     P = _max_plate_nesting(trace)
     if max_plate_nesting is not None and max_plate_nesting != float("inf"):
         P = max(P, int(max_plate_nesting))
     token_dim = _token_plate_dim(observed, token_plate)
 
-    sites, offset, batch_shapes, scales = [], 0, [], []
+    sites, offset, batch_shapes, scales, masks = [], 0, [], [], []
     dtype, device = None, None
     for s in observed:
-        site, batch = _read_site(s, offset, P, token_plate, token_dim)
+        site, batch, mask = _read_site(s, offset, P, token_plate, token_dim)
+        masks.append(mask)
         value = s["value"]
         if dtype is None:
             # the dtype its log-densities come out in: integer data (an HMM's symbols) or
@@ -294,4 +364,6 @@ def read_layout(trace, *, token_plate=None, max_plate_nesting=None) -> TokenLayo
         dtype=dtype,
         device=device,
         enumerated=[s["name"] for s in latents if s["infer"].get("enumerate") == "parallel"],
+        present=_present_tokens(masks, sites, seq_shape, device),
+        fixed=fixed,
     )
