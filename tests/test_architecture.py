@@ -17,7 +17,7 @@ MAX_FUNCTION_LINES = 80
 #: Layers, low to high: a module may import its own layer or lower ones only.
 LAYERS = [
     {"options", "compat", "progress", "clock", "intervals"},
-    {"tokens", "estimators", "ragged", "models", "diagnostics", "plotting", "export"},
+    {"tokens", "estimators", "estimate", "ragged", "models", "diagnostics", "plotting", "export"},
     {"conditionals"},
     {"engine", "scoring", "particle_error"},
     {"masked_elbo", "curve", "reference", "evaluation", "distributed"},

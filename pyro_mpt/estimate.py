@@ -1,0 +1,129 @@
+r"""The result of a masked estimate: :class:`MPTEstimate`, its standard error, degrees of
+freedom and Student-t interval, made from the ``(K, N)`` draws of a mask estimator.
+
+With :math:`K` independent draws :math:`d_{k,n}` of each sequence's estimate, the total is
+:math:`\sum_n c_n \bar d_n` and its variance :math:`\sum_n c_n^2 \widehat{\mathrm{Var}}(d_n)/K`
+(each on :math:`K - 1` degrees of freedom, combined by Welch-Satterthwaite); with shared masks
+or one sequence the draws' totals are correlated, so their own spread (:math:`K - 1` dof) is
+used. A particle error (importance conditionals) is added as an independent variance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .intervals import satterthwaite_dof, t_interval
+
+if TYPE_CHECKING:
+    from .estimators import MaskEstimator
+
+__all__ = ["MPTEstimate"]
+
+
+@dataclass
+class MPTEstimate:
+    r"""A masked estimate of :math:`\sum_n \log p(x_n)`.
+
+    :ivar torch.Tensor total: the estimate (differentiable), subsampling scale applied.
+    :ivar torch.Tensor per_sequence: ``(N,)`` each sequence's estimate, averaged over draws.
+    :ivar torch.Tensor draws: ``(num_masks, N)`` the independent draws.
+    :ivar float stderr: Monte Carlo standard error of ``total`` (NaN with one draw).
+    :ivar str estimator: the estimator's name; ``conditionals``: the backend's.
+    :ivar bool unbiased: whether the estimator is unbiased for :math:`\log p(x)`.
+    :ivar float dof: the degrees of freedom of ``stderr`` (Welch-Satterthwaite over the
+        sequences' variances, each on :math:`K - 1`; :math:`K - 1` with shared masks or one
+        sequence; NaN with one draw): :meth:`ci` uses Student-t with it.
+    :ivar float particle_stderr: the part of ``stderr`` from the particles of importance
+        conditionals (0 for deterministic conditionals; see
+        :mod:`pyro_mpt.particle_error`).
+    :ivar bool shared_masks: whether every sequence had the same masks.
+    :ivar torch.Tensor particle_ess: ``(N,)`` the effective sample size of the importance
+        conditionals' weights given every token (``None`` for other conditionals).
+
+    The draw of a sequence :math:`x_n` with :math:`T` tokens is, for the stratified estimator,
+    :math:`\sum_{m=1}^T s(M_m)` with :math:`s(M) = \frac1m\sum_{j\in M}\log p(x_{n,j}\mid
+    x_{n,-M})`; ``total`` is :math:`\sum_n` of the mean over draws.
+
+    Example::
+
+        est = MaskedELBO(num_masks=8).estimate(ppca_collapsed, None, X, 2)   # X: (N, T)
+        est.total, est.stderr
+        est.draws.shape, est.per_sequence.shape                 # (8, N), (N,)
+    """
+
+    total: torch.Tensor
+    per_sequence: torch.Tensor
+    draws: torch.Tensor
+    stderr: float
+    estimator: str
+    conditionals: str
+    unbiased: bool
+    dof: float = math.inf
+    particle_stderr: float = 0.0
+    shared_masks: bool = False
+    particle_ess: torch.Tensor | None = None
+
+    def ci(self, level: float = 0.95) -> tuple[float, float]:
+        r"""The interval :math:`\hat L \pm t_{(1+\ell)/2,\nu}\,\mathrm{se}` of ``total``
+        with :math:`\nu` = :attr:`dof` (:func:`pyro_mpt.intervals.t_interval`).
+
+        :param float level: the coverage :math:`\ell`.
+        :returns: ``(low, high)``."""
+        return t_interval(self.total.detach(), self.stderr, self.dof, level)
+
+    @classmethod
+    def from_draws(
+        cls,
+        draws: torch.Tensor,
+        estimator: MaskEstimator,
+        conditionals: str,
+        *,
+        scale: torch.Tensor | None = None,
+        share_masks: bool = False,
+        particle_var: tuple[float, float] | None = None,
+    ) -> MPTEstimate:
+        r"""The estimate of ``(K, N)`` draws: :math:`\sum_n c_n \bar d_n` with the
+        subsampling scale :math:`c_n` (``scale``; ``None``: 1) and standard error
+        :math:`\sqrt{\sum_n c_n^2 \widehat{\mathrm{Var}}(d_n) / K}`; with ``share_masks`` the
+        sequences are correlated, so the spread of the draws' totals is used instead.
+
+        :param draws: ``(K, N)`` independent draws of every sequence.
+        :param estimator: the :class:`~pyro_mpt.estimators.MaskEstimator` that made them.
+        :param str conditionals: the name of the backend that scored them.
+        """
+        K = draws.shape[0]
+        per_sequence = draws.mean(0)
+        total = per_sequence.sum() if scale is None else (scale * per_sequence).sum()
+        detached = draws.detach()
+        if K > 1 and (share_masks or draws.shape[1] == 1):
+            terms = (detached if scale is None else detached * scale).sum(-1).var().unsqueeze(0)
+        elif K > 1:
+            terms = detached.var(0) if scale is None else scale**2 * detached.var(0)
+        else:
+            terms = detached.new_full((1,), float("nan"))
+        terms = terms / K
+        variances, dofs = [terms], [torch.full_like(terms, K - 1.0)]
+        if particle_var is not None:
+            variances.append(terms.new_tensor([particle_var[0]]))
+            dofs.append(terms.new_tensor([particle_var[1]]))
+        variances, dofs = torch.cat(variances), torch.cat(dofs)
+        var = float(variances.sum())
+        dof = satterthwaite_dof(variances, dofs)
+        if K > 1 and var == 0.0:
+            dof = math.inf  # deterministic draws (e.g. the chain with exact conditionals)
+        return cls(
+            total=total,
+            per_sequence=per_sequence,
+            draws=draws,
+            stderr=math.sqrt(var),
+            estimator=estimator.name,
+            conditionals=conditionals,
+            unbiased=estimator.unbiased,
+            dof=dof,
+            particle_stderr=0.0 if particle_var is None else math.sqrt(particle_var[0]),
+            shared_masks=bool(share_masks),
+        )
