@@ -148,7 +148,7 @@ def prepare(model, args, kwargs, options: MPTOptions, *, curve: bool = False):
     refuse = "mpt_curve" if curve else "estimator='fixed'" if fixed_rate else None
     check_semantics(model, args, kwargs, trace, layout, refuse)
     logger.debug("pyro_mpt: conditionals %r for %d latent site(s)", backend, len(layout.latents))
-    if any(n not in layout.enumerated for n in layout.latents):  # particles will be drawn
+    if backend.draws_latents:  # a model not vectorised over particles fails now, clearly
         probe_particles(model, args, kwargs, layout, trace)
     scorer = backend.scorer(model, args, kwargs, layout, trace)
     return layout, scorer, backend

@@ -54,33 +54,58 @@ def _closed_form(x, y):
 
 @pytest.mark.parametrize("call", ["elbo", "reference"])
 def test_matmul_model_fails_with_the_rule(call):
+    """With particles (importance) ``x @ w`` cannot broadcast: the error gives the rule.
+    "auto" needs no particles here (the model is linear-Gaussian) and is exact."""
     x, y = _regression_data()
     with pytest.raises(ValueError, match=r"after the latent site\(s\) \['w'\].*\(x \* w\)\.sum"):
         if call == "elbo":
-            MaskedELBO(token_plate="data").loss(regression_matmul, None, x, y)
+            MaskedELBO(token_plate="data", conditionals="importance").loss(
+                regression_matmul, None, x, y
+            )
         else:
-            log_marginal_likelihood(regression_matmul, x, y, token_plate="data")
+            log_marginal_likelihood(
+                regression_matmul, x, y, token_plate="data", method="importance"
+            )
+    exact = float(_closed_form(x, y))
+    if call == "elbo":
+        est = MaskedELBO(token_plate="data", estimator="chain").estimate(
+            regression_matmul, None, x, y
+        )
+        assert est.conditionals == "linear_gaussian"
+        assert abs(float(est.total) - exact) < 1e-6 * abs(exact)
+    else:
+        ref = log_marginal_likelihood(regression_matmul, x, y, token_plate="data")
+        assert ref.method == "gaussian"
+        assert abs(float(ref.total) - exact) < 1e-6 * abs(exact)
 
 
 def test_vectorised_regression_matches_closed_form():
     """The rewritten model runs; importance within 4 standard errors of the closed form."""
     x, y = _regression_data()
-    ref = log_marginal_likelihood(regression, x, y, token_plate="data", num_samples=20000)
+    ref = log_marginal_likelihood(
+        regression, x, y, token_plate="data", method="importance", num_samples=20000
+    )
     assert ref.method == "importance"
     assert abs(float(ref.total) - float(_closed_form(x, y))) < 4 * ref.stderr + 1e-3
+    exact = log_marginal_likelihood(regression, x, y, token_plate="data")  # linear-Gaussian
+    assert exact.method == "gaussian"
+    assert abs(float(exact.total) - float(_closed_form(x, y))) < 1e-6 * abs(float(exact.total))
 
 
 @pytest.mark.parametrize("call", ["elbo", "reference"])
 def test_misbroadcast_caught_before_the_particle_run(call):
+    # importance asked for: "auto" would integrate this linear-Gaussian model exactly
     x, y = _regression_data()
     shapes = []
     with pytest.raises(ValueError, match=r"site 'y' has batch shape \(3, 3, 6\).*S\^2"):
         if call == "elbo":
-            MaskedELBO(token_plate="data", num_samples=256).loss(
+            MaskedELBO(token_plate="data", conditionals="importance", num_samples=256).loss(
                 regression_misbroadcast, None, x, y, shapes
             )
         else:
-            log_marginal_likelihood(regression_misbroadcast, x, y, shapes, token_plate="data")
+            log_marginal_likelihood(
+                regression_misbroadcast, x, y, shapes, token_plate="data", method="importance"
+            )
     # the plain trace and the 3-particle probe ran; the 256-particle run never did
     assert shapes == [(), (3, 1)]
 

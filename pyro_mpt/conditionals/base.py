@@ -116,6 +116,10 @@ class Conditionals:
     #: the backend's name in :data:`~pyro_mpt.conditionals.CONDITIONALS`
     name: ClassVar[str | None] = None
 
+    #: whether the backend runs the model on a batch of latent values (particles, grid
+    #: points) in a plate at dim -2, so the model must broadcast over it
+    draws_latents: ClassVar[bool] = False
+
     #: the options of :func:`~pyro_mpt.conditionals.get_conditionals` this backend is built
     #: from: option name -> keyword of the constructor
     options: ClassVar[dict[str, str]] = {}

@@ -71,6 +71,7 @@ class ImportanceConditionals(Conditionals):
     """
 
     name = "importance"
+    draws_latents = True
     options = {"num_samples": "num_samples"}
 
     def __init__(self, num_samples: int = 256, *, num_particles: int | None = None):

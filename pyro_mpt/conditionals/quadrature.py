@@ -62,6 +62,7 @@ class QuadratureConditionals(Conditionals):
     """
 
     name = "quadrature"
+    draws_latents = True
     options = {"quadrature_points": "num_points", "quadrature_bounds": "bounds"}
 
     def __init__(self, num_points: int = 20, bounds: tuple[float, float] = (-5.0, 5.0)):

@@ -224,10 +224,11 @@ def log_marginal_likelihood(
         check_semantics(model, problem.args, problem.kwargs, trace, layout)
         if guide is not None:  # the guide's subsampled plates take the model's indices
             options = dataclasses.replace(options, guide=replay_subsample(guide, trace))
-        if problem.continuous:  # particles will be drawn: a model not vectorised fails now
-            probe_particles(model, problem.args, problem.kwargs, layout, trace)
         if method == "auto":
             method = _choose_auto(problem, messages, options.max_elements)
+        if problem.continuous and method in ("importance", "quadrature"):
+            # particles will be drawn: a model not vectorised over them fails now, clearly
+            probe_particles(model, problem.args, problem.kwargs, layout, trace)
         if guide is not None and method != "importance":
             messages.append(f"guide ignored: method={method!r} does not sample from a proposal")
         logger.info("log_marginal_likelihood: method %r", method)
