@@ -27,6 +27,7 @@ from .base import Conditionals, Scorer
 from .enumerate import EnumerateConditionals
 from .gaussian import GaussianConditionals
 from .importance import ImportanceConditionals
+from .mixed import MixedConditionals, has_mixed_latents
 from .particles import ParticleScorer
 from .quadrature import QuadratureConditionals, check_bounds
 
@@ -39,6 +40,7 @@ __all__ = [
     "EnumerateConditionals",
     "GaussianConditionals",
     "ImportanceConditionals",
+    "MixedConditionals",
     "ParticleScorer",
     "QuadratureConditionals",
     "Scorer",
@@ -54,6 +56,7 @@ CONDITIONALS: dict[str, type[Conditionals]] = {
         EnumerateConditionals,
         ImportanceConditionals,
         QuadratureConditionals,
+        MixedConditionals,
     )
 }
 
@@ -66,7 +69,9 @@ def choose_conditionals(
     num_particles: int | None = None,
 ) -> Conditionals:
     """The ``"auto"`` rule: no latents -> ``"gaussian"`` (exact); only enumerated latents ->
-    ``"enumerate"`` (exact); otherwise ``"importance"`` with ``num_samples`` prior draws.
+    ``"enumerate"`` (exact); enumerated and continuous latents -> ``"mixed"`` (continuous
+    ones by ``num_samples`` prior draws, enumerated ones summed out for each); otherwise
+    ``"importance"`` with ``num_samples`` prior draws.
 
     :param layout: the model's :class:`~pyro_mpt.tokens.TokenLayout`.
     :param int num_samples: prior draws of ``"importance"``.
@@ -87,6 +92,8 @@ def choose_conditionals(
         backend = GaussianConditionals()
     elif all(n in layout.enumerated for n in layout.latents):
         backend = EnumerateConditionals(resolve_max_elements(max_elements, layout.device))
+    elif has_mixed_latents(layout):
+        backend = MixedConditionals(num_samples, resolve_max_elements(max_elements, layout.device))
     else:
         backend = ImportanceConditionals(num_samples)
     logger.info("conditionals='auto' chose %r for latents %s", backend.name, layout.latents)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..compat import gaussian_parts
+from .hmm_sites import DiscreteHMMKernel, hmm_factors
 from .kernels import DenseGaussianKernel, FactorizedKernel, LowRankGaussianKernel
 from .particles import flatten_particles, particle_shape
 
@@ -84,9 +85,16 @@ def build_kernels(trace, layout: TokenLayout, extra_tensors=()) -> tuple[list, t
         site = trace.nodes[info.name]
         if info.kind == "factorized":
             per_site.append((info, site_token_log_probs(site, layout)))
+        elif info.kind == "hmm":
+            per_site.append((info, hmm_factors(site["fn"], site["value"])))
         else:
             per_site.append((info, site["fn"]))
-    shapes = [(obj if info.kind == "factorized" else obj.loc, 1) for info, obj in per_site]
+    shapes = []
+    for info, obj in per_site:
+        if info.kind == "hmm":
+            shapes.extend(obj)
+        else:
+            shapes.append((obj if info.kind == "factorized" else obj.loc, 1))
     lead = particle_shape(shapes + list(extra_tensors), P_seq)
 
     kernels = []
@@ -94,6 +102,9 @@ def build_kernels(trace, layout: TokenLayout, extra_tensors=()) -> tuple[list, t
         sl = layout.site_slice(info)
         if info.kind == "factorized":
             kernels.append((sl, FactorizedKernel(flatten_particles(obj, layout, lead, 1))))
+        elif info.kind == "hmm":
+            flat = [flatten_particles(t, layout, lead, extra) for t, extra in obj]
+            kernels.append((sl, DiscreteHMMKernel(*flat)))
         else:
             value = trace.nodes[info.name]["value"]
             x = flatten_particles(value, layout, (), 1)[0]  # observations: (N, T)

@@ -14,6 +14,7 @@ data points (Bayesian linear regression with a latent weight vector).
 from dataclasses import dataclass, field
 
 import torch
+from pyro.distributions import DiscreteHMM
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal
 
@@ -33,7 +34,8 @@ class ObservedSite:
     :ivar int offset: index of its first token in the pooled token axis.
     :ivar int num_tokens: its number of tokens per sequence.
     :ivar str kind: ``"factorized"`` (per-token log-probabilities exist given the latents),
-        ``"lowrank"`` or ``"dense"`` (Gaussian, conditioned in closed form).
+        ``"lowrank"`` or ``"dense"`` (Gaussian, conditioned in closed form), ``"hmm"`` (a
+        ``DiscreteHMM``: its time steps are the tokens, conditioned by forward-backward).
     """
 
     name: str
@@ -88,6 +90,8 @@ def _plate_frames(site):
 
 
 def _gaussian_kind(fn):
+    if isinstance(fn, DiscreteHMM):  # a whole sequence: its time steps are the tokens
+        return "hmm"
     if isinstance(fn, LowRankMultivariateNormal):
         return "lowrank"
     if isinstance(fn, MultivariateNormal):
@@ -170,6 +174,8 @@ def _read_site(s, offset, P, token_plate, token_dim):
         )
     if token_plate is None:
         token_shape = _token_event_shape(fn, name)
+        if isinstance(fn, DiscreteHMM):  # its event_shape says 1 step when any length fits
+            token_shape = (value.shape[value.dim() - fn.event_dim],)
         num = 1
         for d in token_shape:
             num *= d

@@ -1,0 +1,162 @@
+r"""Mixed latents: continuous (global) latents by prior particles, enumerated discrete latents
+summed out exactly for each particle by variable elimination.
+
+With :math:`S` prior draws :math:`\theta_s \sim p(\theta)` of the continuous latents and the
+enumerated latents :math:`z` (per token, per sequence, or a Markov chain) eliminated given
+each draw,
+
+.. math::
+    \log \hat p(x_E) = \operatorname{logsumexp}_s \log \sum_z p(z \mid \theta_s)
+    \prod_{t \in E} p(x_t \mid z, \theta_s) - \log S,
+    \qquad
+    \log p(x_j \mid x_O) \approx \log \hat p(x_{O \cup \{j\}}) - \log \hat p(x_O),
+
+the self-normalised importance mixture of the exact per-particle conditionals
+(:math:`\bar w_s \propto p(x_O \mid \theta_s)`), consistent as :math:`S \to \infty` and
+biased :math:`O(1/S)` in log space like ``"importance"``. It is what ``"importance"`` does
+when every latent is one draw per sequence; here a latent inside the token plate (a
+mixture assignment per data point) is summed out instead of drawn, which a per-sequence
+particle cannot do. The draws are reparameterised, so gradients reach the parameters, and
+they are shared by all masks of a step. The conditionals are ratios of one estimated
+evidence, so the chain rule telescopes to :math:`\log \hat p(x_{1..T})`.
+
+Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
+Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.poutine.messenger import Messenger
+
+from ..options import check_positive_int, resolve_max_elements
+from .base import Conditionals
+from .elimination import EliminationScorer
+from .evidence import MASK_PLATE, EvidenceMessenger, contract_evidence
+from .importance import check_discrete_latents
+from .particles import particle_trace
+
+if TYPE_CHECKING:
+    from ..tokens import TokenLayout
+
+__all__ = ["MixedConditionals", "MixedEliminationScorer", "has_mixed_latents"]
+
+
+def has_mixed_latents(layout: TokenLayout) -> bool:
+    """Whether the model has both enumerated and other (continuous) latents."""
+    enumerated = set(layout.enumerated)
+    return bool(enumerated) and any(n not in enumerated for n in layout.latents)
+
+
+class _TiledValues(Messenger):
+    """Sets each continuous latent to its particle draw, tiled over the evaluation items:
+    item ``i`` of the item plate reads particle ``i % S``."""
+
+    def __init__(self, values: dict, num_tiles: int):
+        super().__init__()
+        self.values, self.num_tiles = values, num_tiles
+
+    def _pyro_sample(self, msg):
+        value = self.values.get(msg["name"])
+        if value is None or msg["is_observed"]:
+            return
+        msg["value"] = value.repeat(self.num_tiles, *([1] * (value.dim() - 1)))
+        msg["done"] = True
+
+
+class MixedEliminationScorer(EliminationScorer):
+    r"""Variable elimination of the enumerated latents for each of ``S`` particles of the
+    continuous ones (module docstring). Every evidence set is evaluated once per particle,
+    as ``B x S`` items of one elimination, and the particles are mixed in log space.
+
+    :param values: continuous latent site -> its ``S`` draws, as traced under the particle
+        plate (``(S, *plate dims, *event)``).
+    :param int num_samples: ``S``.
+    :param trace: the particle trace the draws come from (sizes the work per item).
+    """
+
+    def __init__(
+        self,
+        model,
+        args: tuple,
+        kwargs: dict,
+        layout: TokenLayout,
+        values: dict,
+        num_samples: int,
+        trace=None,
+        max_elements: int | None = None,
+    ):
+        # the parent refuses latents that are not enumerated: these are replayed instead
+        enum_only = dataclasses.replace(layout, latents=list(layout.enumerated))
+        super().__init__(model, args, kwargs, enum_only, trace, max_elements)
+        self.layout = layout
+        self.values, self.num_samples = values, num_samples
+        # The probe route needs one scaling constant shared by all particles of an item;
+        # differences of evidences need none.
+        self.route = "differences"
+
+    def _items_trace(self, B, messenger):
+        P, S = self.layout.max_plate_nesting, self.num_samples
+        model, values = self.model, self.values
+
+        def items_model(*args, **kwargs):
+            with pyro.plate(MASK_PLATE, B, dim=-P - 1):
+                with _TiledValues(values, B // S), messenger:
+                    return model(*args, **kwargs)
+
+        enum_model = poutine.enum(items_model, first_available_dim=-P - 2)
+        return poutine.trace(enum_model).get_trace(*self.args, **self.kwargs)
+
+    def log_evidence(self, evidence: torch.Tensor) -> torch.Tensor:
+        r"""``(B, N)``: :math:`\log \hat p(x_{n,E_b})`, the particle mixture of the exact
+        per-particle evidences of ``evidence`` (bool ``(B, N, T)``)."""
+        B, S, N = evidence.shape[0], self.num_samples, self.layout.num_sequences
+        items = evidence.repeat_interleave(S, 0)  # item b * S + s: evidence b, particle s
+        tr = self._items_trace(B * S, EvidenceMessenger(self._site_masks(items)))
+        logz = contract_evidence(tr, self.layout, MASK_PLATE, B * S).reshape(B, S, N)
+        return torch.logsumexp(logz, 1) - math.log(S)
+
+
+class MixedConditionals(Conditionals):
+    r"""Continuous latents by ``num_samples`` prior draws, enumerated latents summed out
+    exactly for each draw (:class:`MixedEliminationScorer`). ``"auto"`` picks it for a
+    model with both kinds of latents.
+
+    :param int num_samples: ``S``, prior draws of the continuous latents per step.
+    :param int max_elements: memory budget of one chunk of items; ``None``: the default of
+        the data's device.
+
+    Example::
+
+        MaskedELBO(conditionals="mixed", token_plate="data").estimate(gmm, None, data)
+    """
+
+    name = "mixed"
+    options = {"num_samples": "num_samples", "max_elements": "max_elements"}
+
+    def __init__(self, num_samples: int = 256, max_elements: int | None = None):
+        self.num_samples = check_positive_int("num_samples", num_samples)
+        self.max_elements = check_positive_int("max_elements", max_elements, allow_none=True)
+
+    def check(self, layout: TokenLayout, trace) -> None:
+        check_discrete_latents(trace, layout, self.name)
+
+    def scorer(
+        self, model, args: tuple, kwargs: dict, layout: TokenLayout, trace
+    ) -> MixedEliminationScorer:
+        self.check(layout, trace)
+        S = self.num_samples
+        tr = particle_trace(model, args, kwargs, layout, num_particles=S)
+        enumerated = set(layout.enumerated)
+        values = {n: tr.nodes[n]["value"] for n in layout.latents if n not in enumerated}
+        budget = resolve_max_elements(self.max_elements, layout.device)
+        return MixedEliminationScorer(model, args, kwargs, layout, values, S, tr, budget)
+
+    def __repr__(self) -> str:
+        return f"MixedConditionals(num_samples={self.num_samples})"
