@@ -27,8 +27,9 @@ class ZooCase:
     exact: Callable[[], float]
     method: str
     options: dict = field(default_factory=dict)
-    num_samples: int = 4000
-    max_plate_nesting: int = 1
+    num_samples: int = 1000  # MaskedELBO's prior draws
+    ref_samples: int = 20000  # the reference's importance draws
+    check_stratified: bool = True
 
 
 def empty_guide(*args, **kwargs):
@@ -42,13 +43,13 @@ def trace_enum_exact(model, args, max_plate_nesting):
     return -elbo.loss(model, empty_guide, *args)
 
 
-def run_case(case: ZooCase, seed: int = 0, num_masks: int = 30) -> dict:
+def run_case(case: ZooCase, seed: int = 0, num_masks: int = 10) -> dict:
     """The reference and both MaskedELBO estimates of ``case``, with their times."""
     pyro.set_rng_seed(seed)
     out = {"exact": float(case.exact())}
     start = time.perf_counter()
     ref = log_marginal_likelihood(
-        case.model, *case.args, num_samples=case.num_samples, **case.options
+        case.model, *case.args, num_samples=case.ref_samples, **case.options
     )
     out["ref_time"] = time.perf_counter() - start
     out["ref"] = ref
@@ -79,6 +80,8 @@ def check_case(case: ZooCase, result: dict) -> None:
     else:
         ref_se = float(ref.stderr)
         assert abs(total - exact) <= 3 * ref_se, (case.name, total, exact, ref_se)
+    if not case.check_stratified:
+        return
     strat = result["stratified"]
     se = (strat.stderr**2 + ref_se**2) ** 0.5
     assert abs(float(strat.total) - exact) <= 4 * se + 1e-9 * abs(exact), (
