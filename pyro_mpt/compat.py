@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 __all__ = [
     "enumerate_dim",
     "enumerate_symbol",
+    "gaussian_hmm_factors",
     "gaussian_parts",
     "generalized_pareto_fit",
     "import_arviz",
@@ -74,3 +75,12 @@ def packed_dims(tensor: torch.Tensor) -> str:
     """The dim symbols of a tensor packed by ``Trace.pack_tensors()`` (Pyro stores them as the
     private attribute ``_pyro_dims``). Only here."""
     return tensor._pyro_dims
+
+
+def gaussian_hmm_factors(fn) -> tuple:
+    """The factors of a :class:`pyro.distributions.GaussianHMM` as
+    :class:`pyro.ops.gaussian.Gaussian` s: ``(initial over z_{-1}, transition over
+    (z_{t-1}, z_t), observation over (z_t, x_t))``, batched over time for the last two.
+    Pyro keeps them only in the private attributes ``_init``, ``_trans``, ``_obs`` (the
+    distributions it was built from are not stored). Only here."""
+    return fn._init, fn._trans, fn._obs

@@ -29,13 +29,16 @@ from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
+from pyro.ops.gaussian import Gaussian
 
-__all__ = ["DiscreteHMMKernel", "hmm_factors", "is_whole_sequence"]
+from ..compat import gaussian_hmm_factors
+
+__all__ = ["DiscreteHMMKernel", "gaussian_hmm_joint", "hmm_factors", "is_whole_sequence"]
 
 
 def is_whole_sequence(fn) -> bool:
     """Whether ``fn`` is a whole-sequence distribution whose time steps are tokens."""
-    return isinstance(fn, dist.DiscreteHMM)
+    return isinstance(fn, (dist.DiscreteHMM, dist.GaussianHMM))
 
 
 def hmm_factors(fn: dist.DiscreteHMM, value: torch.Tensor) -> list:
@@ -99,3 +102,61 @@ class DiscreteHMMKernel:
         log_cond = torch.logsumexp(post + e, -1) - torch.logsumexp(post, -1)
         marginal = torch.logsumexp(alpha, -1) if need_marginal else None
         return marginal, log_cond
+
+
+def gaussian_hmm_joint(fn: dist.GaussianHMM, num_steps: int) -> dist.MultivariateNormal:
+    r"""The joint Gaussian of the ``T x obs_dim`` observations of a ``GaussianHMM``,
+    flattened time-major, so that its elements are scored as a dense Gaussian site.
+
+    The initial, transition and observation factors (information form, from
+    :func:`~pyro_mpt.compat.gaussian_hmm_factors`) are placed into one precision matrix over
+    :math:`(z_{-1}, z_0, \dots, z_{T-1}, x_0, \dots, x_{T-1})` and the states are
+    marginalised out by a Schur complement:
+
+    .. math::
+        \Lambda_x = \Lambda_{xx} - \Lambda_{xz}\Lambda_{zz}^{-1}\Lambda_{zx}, \quad
+        \eta_x = \eta_x - \Lambda_{xz}\Lambda_{zz}^{-1}\eta_z, \quad
+        x \sim \mathcal N(\Lambda_x^{-1}\eta_x, \Lambda_x^{-1}).
+
+    Dense in :math:`T \cdot d_x` (fine for moderate ``T``); the loop over the ``T`` steps
+    only places blocks.
+
+    :param fn: the site's distribution.
+    :param int num_steps: ``T``, the length of the observed sequence.
+    """
+    # an Independent Normal observation noise comes as a lazy AffineNormal: make it dense
+    init, trans, obs = (
+        g.to_gaussian() if hasattr(g, "to_gaussian") else g for g in gaussian_hmm_factors(fn)
+    )
+    H, O, T = fn.hidden_dim, fn.obs_dim, num_steps
+    Z = H * (T + 1)
+    batch = tuple(fn.batch_shape)
+    init = init.expand(batch)
+    trans, obs = trans.expand(batch + (T,)), obs.expand(batch + (T,))
+    ref = init.precision
+    prec = ref.new_zeros(*batch, Z + T * O, Z + T * O)
+    info = ref.new_zeros(*batch, Z + T * O)
+
+    def place(gauss, idx):
+        ix = torch.as_tensor(idx, device=ref.device)
+        prec[..., ix.unsqueeze(-1), ix] += gauss.precision
+        info[..., ix] += gauss.info_vec
+
+    place(init, list(range(H)))
+    for t in range(T):  # only places each step's blocks
+        step = trans.precision[..., t, :, :], trans.info_vec[..., t, :]
+        place(_Block(*step), list(range(H * t, H * (t + 2))))
+        zt, xt = range(H * (t + 1), H * (t + 2)), range(Z + O * t, Z + O * (t + 1))
+        place(_Block(obs.precision[..., t, :, :], obs.info_vec[..., t, :]), [*zt, *xt])
+    joint = Gaussian(ref.new_zeros(batch), info, prec)
+    marginal = joint.marginalize(left=Z)
+    cov = torch.cholesky_inverse(torch.linalg.cholesky(marginal.precision))
+    loc = (cov @ marginal.info_vec.unsqueeze(-1)).squeeze(-1)
+    return dist.MultivariateNormal(loc, covariance_matrix=cov)
+
+
+class _Block:
+    """A precision block and its information vector (one time step of a factor)."""
+
+    def __init__(self, precision, info_vec):
+        self.precision, self.info_vec = precision, info_vec

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..compat import gaussian_parts
-from .hmm_sites import DiscreteHMMKernel, hmm_factors
+from .hmm_sites import DiscreteHMMKernel, gaussian_hmm_joint, hmm_factors, is_whole_sequence
 from .kernels import DenseGaussianKernel, FactorizedKernel, LowRankGaussianKernel
 from .particles import flatten_particles, particle_shape
 
@@ -87,6 +87,8 @@ def build_kernels(trace, layout: TokenLayout, extra_tensors=()) -> tuple[list, t
             per_site.append((info, site_token_log_probs(site, layout)))
         elif info.kind == "hmm":
             per_site.append((info, hmm_factors(site["fn"], site["value"])))
+        elif is_whole_sequence(site["fn"]):  # a GaussianHMM: its joint over time steps
+            per_site.append((info, gaussian_hmm_joint(site["fn"], info.event_shape[0])))
         else:
             per_site.append((info, site["fn"]))
     shapes = []
@@ -107,6 +109,7 @@ def build_kernels(trace, layout: TokenLayout, extra_tensors=()) -> tuple[list, t
             kernels.append((sl, DiscreteHMMKernel(*flat)))
         else:
             value = trace.nodes[info.name]["value"]
+            value = value.flatten(-len(info.event_shape)) if info.event_shape else value
             x = flatten_particles(value, layout, (), 1)[0]  # observations: (N, T)
             kernels.append((sl, _gaussian_kernel(obj, x, layout, lead)))
     return kernels, lead

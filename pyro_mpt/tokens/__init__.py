@@ -14,7 +14,7 @@ data points (Bayesian linear regression with a latent weight vector).
 from dataclasses import dataclass, field
 
 import torch
-from pyro.distributions import DiscreteHMM
+from pyro.distributions import DiscreteHMM, GaussianHMM
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal
 
@@ -34,7 +34,8 @@ class ObservedSite:
     :ivar int offset: index of its first token in the pooled token axis.
     :ivar int num_tokens: its number of tokens per sequence.
     :ivar str kind: ``"factorized"`` (per-token log-probabilities exist given the latents),
-        ``"lowrank"`` or ``"dense"`` (Gaussian, conditioned in closed form), ``"hmm"`` (a
+        ``"lowrank"`` or ``"dense"`` (Gaussian, conditioned in closed form; a
+        ``GaussianHMM``'s ``T x obs_dim`` observations, time-major), ``"hmm"`` (a
         ``DiscreteHMM``: its time steps are the tokens, conditioned by forward-backward).
     """
 
@@ -92,6 +93,8 @@ def _plate_frames(site):
 def _gaussian_kind(fn):
     if isinstance(fn, DiscreteHMM):  # a whole sequence: its time steps are the tokens
         return "hmm"
+    if isinstance(fn, GaussianHMM):  # its observations are jointly Gaussian
+        return "dense"
     if isinstance(fn, LowRankMultivariateNormal):
         return "lowrank"
     if isinstance(fn, MultivariateNormal):
@@ -174,8 +177,9 @@ def _read_site(s, offset, P, token_plate, token_dim):
         )
     if token_plate is None:
         token_shape = _token_event_shape(fn, name)
-        if isinstance(fn, DiscreteHMM):  # its event_shape says 1 step when any length fits
-            token_shape = (value.shape[value.dim() - fn.event_dim],)
+        if isinstance(fn, (DiscreteHMM, GaussianHMM)):  # event_shape says 1 step if any fits
+            token_shape = tuple(value.shape[value.dim() - fn.event_dim :])
+            token_shape = token_shape[:1] if isinstance(fn, DiscreteHMM) else token_shape
         num = 1
         for d in token_shape:
             num *= d
