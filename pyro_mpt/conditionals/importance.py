@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING
 
 from ..options import check_positive_int, renamed_keyword
 from .base import Conditionals
-from .particles import ParticleScorer, combine_log_weights, latent_log_prob, particle_trace
+from .particles import (
+    ParticleScorer,
+    PerTokenLatent,
+    combine_log_weights,
+    enumerated_dims,
+    latent_log_prob,
+    particle_trace,
+)
 from .sites import build_kernels
 
 if TYPE_CHECKING:
@@ -34,8 +41,25 @@ __all__ = ["ImportanceConditionals"]
 
 
 def enumerated_log_weight(trace, layout: TokenLayout) -> list:
-    """log p(c) of the enumerated sites, as ``(tensor, extra_ndim=0)`` pairs."""
-    return [(lp, 0) for lp in latent_log_prob(trace, layout.enumerated, layout)]
+    """log p(c) of the enumerated sites, as ``(tensor, extra_ndim=0)`` pairs.
+
+    :raises ValueError: when the enumerated sites cannot be particles jointly with the
+        draws: ``pyro.markov`` recycled their enumeration dims (a Markov chain), or one
+        varies along the token plate; both are summed out exactly by ``"mixed"``."""
+    dims = list(enumerated_dims(trace).values())
+    why = None
+    if len(set(dims)) < len(dims):
+        why = "pyro.markov recycles their enumeration dims (a Markov chain)"
+    else:
+        try:
+            return [(lp, 0) for lp in latent_log_prob(trace, layout.enumerated, layout)]
+        except PerTokenLatent as e:
+            why = f"{e.site!r} sits inside token_plate {layout.token_plate!r}"
+    raise ValueError(
+        f"conditionals='importance' enumerates the sites {layout.enumerated} jointly with its "
+        f"draws, which is wrong here: {why}; use conditionals='mixed' (what 'auto' picks), "
+        "which sums them out by variable elimination for each draw"
+    )
 
 
 def check_discrete_latents(trace, layout: TokenLayout, backend: str) -> None:
