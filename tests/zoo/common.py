@@ -30,6 +30,7 @@ class ZooCase:
     num_samples: int = 1000  # MaskedELBO's prior draws
     ref_samples: int = 20000  # the reference's importance draws
     check_stratified: bool = True
+    num_masks: int = 10  # MaskedELBO's mask draws
 
 
 def empty_guide(*args, **kwargs):
@@ -43,7 +44,7 @@ def trace_enum_exact(model, args, max_plate_nesting):
     return -elbo.loss(model, empty_guide, *args)
 
 
-def run_case(case: ZooCase, seed: int = 0, num_masks: int = 10) -> dict:
+def run_case(case: ZooCase, seed: int = 0) -> dict:
     """The reference and both MaskedELBO estimates of ``case``, with their times."""
     pyro.set_rng_seed(seed)
     out = {"exact": float(case.exact())}
@@ -55,7 +56,10 @@ def run_case(case: ZooCase, seed: int = 0, num_masks: int = 10) -> dict:
     out["ref"] = ref
     for estimator in ("chain", "stratified"):
         elbo = MaskedELBO(
-            estimator=estimator, num_masks=num_masks, num_samples=case.num_samples, **case.options
+            estimator=estimator,
+            num_masks=case.num_masks,
+            num_samples=case.num_samples,
+            **case.options,
         )
         start = time.perf_counter()
         with torch.no_grad():

@@ -10,6 +10,7 @@ it is refused before running, naming the site."""
 from __future__ import annotations
 
 import itertools
+import math
 from types import SimpleNamespace
 
 import pyro
@@ -126,7 +127,43 @@ def model_3(sequences, lengths, args, batch_size=None):
 
 
 def model_1_with_priors(sequences, lengths, args, batch_size=None, include_prior=True):
-    """hmm.py's model_1 as written, Dirichlet and Beta priors included."""
+    """hmm.py's model_1 as written, Dirichlet and Beta priors included, except that the
+    global probabilities are indexed with ``Vindex`` (``Vindex(probs_x)[..., x, :]``, and
+    the tones plate's index as model_2 does) so that the model broadcasts over a batch of
+    prior draws; hmm.py's ``probs_x[x]`` indexes the draws' dim instead (see
+    :func:`test_literal_model_1_fails_loudly_under_draws`)."""
+    num_sequences, max_length, data_dim = map(int, sequences.shape)
+    with poutine.mask(mask=include_prior):
+        probs_x = pyro.sample(
+            "probs_x", dist.Dirichlet(0.9 * torch.eye(args.hidden_dim, dtype=F64) + 0.1).to_event(1)
+        )
+        probs_y = pyro.sample(
+            "probs_y",
+            dist.Beta(torch.tensor(0.1, dtype=F64), 0.9)
+            .expand([args.hidden_dim, data_dim])
+            .to_event(2),
+        )
+    tones_plate = pyro.plate("tones", data_dim, dim=-1)
+    with pyro.plate("sequences", num_sequences, batch_size, dim=-2) as batch:
+        lengths = lengths[batch]
+        x = 0
+        for t in pyro.markov(range(lengths.max())):
+            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                x = pyro.sample(
+                    f"x_{t}",
+                    dist.Categorical(Vindex(probs_x)[..., x, :]),
+                    infer={"enumerate": "parallel"},
+                )
+                with tones_plate as tones:
+                    pyro.sample(
+                        f"y_{t}",
+                        dist.Bernoulli(Vindex(probs_y)[..., x, tones]),
+                        obs=sequences[batch, t],
+                    )
+
+
+def model_1_literal(sequences, lengths, args, batch_size=None, include_prior=True):
+    """hmm.py's model_1 verbatim (``probs_x[x]``, ``probs_y[x.squeeze(-1)]``)."""
     num_sequences, max_length, data_dim = map(int, sequences.shape)
     with poutine.mask(mask=include_prior):
         probs_x = pyro.sample(
@@ -151,6 +188,43 @@ def model_1_with_priors(sequences, lengths, args, batch_size=None, include_prior
                     pyro.sample(
                         f"y_{t}", dist.Bernoulli(probs_y[x.squeeze(-1)]), obs=sequences[batch, t]
                     )
+
+
+ONE_SEQUENCE = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]], dtype=F64)
+ONE_LENGTH = torch.tensor([4])
+
+
+def model_1_priors_exact():
+    r"""Brute force over the :math:`H^T` hidden paths of the one sequence, with the priors
+    integrated in closed form: each row of ``probs_x`` gives a Dirichlet-multinomial of its
+    transition counts (the chain starts from state 0, as ``x = 0`` does), each
+    ``probs_y[h, d]`` a Beta-Bernoulli of the tones emitted in state ``h``."""
+    alpha = 0.9 * torch.eye(H, dtype=F64) + 0.1
+    seq, terms = ONE_SEQUENCE[0], []
+    for path in itertools.product(range(H), repeat=len(seq)):
+        counts, prev = torch.zeros(H, H, dtype=F64), 0
+        for state in path:
+            counts[prev, state] += 1
+            prev = state
+        lp = torch.lgamma(alpha.sum(-1)) - torch.lgamma(alpha.sum(-1) + counts.sum(-1))
+        lp = (lp + (torch.lgamma(alpha + counts) - torch.lgamma(alpha)).sum(-1)).sum()
+        states = torch.tensor(path)
+        for h in range(H):
+            emitted = seq[states == h]
+            k, n = emitted.sum(0), float(len(emitted))
+            lp = (
+                lp
+                + (
+                    torch.lgamma(0.1 + k)
+                    + torch.lgamma(0.9 + n - k)
+                    - math.lgamma(1.0 + n)
+                    - math.lgamma(0.1)
+                    - math.lgamma(0.9)
+                    + math.lgamma(1.0)
+                ).sum()
+            )
+        terms.append(lp)
+    return float(torch.logsumexp(torch.stack(terms), 0))
 
 
 def _tones(seed=1):
@@ -219,6 +293,20 @@ CASES = [
     _case("hmm.py model_2 (probs fixed)", model_2, check_stratified=False),
     _case("hmm.py model_3 (probs fixed)", model_3),
     ZooCase(
+        "hmm.py model_1 with priors, 1 seq",
+        model_1_with_priors,
+        (ONE_SEQUENCE, ONE_LENGTH, ARGS),
+        model_1_priors_exact,
+        "importance",
+        {"token_plate": "tones"},
+        # the stratified draws are skewed here (a few masks hide the one informative
+        # tone): 60 masks for an honest standard error; the spiky Beta(0.1, 0.9) prior
+        # needs many reference draws
+        num_samples=300,
+        ref_samples=100_000,
+        num_masks=60,
+    ),
+    ZooCase(
         "Categorical HMM", categorical_hmm, (SYMBOLS,), lambda: forward_algorithm(SYMBOLS), "exact"
     ),
     ZooCase("DiscreteHMM site", discrete_hmm, (SIGNAL,), discrete_hmm_exact, "exact"),
@@ -230,9 +318,20 @@ def test_hmm_zoo(case):
     check_case(case, run_case(case))
 
 
+def test_literal_model_1_fails_loudly_under_draws():
+    """With hmm.py's own indexing the global draws are indexed as if they were states: Pyro
+    stops at the first observed site with a shape error naming it, before any estimate."""
+    with pytest.raises(
+        ValueError, match="Shape mismatch inside plate\\('sequences'\\) at site y_0"
+    ):
+        log_marginal_likelihood(
+            model_1_literal, ONE_SEQUENCE, ONE_LENGTH, ARGS, token_plate="tones"
+        )
+
+
 def test_model_1_with_priors_is_refused_before_running():
-    """Global Dirichlet/Beta latents shared by every sequence make the sequences dependent;
-    the error names the site and the way out, and no particle is drawn."""
+    """With several sequences, global Dirichlet/Beta latents shared by every sequence make
+    the sequences dependent; the error names the site and the way out."""
     with pytest.raises(ValueError, match="latent site 'probs_x' is shared by the sequences"):
         log_marginal_likelihood(model_1_with_priors, SEQUENCES, LENGTHS, ARGS, token_plate="tones")
 
