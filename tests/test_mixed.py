@@ -142,3 +142,44 @@ def test_mixed_by_name_takes_its_options():
     backend = get_conditionals("mixed", layout, num_samples=5, max_elements=1000)
     assert (backend.num_samples, backend.max_elements) == (5, 1000)
     assert repr(backend) == "MixedConditionals(num_samples=5)"
+
+
+def per_sequence_mixture(x):
+    """One enumerated class per sequence, then a continuous latent given it."""
+    with pyro.plate("seqs", x.shape[0]):
+        z = pyro.sample("z", dist.Categorical(INIT), infer={"enumerate": "parallel"})
+        mu = pyro.sample("mu", dist.Normal(Vindex(LOCS)[z], 1.0))
+        pyro.sample("x", dist.Normal(mu.unsqueeze(-1), 1.0).to_event(1), obs=x)
+
+
+def test_mixed_enumerates_jointly_where_that_is_exact():
+    """One enumerated value per sequence with a dim of its own: the draws and the support
+    are particles jointly (the importance scorer, same particles, same values)."""
+    from pyro_mpt.conditionals import ParticleScorer
+
+    layout, trace = _layout(per_sequence_mixture, X)
+    everything = torch.ones(1, N, T, dtype=torch.bool)
+    pyro.set_rng_seed(4)
+    mixed = MixedConditionals(32).scorer(per_sequence_mixture, (X,), {}, layout, trace)
+    pyro.set_rng_seed(4)
+    imp = ImportanceConditionals(32).scorer(per_sequence_mixture, (X,), {}, layout, trace)
+    assert isinstance(mixed, ParticleScorer)
+    assert torch.equal(mixed.log_evidence(everything), imp.log_evidence(everything))
+
+
+def test_mixed_refuses_a_continuous_latent_that_depends_on_an_eliminated_chain():
+    def model(x):
+        with pyro.plate("seqs", x.shape[0]):
+            z = None
+            for t in pyro.markov(range(x.shape[1])):
+                probs = INIT if z is None else Vindex(TRANS)[z]
+                z = pyro.sample(f"z_{t}", dist.Categorical(probs), infer={"enumerate": "parallel"})
+                if t == 0:
+                    scale = pyro.sample("scale", dist.LogNormal(Vindex(LOCS)[z], 0.5))
+                pyro.sample(f"x_{t}", dist.Normal(Vindex(LOCS)[z], scale), obs=x[:, t])
+
+    layout, trace = _layout(model, X)
+    with pytest.raises(
+        ValueError, match="latent site 'scale' is continuous and depends on enumerated"
+    ):
+        MixedConditionals(8).scorer(model, (X,), {}, layout, trace)

@@ -36,10 +36,10 @@ import torch
 from pyro.poutine.messenger import Messenger
 
 from ..options import check_positive_int, resolve_max_elements
-from .base import Conditionals
+from .base import Conditionals, Scorer
 from .elimination import EliminationScorer
 from .evidence import MASK_PLATE, EvidenceMessenger, contract_evidence
-from .importance import check_discrete_latents
+from .importance import JointEnumerationError, check_discrete_latents, particle_scorer
 from .particles import particle_trace
 
 if TYPE_CHECKING:
@@ -123,10 +123,28 @@ class MixedEliminationScorer(EliminationScorer):
         return torch.logsumexp(logz, 1) - math.log(S)
 
 
+def _check_independent_of_enumerated(trace, values: dict, layout: TokenLayout) -> None:
+    """A continuous latent drawn with enumeration dims left of the particle plate depends on
+    an enumerated site: its draws would differ per enumerated value, which prior draws
+    shared by every configuration cannot represent."""
+    P = layout.max_plate_nesting
+    for name, value in values.items():
+        if value.dim() > P + 1 + trace.nodes[name]["fn"].event_dim:
+            raise ValueError(
+                f"latent site {name!r} is continuous and depends on enumerated site(s) "
+                f"{layout.enumerated}: conditionals='mixed' draws the continuous latents once "
+                "for every enumerated configuration, so they must not depend on enumerated "
+                "ones (here the enumerated sites also need elimination: a pyro.markov chain "
+                "or a per-token site); integrate the continuous latent out in the model"
+            )
+
+
 class MixedConditionals(Conditionals):
     r"""Continuous latents by ``num_samples`` prior draws, enumerated latents summed out
     exactly for each draw (:class:`MixedEliminationScorer`). ``"auto"`` picks it for a
-    model with both kinds of latents.
+    model with both kinds of latents. Where the enumerated sites can simply be enumerated
+    jointly with the draws (each has a dim of its own and one value per sequence), it
+    returns ``"importance"``'s particle scorer instead: the same estimate, scored faster.
 
     :param int num_samples: ``S``, prior draws of the continuous latents per step.
     :param int max_elements: memory budget of one chunk of items; ``None``: the default of
@@ -147,14 +165,23 @@ class MixedConditionals(Conditionals):
     def check(self, layout: TokenLayout, trace) -> None:
         check_discrete_latents(trace, layout, self.name)
 
-    def scorer(
-        self, model, args: tuple, kwargs: dict, layout: TokenLayout, trace
-    ) -> MixedEliminationScorer:
+    def scorer(self, model, args: tuple, kwargs: dict, layout: TokenLayout, trace) -> Scorer:
+        """Where every enumerated site has a dim of its own and one value per sequence, the
+        draws and the enumerated support are particles jointly (what ``"importance"`` does:
+        the same estimate, scored faster); otherwise a :class:`MixedEliminationScorer`.
+
+        :raises ValueError: for a continuous latent that depends on an enumerated site
+            (when elimination is needed), naming it."""
         self.check(layout, trace)
         S = self.num_samples
         tr = particle_trace(model, args, kwargs, layout, num_particles=S)
+        try:
+            return particle_scorer(tr, layout, S)
+        except JointEnumerationError:
+            pass  # a Markov chain or a per-token site: eliminate it for each draw
         enumerated = set(layout.enumerated)
         values = {n: tr.nodes[n]["value"] for n in layout.latents if n not in enumerated}
+        _check_independent_of_enumerated(tr, values, layout)
         budget = resolve_max_elements(self.max_elements, layout.device)
         return MixedEliminationScorer(model, args, kwargs, layout, values, S, tr, budget)
 
