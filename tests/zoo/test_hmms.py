@@ -275,6 +275,35 @@ def discrete_hmm_exact():
     return float(hmm.log_prob(SIGNAL).sum())
 
 
+def noisy_categorical_hmm(signal):
+    """The Categorical HMM's chain emitting Normal values whose scale is a per-sequence
+    continuous latent (mixed latents with a pyro.markov chain)."""
+    with pyro.plate("sequences", signal.shape[0], dim=-1):
+        scale = pyro.sample("scale", dist.LogNormal(torch.tensor(0.0, dtype=F64), 0.5))
+        z = None
+        for t in pyro.markov(range(signal.shape[1])):
+            probs = INITIAL if z is None else Vindex(TRANSITION)[z]
+            z = pyro.sample(f"z_{t}", dist.Categorical(probs), infer={"enumerate": "parallel"})
+            pyro.sample(f"x_{t}", dist.Normal(Vindex(LOCS)[z], scale), obs=signal[:, t])
+
+
+def noisy_hmm_exact():
+    r"""Per sequence, a forward algorithm for each scale on a fine midpoint grid of
+    :math:`\log s \in [-3, 3]` (12 prior standard deviations), integrated against the
+    LogNormal prior: :math:`\sum_g p(\log s_g)\,\Delta\, p(x \mid s_g)`."""
+    grid = torch.linspace(-3.0, 3.0, 6001, dtype=F64)
+    step = grid[1] - grid[0]
+    mid = (grid[1:] + grid[:-1]) / 2  # (G,)
+    scale = mid.exp().view(-1, 1, 1)
+    emit = dist.Normal(LOCS, scale.unsqueeze(-1)).log_prob(SIGNAL.unsqueeze(-1))  # (G, N, T, C)
+    alpha = INITIAL.log() + emit[..., 0, :]
+    for t in range(1, SIGNAL.shape[1]):
+        alpha = torch.logsumexp(alpha.unsqueeze(-1) + TRANSITION.log(), -2) + emit[..., t, :]
+    log_lik = torch.logsumexp(alpha, -1)  # (G, N)
+    log_prior = dist.Normal(0.0, 0.5).log_prob(mid).unsqueeze(-1) + step.log()
+    return float(torch.logsumexp(log_prior + log_lik, 0).sum())
+
+
 def _case(name, model, max_plate_nesting=2, check_stratified=True):
     def exact():
         return trace_enum_exact(model, (SEQUENCES, LENGTHS, ARGS), max_plate_nesting)
@@ -310,6 +339,14 @@ CASES = [
         "Categorical HMM", categorical_hmm, (SYMBOLS,), lambda: forward_algorithm(SYMBOLS), "exact"
     ),
     ZooCase("DiscreteHMM site", discrete_hmm, (SIGNAL,), discrete_hmm_exact, "exact"),
+    ZooCase(
+        "HMM, latent noise scale",
+        noisy_categorical_hmm,
+        (SIGNAL,),
+        noisy_hmm_exact,
+        "importance",
+        num_samples=300,
+    ),
 ]
 
 
