@@ -6,6 +6,7 @@ built here from the generative recursion (states as affine maps of standard-norm
 from __future__ import annotations
 
 import itertools
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -114,3 +115,33 @@ def test_masked_conditionals_are_gaussian_conditioning():
             var = cov[j, j] - w @ s_jo
             want = dist.Normal(mean, var.sqrt()).log_prob(v[j])
             assert float(got[r, j]) == pytest.approx(float(want), abs=1e-9)
+
+
+def test_latent_noise_scale_is_mixed_over_draws():
+    """A per-series LogNormal observation scale: "importance" draws it and scores each draw's
+    joint Gaussian; the evidence is logmeanexp of GaussianHMM.log_prob over the same draws."""
+
+    def model(series):
+        with pyro.plate("series", series.shape[0]):
+            s = pyro.sample("s", dist.LogNormal(torch.tensor(0.0, dtype=F64), 0.3))
+            noise = dist.Normal(torch.zeros(O, dtype=F64), s.unsqueeze(-1).unsqueeze(-1))
+            hmm = dist.GaussianHMM(
+                dist.MultivariateNormal(INIT_LOC, scale_tril=INIT_TRIL),
+                TRANS,
+                dist.MultivariateNormal(NOISE_LOC, scale_tril=0.5 * torch.eye(H, dtype=F64)),
+                OBS,
+                noise.to_event(1),
+            )
+            pyro.sample("obs", hmm, obs=series)
+
+    trace = poutine.trace(model).get_trace(SERIES)
+    layout = read_layout(trace)
+    backend = get_conditionals("auto", layout, num_samples=5)
+    pyro.set_rng_seed(0)
+    scorer = backend.scorer(model, (SERIES,), {}, layout, trace)
+    pyro.set_rng_seed(0)
+    drawn = poutine.trace(pyro.plate("_mpt_particles", 5, dim=-2)(model)).get_trace(SERIES)
+    lp = drawn.nodes["obs"]["fn"].log_prob(SERIES)  # (5, N), Pyro's own density per draw
+    want = torch.logsumexp(lp, 0) - math.log(5)
+    got = scorer.log_evidence(torch.ones(1, N, T * O, dtype=torch.bool))[0]
+    assert torch.allclose(got, want, atol=1e-10)
