@@ -40,12 +40,13 @@ from .base import Conditionals, Scorer
 from .elimination import EliminationScorer
 from .evidence import MASK_PLATE, EvidenceMessenger, contract_evidence
 from .importance import JointEnumerationError, check_discrete_latents, particle_scorer
-from .particles import particle_trace
+from .kernels import FactorizedKernel
+from .particles import ParticleScorer, enumerated_dims, flatten_particles, particle_trace
 
 if TYPE_CHECKING:
     from ..tokens import TokenLayout
 
-__all__ = ["MixedConditionals", "MixedEliminationScorer", "has_mixed_latents"]
+__all__ = ["MixedConditionals", "MixedEliminationScorer", "has_mixed_latents", "per_token_scorer"]
 
 
 def has_mixed_latents(layout: TokenLayout) -> bool:
@@ -139,6 +140,38 @@ def _check_independent_of_enumerated(trace, values: dict, layout: TokenLayout) -
             )
 
 
+def per_token_scorer(trace, layout: TokenLayout, num_samples: int) -> ParticleScorer | None:
+    r"""The fast route when every enumerated site sits inside the token plate with a dim of
+    its own and one observed site holds the tokens (a mixture assignment per data point):
+    given a draw :math:`\theta_s` the tokens are independent, with
+
+    .. math:: l_{s,t} = \log \sum_{c_t} p(c_t \mid \theta_s)\, p(x_t \mid c_t, \theta_s),
+
+    so a :class:`~pyro_mpt.conditionals.kernels.FactorizedKernel` over the draws gives the
+    same conditionals as elimination, by matrix products. ``None`` where it does not apply.
+    """
+    if layout.token_plate is None or len(layout.sites) != 1:
+        return None
+    dims = enumerated_dims(trace)
+    if len(set(dims.values())) < len(dims):
+        return None
+    P = layout.max_plate_nesting
+    total = 0.0
+    for name in [layout.sites[0].name, *layout.enumerated]:
+        site = trace.nodes[name]
+        if layout.token_plate not in {f.name for f in site["cond_indep_stack"]}:
+            return None  # an enumerated site shared by the tokens couples them
+        total = total + site["fn"].log_prob(site["value"])
+    lead = total.dim() - P - 1  # enumeration dims, left of the particle plate
+    table = total.logsumexp(tuple(range(lead))) if lead > 0 else total
+    table = table.reshape((1,) * (P + 1 - table.dim()) + tuple(table.shape))
+    table = table.movedim(layout.token_dim, -1)  # (S, *sequence dims, T)
+    S = table.shape[0]
+    kernel = FactorizedKernel(flatten_particles(table, layout, (S,), 1))
+    log_w0 = table.new_full((S, layout.num_sequences), -math.log(num_samples))
+    return ParticleScorer([(slice(0, layout.num_tokens), kernel)], layout, log_w0)
+
+
 class MixedConditionals(Conditionals):
     r"""Continuous latents by ``num_samples`` prior draws, enumerated latents summed out
     exactly for each draw (:class:`MixedEliminationScorer`). ``"auto"`` picks it for a
@@ -168,7 +201,8 @@ class MixedConditionals(Conditionals):
     def scorer(self, model, args: tuple, kwargs: dict, layout: TokenLayout, trace) -> Scorer:
         """Where every enumerated site has a dim of its own and one value per sequence, the
         draws and the enumerated support are particles jointly (what ``"importance"`` does:
-        the same estimate, scored faster); otherwise a :class:`MixedEliminationScorer`.
+        the same estimate, scored faster); where each is per token,
+        :func:`per_token_scorer`; otherwise a :class:`MixedEliminationScorer`.
 
         :raises ValueError: for a continuous latent that depends on an enumerated site
             (when elimination is needed), naming it."""
@@ -179,6 +213,9 @@ class MixedConditionals(Conditionals):
             return particle_scorer(tr, layout, S)
         except JointEnumerationError:
             pass  # a Markov chain or a per-token site: eliminate it for each draw
+        fast = per_token_scorer(tr, layout, S)
+        if fast is not None:
+            return fast
         enumerated = set(layout.enumerated)
         values = {n: tr.nodes[n]["value"] for n in layout.latents if n not in enumerated}
         _check_independent_of_enumerated(tr, values, layout)

@@ -17,7 +17,9 @@ import torch
 from pyro.ops.indexing import Vindex
 
 from pyro_mpt import MaskedELBO
-from pyro_mpt.conditionals import MixedConditionals, get_conditionals
+from pyro_mpt.conditionals import MixedConditionals, ParticleScorer, get_conditionals
+from pyro_mpt.conditionals.mixed import MixedEliminationScorer
+from pyro_mpt.conditionals.particles import particle_trace
 from pyro_mpt.tokens import read_layout
 
 from .common import ZooCase, check_case, run_case, trace_enum_exact
@@ -104,14 +106,39 @@ def test_mixed_chain_is_close():
     assert (draws - gmm_latent_exact()).abs().max() < 0.5
 
 
+def _both_routes(model, data, token_plate, num_samples):
+    """The mixed scorer "auto" builds (the per-token fast route here) and the elimination
+    route, over the same draws."""
+    layout = _layout(model, data, token_plate=token_plate)
+    trace = pyro.poutine.trace(model).get_trace(data)
+    pyro.set_rng_seed(3)
+    fast = MixedConditionals(num_samples).scorer(model, (data,), {}, layout, trace)
+    pyro.set_rng_seed(3)
+    drawn = particle_trace(model, (data,), {}, layout, num_particles=num_samples)
+    values = {n: drawn.nodes[n]["value"] for n in layout.latents if n not in layout.enumerated}
+    slow = MixedEliminationScorer(model, (data,), {}, layout, values, num_samples, drawn)
+    return layout, fast, slow
+
+
+@pytest.mark.parametrize("name", ["gmm", "lda"])
+def test_per_token_route_equals_elimination(name):
+    """Per-token enumerated sites summed out token by token (a factorized table over the
+    draws) give the conditionals and evidences of elimination over the same draws, for
+    every mask of a few shapes, to 1e-10."""
+    model, data, plate = {"gmm": (gmm_latent, DATA, "data"), "lda": (lda, WORDS, "words")}[name]
+    layout, fast, slow = _both_routes(model, data, plate, 20)
+    assert isinstance(fast, ParticleScorer) and fast.scores_orders
+    T, N = layout.num_tokens, layout.num_sequences
+    masks = torch.tensor(list(itertools.product([False, True], repeat=T)))
+    observed = masks.unsqueeze(1).expand(-1, N, -1)
+    assert torch.allclose(fast(observed, ~observed), slow(observed, ~observed), atol=1e-10)
+    assert torch.allclose(fast.log_evidence(observed), slow.log_evidence(observed), atol=1e-10)
+
+
 def test_mixed_conditionals_by_hand():
     """With S particles the mixed conditional is the weighted mixture of the exact
     per-particle conditionals; recomputed here from the particle values by brute force."""
-    pyro.set_rng_seed(3)
-    layout = _layout(gmm_latent, DATA, token_plate="data")
-    backend = MixedConditionals(num_samples=5)
-    trace = pyro.poutine.trace(gmm_latent).get_trace(DATA)
-    scorer = backend.scorer(gmm_latent, (DATA,), {}, layout, trace)
+    _, _, scorer = _both_routes(gmm_latent, DATA, "data", 5)
     w, mu = scorer.values["weights"].reshape(5, K), scorer.values["locs"].reshape(5, K)
     # per particle and token: log p(x_t | theta_s) = log sum_k w_k N(x_t; mu_k, sigma)
     lik = torch.logsumexp(
