@@ -9,9 +9,11 @@ Modules, low to high: :mod:`~pyro_mpt.conditionals.base` (the interface),
 :mod:`~pyro_mpt.conditionals.kernels` (per-site token kernels),
 :mod:`~pyro_mpt.conditionals.grid` (the midpoint grid),
 :mod:`~pyro_mpt.conditionals.particles` (weighted particles and their scorer),
+:mod:`~pyro_mpt.conditionals.hmm_sites` (``DiscreteHMM`` / ``GaussianHMM`` sites),
 :mod:`~pyro_mpt.conditionals.sites` (observed sites to kernels),
 :mod:`~pyro_mpt.conditionals.evidence` and :mod:`~pyro_mpt.conditionals.elimination`
-(variable elimination), then one module per backend.
+(variable elimination), then one module per backend (:mod:`~pyro_mpt.conditionals.mixed`:
+continuous latents by draws, enumerated ones summed out for each).
 
 Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
