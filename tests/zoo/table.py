@@ -97,14 +97,14 @@ def rows():
 def main():
     torch.set_num_threads(1)
     header = (
-        f"{'model':32s} {'method (ref/MPT)':22s} {'exact':>10s} {'|err| ref':>10s} "
+        f"{'model':34s} {'method (ref/MPT)':22s} {'exact':>10s} {'|err| ref':>10s} "
         f"{'z':>6s} {'|err| chain':>11s} {'|err| strat':>11s} {'z':>6s} {'time/Pyro':>9s}"
     )
     print(header)
     print("-" * len(header))
     for name, method, exact, e_ref, z_ref, e_chain, e_strat, z_strat, ratio in rows():
         print(
-            f"{name:32s} {method:22s} {exact:10.4f} {e_ref:10.2e} {z_ref:>6s} "
+            f"{name:34s} {method:22s} {exact:10.4f} {e_ref:10.2e} {z_ref:>6s} "
             f"{e_chain:11.2e} {e_strat:11.2e} {z_strat:>6s} {ratio:9.1f}"
         )
 
