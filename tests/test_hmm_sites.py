@@ -145,3 +145,36 @@ def test_particles_mix_the_site_over_latent_draws():
     want = torch.logsumexp(lp, 0) - math.log(6)
     got = scorer.log_evidence(torch.ones(1, N, T, dtype=torch.bool))[0]
     assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_mixture_of_discrete_hmms_is_exact():
+    """An enumerated class per sequence picks the chain's parameters: the enumerated support
+    is particles for the DiscreteHMM kernel; the reference, the chain and the exhaustive
+    estimate all equal :math:`\\sum_n \\log \\sum_k w_k\\, \\mathrm{HMM}_k(x_n)` to 1e-10."""
+    from pyro.ops.indexing import Vindex
+
+    weights = torch.tensor([0.3, 0.7], dtype=F64)
+    inits = torch.randn(2, C, generator=_G, dtype=F64)
+    trans = torch.randn(2, C, C, generator=_G, dtype=F64)
+    locs = torch.tensor([-2.0, 0.0, 2.0], dtype=F64)
+    x = torch.randn(N, 4, generator=_G, dtype=F64)
+
+    def model(data):
+        with pyro.plate("seqs", data.shape[0]):
+            k = pyro.sample("k", dist.Categorical(weights), infer={"enumerate": "parallel"})
+            # unsqueeze: a (C, C) matrix per class, not one per time step
+            hmm = dist.DiscreteHMM(
+                Vindex(inits)[k], Vindex(trans)[k].unsqueeze(-3), dist.Normal(locs, 1.0)
+            )
+            pyro.sample("obs", hmm, obs=data)
+
+    per_class = torch.stack(
+        [dist.DiscreteHMM(inits[j], trans[j], dist.Normal(locs, 1.0)).log_prob(x) for j in range(2)]
+    )
+    exact = float((per_class + weights.log().unsqueeze(-1)).logsumexp(0).sum())
+    ref = log_marginal_likelihood(model, x)
+    assert ref.method == "exact" and float(ref.total) == pytest.approx(exact, rel=1e-10)
+    for estimator in ("chain", "exhaustive"):
+        est = MaskedELBO(estimator=estimator, num_masks=2).estimate(model, None, x)
+        assert est.conditionals == "enumerate"
+        assert float(est.total.detach()) == pytest.approx(exact, rel=1e-10)
