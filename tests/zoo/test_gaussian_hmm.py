@@ -14,8 +14,10 @@ import pyro.poutine as poutine
 import pytest
 import torch
 
+from pyro_mpt import MaskedELBO
 from pyro_mpt.conditionals import get_conditionals
 from pyro_mpt.conditionals.hmm_sites import gaussian_hmm_joint
+from pyro_mpt.reference import log_marginal_likelihood
 from pyro_mpt.tokens import read_layout
 
 from .common import ZooCase, check_case, run_case
@@ -145,3 +147,29 @@ def test_latent_noise_scale_is_mixed_over_draws():
     want = torch.logsumexp(lp, 0) - math.log(5)
     got = scorer.log_evidence(torch.ones(1, N, T * O, dtype=torch.bool))[0]
     assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_vector_observations_are_element_tokens():
+    """With obs_dim 2 the site is read as the dense Gaussian of its ``T x 2`` elements
+    (time-major), like a MultivariateNormal site: the exact reference and the chain are
+    GaussianHMM.log_prob."""
+    obs_matrix = torch.randn(H, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
+    hmm = dist.GaussianHMM(
+        dist.MultivariateNormal(INIT_LOC, scale_tril=INIT_TRIL),
+        TRANS,
+        dist.MultivariateNormal(NOISE_LOC, scale_tril=0.5 * torch.eye(H, dtype=F64)),
+        obs_matrix,
+        dist.Normal(torch.zeros(2, dtype=F64), OBS_SCALE).to_event(1),
+    )
+    series = torch.randn(N, 3, 2, generator=torch.Generator().manual_seed(6), dtype=F64)
+
+    def model(data):
+        with pyro.plate("series", data.shape[0]):
+            pyro.sample("obs", hmm, obs=data)
+
+    layout = read_layout(poutine.trace(model).get_trace(series))
+    assert layout.num_tokens == 6
+    exact = float(hmm.log_prob(series).sum())
+    assert float(log_marginal_likelihood(model, series).total) == pytest.approx(exact, rel=1e-10)
+    chain = MaskedELBO(estimator="chain", num_masks=2).estimate(model, None, series)
+    assert float(chain.total) == pytest.approx(exact, rel=1e-10)
