@@ -264,9 +264,9 @@ def _estimator_lines(report):
         )
     if any(not r.unbiased for r in rows):
         lines.append("  * biased: its expectation is not log p(X)")
-    if any(r.conditionals == "importance" for r in rows):
+    if any(r.conditionals in ("importance", "mixed") for r in rows):
         lines.append(
-            "  s.e. covers the masks' randomness only: importance conditionals "
+            "  s.e. covers the masks' randomness only: importance (or mixed) conditionals "
             f"(mpt_samples = {report.settings.get('mpt_samples')}) add a particle "
             "error (O(1/S) bias) that it does not include"
         )

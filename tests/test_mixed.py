@@ -183,3 +183,16 @@ def test_mixed_refuses_a_continuous_latent_that_depends_on_an_eliminated_chain()
         ValueError, match="latent site 'scale' is continuous and depends on enumerated"
     ):
         MixedConditionals(8).scorer(model, (X,), {}, layout, trace)
+
+
+def test_report_says_mixed_conditionals_carry_a_particle_error():
+    import warnings
+
+    from pyro_mpt import evaluate
+
+    pyro.set_rng_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a small reference: its diagnostics may warn
+        report = evaluate(noisy_hmm, X, mpt_samples=64, reference_samples=2000, num_masks=2)
+    assert "mixed" in str(report)
+    assert "importance (or mixed) conditionals" in str(report)
