@@ -38,7 +38,7 @@ from pyro.poutine.messenger import Messenger
 from ..options import check_positive_int, resolve_max_elements
 from .base import Conditionals, Scorer
 from .elimination import EliminationScorer
-from .evidence import MASK_PLATE, EvidenceMessenger, contract_evidence
+from .evidence import MASK_PLATE, EvidenceMessenger, ProbeMessenger, contract_evidence
 from .importance import JointEnumerationError, check_discrete_latents, particle_scorer
 from .kernels import FactorizedKernel
 from .particles import ParticleScorer, enumerated_dims, flatten_particles, particle_trace
@@ -98,9 +98,6 @@ class MixedEliminationScorer(EliminationScorer):
         super().__init__(model, args, kwargs, enum_only, trace, max_elements)
         self.layout = layout
         self.values, self.num_samples = values, num_samples
-        # The probe route needs one scaling constant shared by all particles of an item;
-        # differences of evidences need none.
-        self.route = "differences"
 
     def _items_trace(self, B, messenger):
         P, S = self.layout.max_plate_nesting, self.num_samples
@@ -122,6 +119,61 @@ class MixedEliminationScorer(EliminationScorer):
         tr = self._items_trace(B * S, EvidenceMessenger(self._site_masks(items)))
         logz = contract_evidence(tr, self.layout, MASK_PLATE, B * S).reshape(B, S, N)
         return torch.logsumexp(logz, 1) - math.log(S)
+
+    def __call__(self, observed: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        """As :meth:`EliminationScorer.__call__`; with ``route="auto"`` the route is chosen by
+        the work per row, every item being ``S`` draws wide: a probe costs about 3
+        eliminations of the row's conditioning set (5 with gradients), differences cost
+        ``1 + m`` for a row scoring ``m`` tokens."""
+        if self.route != "auto":
+            return super().__call__(observed, scored)
+        probe = (5 if torch.is_grad_enabled() else 3) * observed.shape[0]
+        differences = observed.shape[0] + int(scored.sum(-1).amax(-1).sum())
+        self.route = "probe" if probe < differences else "differences"
+        try:
+            return super().__call__(observed, scored)
+        finally:
+            self.route = "auto"
+
+    def log_conditionals(self, observed: torch.Tensor) -> torch.Tensor:
+        r"""``(B, N, T)``: the probe route of
+        :meth:`~pyro_mpt.conditionals.elimination.EliminationScorer.log_conditionals` with
+        the draws as items. Each item :math:`(b, s)` gets its own probes :math:`t_{b,s}`
+        and scaling :math:`c_{b,s}`; with :math:`Z_b = \sum_s Z_{b,s}`,
+
+        .. math:: \hat p(x_u \mid x_{O_b}) = \sum_s c_{b,s,u}\,
+            \frac{\partial \log Z_b}{\partial t_{b,s,u}}\Big|_{t=0}
+            = \sum_s \frac{p(x_{O_b}, x_u \mid \theta_s)}{\sum_{s'} p(x_{O_b} \mid
+            \theta_{s'})},
+
+        the mixture :meth:`log_evidence` differences give, from one elimination."""
+        layout, S = self.layout, self.num_samples
+        B, N = observed.shape[0], layout.num_sequences
+        items = observed.repeat_interleave(S, 0)  # item b * S + s: evidence b, particle s
+        create_graph = torch.is_grad_enabled()
+        store = {}
+        with torch.enable_grad():
+            t = torch.zeros(items.shape, dtype=layout.dtype, device=items.device)
+            t.requires_grad_(True)
+            entries = {}
+            for site in layout.sites:
+                mode, obs = self._to_site(site, items)
+                entries[site.name] = (mode, obs, self._to_site(site, t)[1])
+            tr = self._items_trace(B * S, ProbeMessenger(entries, store))
+            logz = contract_evidence(tr, layout, MASK_PLATE, B * S).reshape(B, S, N)
+            (grad,) = torch.autograd.grad(
+                torch.logsumexp(logz, 1).sum(), t, create_graph=create_graph, allow_unused=True
+            )
+        if grad is None:  # nothing unobserved: the result is masked out below
+            grad = torch.ones_like(t)
+        logc = torch.cat(
+            [self._from_site(site, store[site.name], B * S) for site in layout.sites], -1
+        )
+        # a particle whose weight underflowed contributes 0; keep log(0) out of the graph
+        tiny = torch.finfo(grad.dtype).tiny
+        log_terms = torch.where(items, 1.0, grad).clamp_min(tiny).log() + logc
+        out = torch.logsumexp(log_terms.reshape(B, S, N, -1), 1)
+        return torch.where(observed, out.new_zeros(()), out)
 
 
 def _check_independent_of_enumerated(trace, values: dict, layout: TokenLayout) -> None:
