@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 __all__ = [
     "enumerate_dim",
     "enumerate_symbol",
+    "gaussian_hmm_factors",
     "gaussian_parts",
     "generalized_pareto_fit",
     "import_arviz",
@@ -80,3 +81,12 @@ def distribution_mask(fn: Any) -> Any:
     """The mask a :class:`pyro.distributions.MaskedDistribution` (``fn.mask(m)``) applies
     (a bool tensor or bool). Pyro keeps it in the private attribute ``_mask``."""
     return fn._mask
+
+
+def gaussian_hmm_factors(fn) -> tuple:
+    """The factors of a :class:`pyro.distributions.GaussianHMM` as
+    :class:`pyro.ops.gaussian.Gaussian` s: ``(initial over z_{-1}, transition over
+    (z_{t-1}, z_t), observation over (z_t, x_t))``, batched over time for the last two.
+    Pyro keeps them only in the private attributes ``_init``, ``_trans``, ``_obs`` (the
+    distributions it was built from are not stored). Only here."""
+    return fn._init, fn._trans, fn._obs

@@ -71,6 +71,7 @@ class MPTCurve:
         :param float level: the coverage :math:`\ell`.
         :returns: ``(low, high)``."""
         return t_interval(self.area, self.area_stderr, self.area_dof, level)
+
     #: sequences have different numbers of present tokens (Pyro's masks): ``scores[m - 1]``
     #: sums :math:`S_n(m)` over the sequences with :math:`T_n \ge m`
     ragged: bool = False

@@ -272,6 +272,12 @@ def _estimator_lines(report):
     lines += _interval_notes(report, rows)
     if any(not r.unbiased for r in rows):
         lines.append("  * biased: its expectation is not log p(X)")
+    if any(r.conditionals == "mixed" for r in rows):
+        lines.append(
+            "  s.e. of mixed conditionals covers the masks' randomness only: their draws "
+            f"(mpt_samples = {report.settings.get('mpt_samples')}) add a particle error "
+            "(O(1/S) bias) that it does not include"
+        )
     if not getattr(report.reference, "trustworthy", True):
         lines.append("  (z-scores against an UNRELIABLE reference are not meaningful)")
     return lines

@@ -22,7 +22,7 @@ from pyro_mpt.models import (
 from tests.conftest import assert_close
 
 VALID_ESTIMATORS = ["chain", "exhaustive", "fixed", "stratified", "uniform"]
-VALID_CONDITIONALS = ["auto", "enumerate", "gaussian", "importance", "quadrature"]
+VALID_CONDITIONALS = ["auto", "enumerate", "gaussian", "importance", "mixed", "quadrature"]
 
 
 def _X(N=12, T=5):

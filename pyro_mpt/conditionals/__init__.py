@@ -9,10 +9,13 @@ Modules, low to high: :mod:`~pyro_mpt.conditionals.base` (the interface),
 :mod:`~pyro_mpt.conditionals.kernels` (per-site token kernels),
 :mod:`~pyro_mpt.conditionals.grid` (the midpoint grid),
 :mod:`~pyro_mpt.conditionals.particles` (weighted particles and their scorer),
+:mod:`~pyro_mpt.conditionals.hmm_sites` (``DiscreteHMM`` / ``GaussianHMM`` sites),
 :mod:`~pyro_mpt.conditionals.sites` (observed sites to kernels),
 :mod:`~pyro_mpt.conditionals.evidence` and :mod:`~pyro_mpt.conditionals.elimination`
 (variable elimination), :mod:`~pyro_mpt.conditionals.affine` (linear-Gaussian models
-compiled to a Gaussian over the tokens), then one module per backend.
+compiled to a Gaussian over the tokens), then one module per backend
+(:mod:`~pyro_mpt.conditionals.mixed`: continuous latents by draws, enumerated ones summed out
+for each).
 
 Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
@@ -29,6 +32,7 @@ from .enumerate import EnumerateConditionals
 from .gaussian import GaussianConditionals
 from .importance import ImportanceConditionals
 from .linear_gaussian import LinearGaussianConditionals, detect_linear_gaussian
+from .mixed import MixedConditionals, has_mixed_latents
 from .particles import ParticleScorer
 from .quadrature import QuadratureConditionals, check_bounds
 
@@ -42,6 +46,7 @@ __all__ = [
     "GaussianConditionals",
     "ImportanceConditionals",
     "LinearGaussianConditionals",
+    "MixedConditionals",
     "ParticleScorer",
     "QuadratureConditionals",
     "Scorer",
@@ -58,6 +63,7 @@ CONDITIONALS: dict[str, type[Conditionals]] = {
         ImportanceConditionals,
         QuadratureConditionals,
         LinearGaussianConditionals,
+        MixedConditionals,
     )
 }
 
@@ -71,7 +77,9 @@ def choose_conditionals(
     model_call: tuple | None = None,
 ) -> Conditionals:
     """The ``"auto"`` rule: no latents -> ``"gaussian"`` (exact); only enumerated latents ->
-    ``"enumerate"`` (exact); a linear-Gaussian model (found from ``model_call``, see
+    ``"enumerate"`` (exact); enumerated and continuous latents -> ``"mixed"`` (continuous
+    ones by ``num_samples`` prior draws, enumerated ones summed out for each); a
+    linear-Gaussian model (found from ``model_call``, see
     :mod:`~pyro_mpt.conditionals.affine`) -> ``"linear_gaussian"`` (exact); otherwise
     ``"importance"`` with ``num_samples`` prior draws. The reason is logged.
 
@@ -96,6 +104,8 @@ def choose_conditionals(
         backend = GaussianConditionals()
     elif all(n in layout.enumerated for n in layout.latents):
         backend = EnumerateConditionals(resolve_max_elements(max_elements, layout.device))
+    elif has_mixed_latents(layout):
+        backend = MixedConditionals(num_samples, resolve_max_elements(max_elements, layout.device))
     else:
         backend = _linear_gaussian_or_none(layout, max_elements, model_call)
         backend = backend or ImportanceConditionals(num_samples)

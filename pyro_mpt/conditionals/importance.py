@@ -24,18 +24,47 @@ from typing import TYPE_CHECKING
 
 from ..options import check_positive_int, renamed_keyword
 from .base import Conditionals
-from .particles import ParticleScorer, combine_log_weights, latent_log_prob, particle_trace
+from .particles import (
+    ParticleScorer,
+    PerTokenLatent,
+    combine_log_weights,
+    enumerated_dims,
+    latent_log_prob,
+    particle_trace,
+)
 from .sites import build_kernels
 
 if TYPE_CHECKING:
     from ..tokens import TokenLayout
 
-__all__ = ["ImportanceConditionals"]
+__all__ = ["ImportanceConditionals", "JointEnumerationError", "particle_scorer"]
+
+
+class JointEnumerationError(ValueError):
+    """The enumerated sites cannot be particles jointly with the draws (see
+    :func:`enumerated_log_weight`)."""
 
 
 def enumerated_log_weight(trace, layout: TokenLayout) -> list:
-    """log p(c) of the enumerated sites, as ``(tensor, extra_ndim=0)`` pairs."""
-    return [(lp, 0) for lp in latent_log_prob(trace, layout.enumerated, layout)]
+    """log p(c) of the enumerated sites, as ``(tensor, extra_ndim=0)`` pairs.
+
+    :raises JointEnumerationError: when the enumerated sites cannot be particles jointly with the
+        draws: ``pyro.markov`` recycled their enumeration dims (a Markov chain), or one
+        varies along the token plate; both are summed out exactly by ``"mixed"``."""
+    dims = list(enumerated_dims(trace).values())
+    why = None
+    if len(set(dims)) < len(dims):
+        why = "pyro.markov recycles their enumeration dims (a Markov chain)"
+    else:
+        try:
+            return [(lp, 0) for lp in latent_log_prob(trace, layout.enumerated, layout)]
+        except PerTokenLatent as e:
+            why = f"{e.site!r} sits inside token_plate {layout.token_plate!r}"
+    raise JointEnumerationError(
+        f"conditionals='importance' enumerates the sites {layout.enumerated} jointly with its "
+        f"draws, which is wrong here: {why}; use conditionals='mixed' (what 'auto' picks), "
+        "which sums them out by variable elimination for each draw"
+    )
 
 
 def check_discrete_latents(trace, layout: TokenLayout, backend: str) -> None:
@@ -97,9 +126,17 @@ class ImportanceConditionals(Conditionals):
         self, model, args: tuple, kwargs: dict, layout: TokenLayout, trace
     ) -> ParticleScorer:
         self.check(layout, trace)
-        S = self.num_samples
-        tr = particle_trace(model, args, kwargs, layout, num_particles=S)
-        parts = enumerated_log_weight(tr, layout)
-        kernels, lead = build_kernels(tr, layout, parts)
-        log_w0 = combine_log_weights(parts, layout, lead, base=-math.log(S))
-        return ParticleScorer(kernels, layout, log_w0)
+        tr = particle_trace(model, args, kwargs, layout, num_particles=self.num_samples)
+        return particle_scorer(tr, layout, self.num_samples)
+
+
+def particle_scorer(trace, layout: TokenLayout, num_samples: int) -> ParticleScorer:
+    r"""The :class:`~pyro_mpt.conditionals.particles.ParticleScorer` of a trace with
+    ``num_samples`` prior draws and the enumerated sites' joint support:
+    :math:`\log w^0 = \log p(c) - \log S`.
+
+    :raises JointEnumerationError: see :func:`enumerated_log_weight`."""
+    parts = enumerated_log_weight(trace, layout)
+    kernels, lead = build_kernels(trace, layout, parts)
+    log_w0 = combine_log_weights(parts, layout, lead, base=-math.log(num_samples))
+    return ParticleScorer(kernels, layout, log_w0)

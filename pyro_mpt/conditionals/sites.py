@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..compat import gaussian_parts
+from .hmm_sites import DiscreteHMMKernel, gaussian_hmm_joint, hmm_factors, is_whole_sequence
 from .kernels import DenseGaussianKernel, FactorizedKernel, LowRankGaussianKernel
 from .particles import flatten_particles, particle_shape
 
@@ -84,9 +85,18 @@ def build_kernels(trace, layout: TokenLayout, extra_tensors=()) -> tuple[list, t
         site = trace.nodes[info.name]
         if info.kind == "factorized":
             per_site.append((info, site_token_log_probs(site, layout)))
+        elif info.kind == "hmm":
+            per_site.append((info, hmm_factors(site["fn"], site["value"])))
+        elif is_whole_sequence(site["fn"]):  # a GaussianHMM: its joint over time steps
+            per_site.append((info, gaussian_hmm_joint(site["fn"], info.event_shape[0])))
         else:
             per_site.append((info, site["fn"]))
-    shapes = [(obj if info.kind == "factorized" else obj.loc, 1) for info, obj in per_site]
+    shapes = []
+    for info, obj in per_site:
+        if info.kind == "hmm":
+            shapes.extend(obj)
+        else:
+            shapes.append((obj if info.kind == "factorized" else obj.loc, 1))
     lead = particle_shape(shapes + list(extra_tensors), P_seq)
 
     kernels = []
@@ -99,8 +109,12 @@ def build_kernels(trace, layout: TokenLayout, extra_tensors=()) -> tuple[list, t
             lp = flatten_particles(obj, layout, lead, 1)
             lp = lp if present is None else torch.where(present, lp, 0.0)
             kernels.append((sl, FactorizedKernel(lp)))
+        elif info.kind == "hmm":
+            flat = [flatten_particles(t, layout, lead, extra) for t, extra in obj]
+            kernels.append((sl, DiscreteHMMKernel(*flat)))
         else:
             value = trace.nodes[info.name]["value"]
+            value = value.flatten(-len(info.event_shape)) if info.event_shape else value
             x = flatten_particles(value, layout, (), 1)[0]  # observations: (N, T)
             x = x if present is None else torch.where(present, x, 0.0)
             kernels.append((sl, _gaussian_kernel(obj, x, layout, lead)))

@@ -101,6 +101,11 @@ def _choose_auto(problem, messages, max_elements=None) -> str:
             f"method='auto' chose 'importance': the latent site(s) {continuous} are not "
             f"enumerated and the model is {why}, so no exact value is available"
         )
+        if layout.enumerated:  # mixed latents: draws of the continuous ones only
+            messages.append(
+                f"importance: the enumerated site(s) {layout.enumerated} are summed out "
+                "exactly for each draw of the others (variable elimination per draw)"
+            )
         return "importance"
     why = (
         "the model has no latent sites"

@@ -14,6 +14,7 @@ data points (Bayesian linear regression with a latent weight vector).
 from dataclasses import dataclass, field
 
 import torch
+from pyro.distributions import DiscreteHMM, GaussianHMM
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal
 
@@ -35,7 +36,9 @@ class ObservedSite:
     :ivar int offset: index of its first token in the pooled token axis.
     :ivar int num_tokens: its number of tokens per sequence.
     :ivar str kind: ``"factorized"`` (per-token log-probabilities exist given the latents),
-        ``"lowrank"`` or ``"dense"`` (Gaussian, conditioned in closed form).
+        ``"lowrank"`` or ``"dense"`` (Gaussian, conditioned in closed form; a
+        ``GaussianHMM``'s ``T x obs_dim`` observations, time-major), ``"hmm"`` (a
+        ``DiscreteHMM``: its time steps are the tokens, conditioned by forward-backward).
     """
 
     name: str
@@ -103,6 +106,10 @@ def _plate_frames(site):
 
 
 def _gaussian_kind(fn):
+    if isinstance(fn, DiscreteHMM):  # a whole sequence: its time steps are the tokens
+        return "hmm"
+    if isinstance(fn, GaussianHMM):  # its observations are jointly Gaussian
+        return "dense"
     if isinstance(fn, LowRankMultivariateNormal):
         return "lowrank"
     if isinstance(fn, MultivariateNormal):
@@ -195,7 +202,10 @@ def _read_site(s, offset, P, token_plate, token_dim):
         )
     if token_plate is None:
         token_shape = _token_event_shape(fn, name)
-        if token_shape and _gaussian_kind(fn) is None:
+        if isinstance(fn, (DiscreteHMM, GaussianHMM)):  # event_shape says 1 step if any fits
+            token_shape = tuple(value.shape[value.dim() - fn.event_dim :])
+            token_shape = token_shape[:1] if isinstance(fn, DiscreteHMM) else token_shape
+        elif token_shape and _gaussian_kind(fn) is None:
             # Pyro broadcasts the data against the event (Normal(loc[..., None], s)
             # .to_event(1) with loc per sequence): the tokens are the data's elements
             event = tuple(value.shape[value.dim() - fn.event_dim :])[: len(token_shape)]
