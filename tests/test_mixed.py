@@ -195,7 +195,7 @@ def test_report_says_mixed_conditionals_carry_a_particle_error():
         warnings.simplefilter("ignore")  # a small reference: its diagnostics may warn
         report = evaluate(noisy_hmm, X, mpt_samples=64, reference_samples=2000, num_masks=2)
     assert "mixed" in str(report)
-    assert "importance (or mixed) conditionals" in str(report)
+    assert "s.e. of mixed conditionals covers the masks' randomness only" in str(report)
 
 
 def test_probe_route_equals_differences_in_value_and_gradient():
