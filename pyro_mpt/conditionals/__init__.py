@@ -29,6 +29,7 @@ from .gaussian import GaussianConditionals
 from .importance import ImportanceConditionals
 from .particles import ParticleScorer
 from .quadrature import QuadratureConditionals, check_bounds
+from .smc import SMCConditionals
 
 if TYPE_CHECKING:
     from ..tokens import TokenLayout
@@ -41,6 +42,7 @@ __all__ = [
     "ImportanceConditionals",
     "ParticleScorer",
     "QuadratureConditionals",
+    "SMCConditionals",
     "Scorer",
     "choose_conditionals",
     "get_conditionals",
@@ -54,6 +56,7 @@ CONDITIONALS: dict[str, type[Conditionals]] = {
         EnumerateConditionals,
         ImportanceConditionals,
         QuadratureConditionals,
+        SMCConditionals,
     )
 }
 

@@ -12,8 +12,11 @@ methods in :data:`METHODS`, one module each:
   Pareto :math:`\hat k`;
 - ``"quadrature"`` (:mod:`~pyro_mpt.reference.quadrature`): a midpoint grid of
   :math:`G^d` points over the continuous latents (:math:`d \le 3` per sequence);
+- ``"smc"`` (:mod:`~pyro_mpt.reference.smc`): independent data-annealed SMC runs per
+  sequence, standard error over the runs;
 - ``"auto"``: ``"exact"`` when every latent is enumerated (or there is none), otherwise
-  ``"importance"``.
+  ``"importance"``, escalating to ``"smc"`` when importance fails its diagnostics
+  (:func:`~pyro_mpt.reference.smc.auto_ladder`; the messages say which rung answered).
 
 A method is a function ``(problem, options, messages) -> LMLEstimate``
 (:class:`~pyro_mpt.reference.problem.Problem`,
@@ -39,6 +42,7 @@ from .importance import importance_reference
 from .problem import Problem, ReferenceOptions, check_options
 from .quadrature import quadrature_reference
 from .result import LMLEstimate
+from .smc import auto_ladder, smc_reference
 
 __all__ = [
     "LMLEstimate",
@@ -54,6 +58,7 @@ METHODS: dict[str, Callable] = {
     "exact": exact_reference,
     "importance": importance_reference,
     "quadrature": quadrature_reference,
+    "smc": smc_reference,
 }
 
 _DEFAULT_NUM_SAMPLES = 4096
@@ -133,8 +138,9 @@ def log_marginal_likelihood(
 
     :param model: a Pyro model; ``*args`` and ``**kwargs`` are passed to it (so they must
         not use the keyword names below).
-    :param str method: ``"auto"`` (default: exact where possible, else importance), or a
-        name in :data:`METHODS`: ``"exact"``, ``"importance"``, ``"quadrature"``.
+    :param str method: ``"auto"`` (default: exact where possible, else importance, else
+        SMC when importance fails its diagnostics), or a name in :data:`METHODS`:
+        ``"exact"``, ``"importance"``, ``"quadrature"``, ``"smc"``.
     :param int num_samples: :math:`S`, draws per sequence for importance sampling.
     :param guide: a proposal for ``"importance"`` (e.g. an
         :class:`~pyro.infer.autoguide.AutoNormal` trained by SVI) sampling exactly the
@@ -200,9 +206,12 @@ def log_marginal_likelihood(
         layout = read_layout(trace, token_plate=token_plate, max_plate_nesting=max_plate_nesting)
         problem = Problem(model, tuple(args), dict(kwargs), trace, layout)
         messages = []
-        if method == "auto":
+        auto = method == "auto"
+        if auto:
             method = _choose_auto(problem, messages)
         if guide is not None and method != "importance":
             messages.append(f"guide ignored: method={method!r} does not sample from a proposal")
         logger.info("log_marginal_likelihood: method %r", method)
+        if auto and method == "importance":  # escalates to SMC if importance fails
+            return auto_ladder(problem, options, messages)
         return METHODS[method](problem, options, messages)

@@ -44,6 +44,8 @@ class LMLEstimate:
     :ivar torch.Tensor log_weights: ``(S, N)`` importance log-weights when
         :math:`SN \le 2^{22}`, else ``None``.
     :ivar torch.device device: where the computation ran.
+    :ivar torch.Tensor resamples: ``(N,)`` resampling steps per SMC run (``"smc"``; its
+        ``ess`` is then the smallest ESS over the stages, averaged over the runs).
 
     Example::
 
@@ -65,6 +67,7 @@ class LMLEstimate:
     messages: list = field(default_factory=list)
     log_weights: torch.Tensor | None = None
     device: torch.device | None = None
+    resamples: torch.Tensor | None = None
 
     @property
     def num_particles(self) -> int | None:
@@ -86,6 +89,8 @@ class LMLEstimate:
             if self.khat is not None:
                 line += f", max k-hat {float(self.khat.max()):.2f}"
             line += ")"
+        elif self.method == "smc":
+            line += f" +- {self.stderr:.4f} (smc, P={self.num_samples} per run)"
         elif self.method == "quadrature":
             line += f" (quadrature, {self.num_samples} grid points)"
         else:
