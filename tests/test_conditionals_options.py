@@ -51,7 +51,7 @@ def test_get_conditionals_builds_each_backend_from_its_options():
     assert EnumerateConditionals().max_elements is None  # resolved when the scorer is built
     assert get_conditionals("gaussian", layout).name == "gaussian"
     assert get_conditionals(quad, layout) is quad
-    assert sorted(CONDITIONALS) == ["enumerate", "gaussian", "importance", "quadrature"]
+    assert sorted(CONDITIONALS) == ["enumerate", "gaussian", "importance", "quadrature", "smc"]
 
 
 def test_choose_conditionals_by_latents():
@@ -79,7 +79,7 @@ def test_num_particles_is_a_deprecated_alias_of_num_samples():
 
 def test_registry_refuses_bad_names_and_options():
     layout = _layouts()["continuous"]
-    valid = r"\['auto', 'enumerate', 'gaussian', 'importance', 'quadrature'\]"
+    valid = r"\['auto', 'enumerate', 'gaussian', 'importance', 'quadrature', 'smc'\]"
     with pytest.raises(
         ValueError, match=f"unknown conditionals 'laplace'; valid values are {valid}"
     ):

@@ -106,7 +106,7 @@ def test_trained_guide_beats_prior():
     model = latent_model(t)
     exact = ppca_log_marginal(X, t["W"], t["loc"], t["noise_scale"])
     guide = _fit_autonormal(model, X)
-    prior, _ = quiet(log_marginal_likelihood, model, X, num_samples=2000)
+    prior, _ = quiet(log_marginal_likelihood, model, X, method="importance", num_samples=2000)
     post = log_marginal_likelihood(model, X, num_samples=2000, guide=guide)
     assert post.trustworthy
     assert (post.ess > 5 * prior.ess).all(), (post.ess, prior.ess)
@@ -126,7 +126,9 @@ def test_bad_proposal_warns_and_is_flagged():
             pyro.sample("z", dist.Normal(torch.full((2,), 1.5), 0.05).to_event(1))
 
     with pytest.warns(UserWarning, match=r"Pareto k-hat up to .* \(threshold 0\.67"):
-        est = log_marginal_likelihood(latent_model(t), X, num_samples=1000, guide=bad_guide)
+        est = log_marginal_likelihood(
+            latent_model(t), X, method="importance", num_samples=1000, guide=bad_guide
+        )
     assert not est.trustworthy
     assert (est.khat > est.khat_threshold).sum() >= N // 2
     assert any(m.startswith("UNRELIABLE") for m in est.messages)
@@ -139,7 +141,9 @@ def test_small_ess_is_flagged():
     X, t = ppca_data(w_scale=3.0, noise=0.2)
     S = 20_000
     with pytest.warns(UserWarning, match=r"ESS down to .* \(floor 100,") as caught:
-        est = log_marginal_likelihood(latent_model(t), X, num_samples=S, chunk_size=5000)
+        est = log_marginal_likelihood(
+            latent_model(t), X, method="importance", num_samples=S, chunk_size=5000
+        )
     n_low = int((est.ess < MIN_ESS).sum())
     assert n_low > 0 and not est.trustworthy
     assert f"{n_low} below" in str(caught[0].message)

@@ -29,6 +29,7 @@ particle filter method for static models", Biometrika 89(3), 2002.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -164,6 +165,7 @@ def smc_sweep(
         suffix = log_w.new_zeros(B, N, T) if full_orders else None
         stats = {"min_ess": log_w.new_full((B, N), float(P))}
         stats.update({k: log_w.new_zeros(B, N) for k in ("resamples", "acceptance", "moves")})
+        dead = torch.zeros(B, N, dtype=torch.bool, device=order.device)
         steps = int(num_reveal.max()) if num_reveal.numel() else 0
         for k in range(steps + 1):
             cond = _mixture(log_w, state["table"])  # p(x_t | x_{O_k}) for every t
@@ -177,6 +179,10 @@ def smc_sweep(
                 pm, state, log_w, order[..., k], active, rev, num_moves, stats
             )
             log_z = log_z + torch.where(active, log_inc, 0.0)
+            # every particle impossible (or a NaN likelihood): the weights turn NaN from here
+            # on; the evidence is 0 and stays so
+            dead = dead | (log_z == -math.inf) | log_z.isnan()
+        log_z = torch.where(dead, -math.inf, log_z)
         acceptance = stats["acceptance"] / stats["moves"].clamp(min=1)
     return SweepResult(log_z, suffix, final, stats["min_ess"], stats["resamples"], acceptance)
 

@@ -99,7 +99,10 @@ class ParticleModel:
                 with _Pin(values):
                     return self.model(*args, **kwargs)
 
-        return poutine.trace(particle_model).get_trace(*self.args, **self.kwargs)
+        # the model's arguments were validated on its first trace; data outside a
+        # likelihood's support must score -inf here, not raise
+        with pyro.validation_enabled(False):
+            return poutine.trace(particle_model).get_trace(*self.args, **self.kwargs)
 
     def draw(self, B: int, P: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """``B * P`` prior draws: ``(u, log_prior, table)`` with ``u`` a dict of ``(B, P, N,

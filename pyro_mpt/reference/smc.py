@@ -31,7 +31,7 @@ import torch
 from ..conditionals.smc import DEFAULT_MOVES, sweep_in_chunks
 from ..conditionals.smc_moves import ParticleModel, check_smc_model
 from ..options import resolve_max_elements
-from .importance import importance_reference
+from .importance import MIN_SAMPLES, importance_reference
 from .result import UNRELIABLE, LMLEstimate, flag_nonfinite, flag_unreliable
 
 __all__ = ["MIN_ACCEPTANCE", "SMC_RUNS", "auto_ladder", "smc_reference"]
@@ -114,7 +114,8 @@ def auto_ladder(problem, options, messages) -> LMLEstimate:
     """The ``"auto"`` rungs for continuous latents: importance sampling; if it fails its
     diagnostics (Pareto k-hat, ESS) and SMC can move the model's latents, SMC with the same
     ``num_samples`` answers instead, and ``messages`` say which rung answered and why.
-    Importance's warnings are re-raised only when its answer is the one returned."""
+    Importance's warnings are re-raised only when its answer is the one returned; below
+    ``MIN_SAMPLES`` draws it never escalates (too small a budget for either rung)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = importance_reference(problem, options, list(messages))
@@ -123,10 +124,13 @@ def auto_ladder(problem, options, messages) -> LMLEstimate:
         why_not = None
     except ValueError as err:
         why_not = str(err)
+    if options.num_samples < MIN_SAMPLES:
+        # a budget too small for importance's diagnostics is too small for SMC's runs too
+        why_not = f"fewer than {MIN_SAMPLES} draws leave no rung a diagnostic to pass"
     if first.trustworthy or why_not is not None:
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        note = "its diagnostics passed" if first.trustworthy else f"SMC cannot run: {why_not}"
+        note = "its diagnostics passed" if first.trustworthy else f"no SMC rung: {why_not}"
         first.messages.append(f"auto ladder: the importance rung answered ({note})")
         return first
     failed = [m[len(UNRELIABLE) :] for m in first.messages if m.startswith(UNRELIABLE)]
