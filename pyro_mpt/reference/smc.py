@@ -11,7 +11,7 @@ importance weights, with the runs as the draws). It is valid when the runs' spre
 finite and ``R`` is not tiny: (estimate - truth) / SE is then roughly Student-t with
 ``R - 1`` degrees of freedom per sequence, and the total over many sequences close to
 normal. The runs are flagged (not trustworthy) when they disagree (:math:`\mathrm{ESS}_n <
-R/2`: a spread of :math:`\log \hat Z_r` of about a nat or more), or when the Metropolis
+R/4`: a spread of :math:`\log \hat Z_r` beyond about a nat), or when the Metropolis
 moves barely move (acceptance below :data:`MIN_ACCEPTANCE`).
 
 Also here: the ``"auto"`` ladder (:func:`auto_ladder`): importance first, SMC when
@@ -48,7 +48,7 @@ MIN_ACCEPTANCE = 0.02
 
 def _check_runs(ess_runs, acceptance, R, per_seq, messages) -> bool:
     """Flags sequences whose runs disagree or whose moves are stuck; returns trustworthy."""
-    bad_runs, stuck = ess_runs < R / 2, acceptance < MIN_ACCEPTANCE
+    bad_runs, stuck = ess_runs < R / 4, acceptance < MIN_ACCEPTANCE
     bad = (bad_runs | stuck) & torch.isfinite(per_seq)
     if not bool(bad.any()):
         return True
@@ -56,7 +56,7 @@ def _check_runs(ess_runs, acceptance, R, per_seq, messages) -> bool:
         messages,
         f"SMC failed its diagnostics for {int(bad.sum())} of {per_seq.numel()} sequences: "
         f"the {R} runs disagree for {int(bad_runs.sum())} (ESS of the runs down to "
-        f"{float(ess_runs[bad].min()):.1f}, floor {R / 2:g}) and the moves are stuck for "
+        f"{float(ess_runs[bad].min()):.1f}, floor {R / 4:g}) and the moves are stuck for "
         f"{int(stuck.sum())} (acceptance down to {float(acceptance[bad].min()):.3f}, floor "
         f"{MIN_ACCEPTANCE}); use more particles (num_samples) or a reparameterised model",
     )
