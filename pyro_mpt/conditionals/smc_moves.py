@@ -1,5 +1,5 @@
 r"""The pieces of a sequential Monte Carlo sweep that do not depend on the order: the model
-evaluated at given particle values, systematic resampling and a random-walk Metropolis move.
+evaluated at given particle values, systematic resampling and Metropolis-Hastings moves.
 
 :class:`ParticleModel` keeps each continuous latent in the unconstrained space of its support
 (:math:`u = T^{-1}(z)`, ``T = biject_to(support)``), as ``(B, P, N, E)`` tensors: ``B``
@@ -14,7 +14,8 @@ latents). The random-walk move targets
 :math:`\pi_O(u) \propto p_U(u) \prod_{t \in O} p(x_t \mid T(u))`, the posterior given the
 revealed tokens :math:`O`, separately for every (sweep, particle, sequence).
 
-Reference: P. Del Moral, A. Doucet, A. Jasra, "Sequential Monte Carlo samplers", JRSS B 68(3),
+References: N. Chopin, "A sequential particle filter method for static models",
+Biometrika 89(3), 2002 (independence proposals fitted to the particles); P. Del Moral, A. Doucet, A. Jasra, "Sequential Monte Carlo samplers", JRSS B 68(3),
 2006.
 """
 
@@ -175,6 +176,34 @@ def systematic_resample(log_w: torch.Tensor, need: torch.Tensor) -> torch.Tensor
     return torch.where(need.unsqueeze(-1), ancestors, keep).permute(0, 2, 1)
 
 
+def _fit_gaussian(x: torch.Tensor, W: torch.Tensor):
+    """The weighted mean ``(B, 1, N, d)`` and Cholesky factor ``(B, N, d, d)`` of the
+    particle cloud ``x`` (``(B, P, N, d)``), the covariance widened by 1.5^2 so that the
+    proposal's tails cover the target's, with a jitter for a collapsed cloud."""
+    mean = (W * x).sum(1, keepdim=True)
+    r = (x - mean).permute(0, 2, 1, 3)  # (B, N, P, d)
+    cov = (r * W.permute(0, 2, 1, 3)).mT @ r
+    d = x.shape[-1]
+    jitter = 1e-6 * (1 + cov.diagonal(dim1=-2, dim2=-1).mean(-1)).reshape(*cov.shape[:2], 1, 1)
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    return mean, torch.linalg.cholesky_ex(2.25 * cov + jitter * eye)[0]
+
+
+def _independence_log_q(x, mean, chol):
+    """``(B, P, N)`` the fitted Gaussian's log-density of ``x`` up to a constant."""
+    r = (x - mean).permute(0, 2, 3, 1)  # (B, N, d, P)
+    z = torch.linalg.solve_triangular(chol, r, upper=False)
+    return -0.5 * (z**2).sum(-2).permute(0, 2, 1)
+
+
+def _split(x: torch.Tensor, like: dict) -> dict:
+    out, start = {}, 0
+    for name, v in like.items():
+        out[name] = x[..., start : start + v.shape[-1]]
+        start += v.shape[-1]
+    return out
+
+
 def random_walk_move(
     pm: ParticleModel,
     state: dict,
@@ -182,38 +211,44 @@ def random_walk_move(
     log_w: torch.Tensor,
     num_steps: int,
 ) -> torch.Tensor:
-    r"""``num_steps`` random-walk Metropolis steps on every particle, each leaving
+    r"""``num_steps`` Metropolis-Hastings steps on every particle, each leaving
     :math:`\pi_O` invariant (``revealed``: ``(B, N, T)``, the power of each token's
     likelihood in the target, 0 to 1, so tempered targets too); updates ``state``
     (``u``, ``log_prior``, ``table``) in place and returns the acceptance rate ``(B, N)``.
 
-    The proposal :math:`u' = u + \frac{2.38}{\sqrt d}\,\hat\sigma \odot \varepsilon` scales
-    by the weighted spread :math:`\hat\sigma` of the current particle cloud (per sweep,
-    sequence and element; Roberts and Rosenthal's :math:`2.38/\sqrt d`), fixed during the
-    steps, so each step is a symmetric Metropolis kernel for :math:`\pi_O`.
+    Even steps propose independently from a Gaussian :math:`q` fitted to the weighted
+    particle cloud (its covariance widened by :math:`1.5^2`), accepted with probability
+    :math:`\min(1, \pi_O(u') q(u) / \pi_O(u) q(u'))`: nearly independent draws where the
+    posterior is close to Gaussian. Odd steps are random walks
+    :math:`u' = u + \frac{2.38}{\sqrt d} L \varepsilon` with the same fitted factor
+    :math:`L` (Roberts and Rosenthal's scale). The proposals are fixed by the cloud before
+    the steps, so each step is a Metropolis-Hastings kernel for :math:`\pi_O`.
     """
-    u, B, P = state["u"], log_w.shape[0], log_w.shape[1]
+    B, P = log_w.shape[:2]
+    x = torch.cat(list(state["u"].values()), -1)  # (B, P, N, d)
     W = torch.softmax(log_w, 1).unsqueeze(-1)  # (B, P, N, 1)
-    d = sum(x.shape[-1] for x in u.values())
-    scale = {}
-    for name, x in u.items():
-        mean = (W * x).sum(1, keepdim=True)
-        spread = ((W * (x - mean) ** 2).sum(1, keepdim=True)).sqrt()
-        # a collapsed cloud (one distinct particle) still needs a move of some size
-        scale[name] = 2.38 / math.sqrt(d) * spread.clamp(min=1e-3 * (1 + mean.abs()))
+    mean, chol = _fit_gaussian(x, W)
     rev = revealed.unsqueeze(1).to(log_w.dtype)  # (B, 1, N, T)
     target = state["log_prior"] + (state["table"] * rev).sum(-1)
     accepted = torch.zeros_like(target)
-    for _ in range(num_steps):
-        proposal = {name: x + scale[name] * torch.randn_like(x) for name, x in u.items()}
-        log_prior, table = pm.evaluate(proposal, B, P)
+    for step in range(num_steps):
+        eps = (chol.unsqueeze(1) @ torch.randn_like(x).unsqueeze(-1)).squeeze(-1)
+        if step % 2 == 0:
+            proposal = mean + eps  # a draw of the fitted Gaussian
+            correction = _independence_log_q(x, mean, chol) - _independence_log_q(
+                proposal, mean, chol
+            )
+        else:
+            proposal = x + 2.38 / 1.5 / math.sqrt(x.shape[-1]) * eps
+            correction = 0.0
+        log_prior, table = pm.evaluate(_split(proposal, state["u"]), B, P)
         new_target = log_prior + (table * rev).sum(-1)
-        ratio = torch.nan_to_num(new_target - target, nan=-math.inf)
+        ratio = torch.nan_to_num(new_target - target + correction, nan=-math.inf)
         accept = torch.rand_like(target).log() < ratio
-        for name in u:
-            u[name] = torch.where(accept.unsqueeze(-1), proposal[name], u[name])
+        x = torch.where(accept.unsqueeze(-1), proposal, x)
         state["log_prior"] = torch.where(accept, log_prior, state["log_prior"])
         state["table"] = torch.where(accept.unsqueeze(-1), table, state["table"])
         target = torch.where(accept, new_target, target)
         accepted = accepted + accept.to(accepted.dtype)
+    state["u"].update(_split(x, state["u"]))
     return (W.squeeze(-1) * accepted).sum(1) / max(1, num_steps)
