@@ -117,7 +117,9 @@ def test_smc_reference_within_three_standard_errors(case):
 @pytest.mark.parametrize("case", ["ppca_hard", "regression", "schools_latent"])
 def test_smc_chain_within_three_standard_errors(case):
     """MaskedELBO's chain estimate with SMC conditionals: one sweep per draw, its log
-    evidence (biased down by Var/2 per sequence, inside the allowance here)."""
+    evidence. exp of a draw is unbiased, so a draw is biased down by Jensen's gap, about
+    Var(log Z_n)/2 per sequence, which more draws do not shrink: the allowance is 3 SE
+    plus that gap, estimated from the spread of the draws."""
     model, args, kwargs, plate, exact = CASES[case]()
     elbo = MaskedELBO(
         estimator="chain", conditionals="smc", num_samples=128, num_masks=6, token_plate=plate
@@ -125,7 +127,9 @@ def test_smc_chain_within_three_standard_errors(case):
     est = elbo.estimate(model, None, *args, **kwargs)
     assert est.conditionals == "smc" and est.draws.shape[0] == 6
     assert est.draws.std(0).max() > 0  # independent sweeps, not one copied
-    assert abs(float(est.total) - exact) < 3 * est.stderr, (float(est.total), exact, est.stderr)
+    gap = float(est.draws.var(0).sum()) / 2
+    assert 0 < exact - float(est.total) + 3 * est.stderr  # not above the exact value
+    assert abs(float(est.total) + gap - exact) < 3 * est.stderr, (est.total, exact, gap)
 
 
 @pytest.mark.parametrize("case", ["regression", "schools_fixed"])
