@@ -277,13 +277,13 @@ def test_smc_refuses_models_it_cannot_move():
     assert CONDITIONALS["smc"] is SMCConditionals
 
 
-def _coverage(seeds):
+def _coverage(seeds, num_samples):
     exact = eight_schools_latent_exact()
     z = []
     for seed in seeds:
         pyro.set_rng_seed(seed)
         ref = log_marginal_likelihood(
-            eight_schools, Y, SIGMA, method="smc", num_samples=256, token_plate="schools"
+            eight_schools, Y, SIGMA, method="smc", num_samples=num_samples, token_plate="schools"
         )
         z.append((float(ref.total) - exact) / ref.stderr)
     return torch.tensor(z)
@@ -291,14 +291,15 @@ def _coverage(seeds):
 
 def test_smc_reference_coverage_quick():
     """20 seeds: at least 18 within 3 SE (a t7 variable is within 3 about 98% of the time)."""
-    z = _coverage(range(20))
+    z = _coverage(range(20), 256)
     assert int((z.abs() < 3).sum()) >= 18, z
 
 
 @pytest.mark.slow
 def test_smc_reference_coverage_100_seeds():
-    """100 seeds: the 1.96-SE interval covers between 85% and 99% (the t7 interval of R=8
-    runs covers 91%; 85% allows three binomial standard errors)."""
-    z = _coverage(range(100, 200))
+    """100 seeds, 8 runs of 128 particles: the 1.96-SE interval covers between 85% and 99%
+    (a t7 variable is within 1.96 91% of the time; 85% allows two binomial standard
+    errors below that). Seeds 0-99 gave 0.91 when this was written."""
+    z = _coverage(range(100, 200), 1024)
     coverage = float((z.abs() < 1.96).double().mean())
     assert 0.85 <= coverage <= 0.99, (coverage, z)
