@@ -282,7 +282,8 @@ class SMCConditionals(Conditionals):
     r"""Data-annealed SMC conditionals (see the module docstring).
 
     :param int num_samples: ``P``, particles per sweep and sequence.
-    :param int num_moves: random-walk Metropolis steps after each revealed token.
+    :param int num_moves: random-walk Metropolis steps after each tempering step, times
+        ``max(1, d - 1)`` for ``d`` latent dimensions per sequence.
     :param int max_elements: memory budget of one chunk of sweeps; ``None``: the default of
         the data's device.
 

@@ -204,7 +204,9 @@ def random_walk_move(
     log_w: torch.Tensor,
     num_steps: int,
 ) -> torch.Tensor:
-    r"""``num_steps`` Metropolis-Hastings steps on every particle, each leaving
+    r"""``num_steps * max(1, d - 1)`` Metropolis-Hastings steps on every particle (``d``: the
+    unconstrained latent elements per sequence; a random walk's progress per step falls as
+    ``1/d``; too few steps left a 6-dimensional Kalman chain's evidence biased), each leaving
     :math:`\pi_O` invariant (``revealed``: ``(B, N, T)``, the power of each token's
     likelihood in the target, 0 to 1, so tempered targets too); updates ``state``
     (``u``, ``log_prior``, ``table``) in place and returns the acceptance rate ``(B, N)``.
@@ -224,6 +226,7 @@ def random_walk_move(
     rev = revealed.unsqueeze(1).to(log_w.dtype)  # (B, 1, N, T)
     target = state["log_prior"] + (state["table"] * rev).sum(-1)
     accepted = torch.zeros_like(target)
+    num_steps = num_steps * max(1, x.shape[-1] - 1)
     for _ in range(num_steps):
         eps = (chol.unsqueeze(1) @ torch.randn_like(x).unsqueeze(-1)).squeeze(-1)
         proposal = x + 2.38 / math.sqrt(x.shape[-1]) * eps

@@ -87,7 +87,8 @@ def smc_reference(problem, options, messages) -> LMLEstimate:
     messages.append(
         f"smc: {R} independent runs of {P} particles per sequence, tokens revealed in random "
         f"orders with adaptive tempering (ESS kept at P/2), systematic resampling and "
-        f"{DEFAULT_MOVES} random-walk Metropolis steps per stage; log p(x_n) = logmeanexp_r "
+        f"{DEFAULT_MOVES} x max(1, d - 1) random-walk Metropolis steps per stage (d latent "
+        "dimensions per sequence); log p(x_n) = logmeanexp_r "
         f"log Z_r, delta-method standard error over the runs; resampled "
         f"{float(run.resamples.mean()):.1f} times per run and sequence on average, mean "
         f"acceptance {float(acceptance.mean()):.2f}"
