@@ -335,3 +335,16 @@ def test_smc_reference_on_a_kalman_chain():
     exact = kalman_exact(x)
     assert ref.trustworthy
     assert abs(float(ref.total) - exact) < 3 * ref.stderr, (float(ref.total), exact, ref.stderr)
+
+
+def test_smc_names_a_broadcast_event_shape():
+    """An event of shape (1,) scored against 5 columns: importance sums them silently; SMC,
+    which needs one log-density per token, says what to fix."""
+
+    def model(x):
+        with pyro.plate("a", x.shape[0], dim=-2), pyro.plate("b", x.shape[1], dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z.unsqueeze(-1), 0.5).to_event(1), obs=x)
+
+    with pytest.raises(ValueError, match="give 5 token log-densities .* have 1 tokens"):
+        log_marginal_likelihood(model, torch.randn(3, 4, 5), method="smc", num_samples=64)

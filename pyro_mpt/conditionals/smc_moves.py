@@ -144,6 +144,14 @@ class ParticleModel:
         kernels = sorted(kernels, key=lambda item: item[0].start)
         tables = [k.table.expand(S, *k.table.shape[1:]) for _, k in kernels]
         table = torch.cat(tables, -1).reshape(B, P, layout.num_sequences, -1)
+        if table.shape[-1] != layout.num_tokens:
+            raise ValueError(
+                f"the observed sites give {table.shape[-1]} token log-densities per sequence "
+                f"but their distributions have {layout.num_tokens} tokens: a distribution "
+                "whose event shape is smaller than its value's broadcasts (e.g. "
+                "Normal(z.unsqueeze(-1), s).to_event(1) against T columns); expand its "
+                "parameters to the data's shape"
+            )
         lead = (S,)
         log_prior = sum(
             flatten_particles(lp, layout, lead, 0)
