@@ -197,7 +197,8 @@ def two_peaks(x):
     moves scaled by the whole cloud cannot explore: the runs disagree by nats."""
     with pyro.plate("data", x.shape[0]):
         z = pyro.sample("z", dist.Normal(0.0, 1.0))
-        pyro.sample("x", dist.Normal((z**2).unsqueeze(-1), 0.01).to_event(1), obs=x)
+        loc = (z**2).unsqueeze(-1).expand(*z.shape, x.shape[-1])
+        pyro.sample("x", dist.Normal(loc, 0.01).to_event(1), obs=x)
 
 
 def test_model_where_smc_fails_is_flagged_never_silent():
