@@ -195,6 +195,9 @@ def score_masks(
     should that underflow, rows are scored for freshly drawn masks).
     """
     N, T = num_sequences, num_tokens
+    if estimator.chain_rule and hasattr(scorer, "chain_draws") and not by_size:
+        # a scorer that runs whole orders (SMC) gives each chain draw from one sweep
+        return scorer.chain_draws(num_draws, share_masks), None
     if estimator.chain_rule and getattr(scorer, "telescopes", False) and not by_size:
         return telescoped_chain(scorer, num_draws, N, T, device=device, present=present), None
     ranks = None

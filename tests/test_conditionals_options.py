@@ -58,6 +58,7 @@ def test_get_conditionals_builds_each_backend_from_its_options():
         "linear_gaussian",
         "mixed",
         "quadrature",
+        "smc",
     ]
 
 
@@ -86,7 +87,10 @@ def test_num_particles_is_a_deprecated_alias_of_num_samples():
 
 def test_registry_refuses_bad_names_and_options():
     layout = _layouts()["continuous"]
-    valid = r"\['auto', 'enumerate', 'gaussian', 'importance', 'linear_gaussian', 'mixed', 'quadrature'\]"
+    valid = (
+        r"\['auto', 'enumerate', 'gaussian', 'importance', 'linear_gaussian', 'mixed', "
+        r"'quadrature', 'smc'\]"
+    )
     with pytest.raises(
         ValueError, match=f"unknown conditionals 'laplace'; valid values are {valid}"
     ):

@@ -35,6 +35,7 @@ from .linear_gaussian import LinearGaussianConditionals, detect_linear_gaussian
 from .mixed import MixedConditionals, has_mixed_latents
 from .particles import ParticleScorer
 from .quadrature import QuadratureConditionals, check_bounds
+from .smc import SMCConditionals
 
 if TYPE_CHECKING:
     from ..tokens import TokenLayout
@@ -49,6 +50,7 @@ __all__ = [
     "MixedConditionals",
     "ParticleScorer",
     "QuadratureConditionals",
+    "SMCConditionals",
     "Scorer",
     "choose_conditionals",
     "get_conditionals",
@@ -64,6 +66,7 @@ CONDITIONALS: dict[str, type[Conditionals]] = {
         QuadratureConditionals,
         LinearGaussianConditionals,
         MixedConditionals,
+        SMCConditionals,
     )
 }
 

@@ -15,8 +15,12 @@ methods in :data:`METHODS`, one module each:
 - ``"gaussian"`` (:mod:`~pyro_mpt.reference.gaussian`): linear-Gaussian models (normal
   latents with means affine in their parents and scales free of latents, normal
   observations likewise), their tokens' joint Gaussian computed exactly;
+- ``"smc"`` (:mod:`~pyro_mpt.reference.smc`): independent data-annealed SMC runs per
+  sequence, standard error over the runs;
 - ``"auto"``: ``"exact"`` when every latent is enumerated (or there is none),
-  ``"gaussian"`` for a linear-Gaussian model, otherwise ``"importance"``.
+  ``"gaussian"`` for a linear-Gaussian model, otherwise ``"importance"``, escalating to
+  ``"smc"`` when importance fails its diagnostics
+  (:func:`~pyro_mpt.reference.smc.auto_ladder`; the messages say which rung answered).
 
 A method is a function ``(problem, options, messages) -> LMLEstimate``
 (:class:`~pyro_mpt.reference.problem.Problem`,
@@ -48,6 +52,7 @@ from .importance import importance_reference
 from .problem import Problem, ReferenceOptions, check_options
 from .quadrature import quadrature_reference
 from .result import LMLEstimate
+from .smc import auto_ladder, smc_reference
 
 __all__ = [
     "LMLEstimate",
@@ -64,6 +69,7 @@ METHODS: dict[str, Callable] = {
     "gaussian": gaussian_reference,
     "importance": importance_reference,
     "quadrature": quadrature_reference,
+    "smc": smc_reference,
 }
 
 _DEFAULT_NUM_SAMPLES = 4096
@@ -157,9 +163,9 @@ def log_marginal_likelihood(
 
     :param model: a Pyro model; ``*args`` and ``**kwargs`` are passed to it (so they must
         not use the keyword names below).
-    :param str method: ``"auto"`` (default: exact where possible, else importance), or a
-        name in :data:`METHODS`: ``"exact"``, ``"gaussian"``, ``"importance"``,
-        ``"quadrature"``.
+    :param str method: ``"auto"`` (default: exact where possible, else importance, else
+        SMC when importance fails its diagnostics), or a name in :data:`METHODS`:
+        ``"exact"``, ``"gaussian"``, ``"importance"``, ``"quadrature"``, ``"smc"``.
     :param int num_samples: :math:`S`, draws per sequence for importance sampling.
     :param guide: a proposal for ``"importance"`` (e.g. an
         :class:`~pyro.infer.autoguide.AutoNormal` trained by SVI) sampling exactly the
@@ -229,12 +235,15 @@ def log_marginal_likelihood(
         check_semantics(model, problem.args, problem.kwargs, trace, layout)
         if guide is not None:  # the guide's subsampled plates take the model's indices
             options = dataclasses.replace(options, guide=replay_subsample(guide, trace))
-        if method == "auto":
+        auto = method == "auto"
+        if auto:
             method = _choose_auto(problem, messages, options.max_elements)
-        if problem.continuous and method in ("importance", "quadrature"):
+        if problem.continuous and method in ("importance", "quadrature", "smc"):
             # particles will be drawn: a model not vectorised over them fails now, clearly
             probe_particles(model, problem.args, problem.kwargs, layout, trace)
         if guide is not None and method != "importance":
             messages.append(f"guide ignored: method={method!r} does not sample from a proposal")
         logger.info("log_marginal_likelihood: method %r", method)
+        if auto and method == "importance":  # escalates to SMC if importance fails
+            return auto_ladder(problem, options, messages)
         return METHODS[method](problem, options, messages)

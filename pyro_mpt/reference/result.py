@@ -53,6 +53,8 @@ class LMLEstimate:
     :ivar torch.Tensor sequence_trustworthy: ``(N,)`` bool, each sequence's own verdict
         (importance: its k-hat and ESS passed), else ``None``. ``trustworthy`` is the
         data-level verdict: see :func:`pyro_mpt.reference.importance.importance_reference`.
+    :ivar torch.Tensor resamples: ``(N,)`` resampling steps per SMC run (``"smc"``; its
+        ``ess`` is then the smallest ESS over the stages, averaged over the runs).
 
     Example::
 
@@ -85,6 +87,8 @@ class LMLEstimate:
         :returns: ``(low, high)``."""
         return t_interval(self.total, self.stderr, self.dof, level)
 
+    resamples: torch.Tensor | None = None
+
     @property
     def num_particles(self) -> int | None:
         """Deprecated name of ``num_samples``."""
@@ -105,6 +109,8 @@ class LMLEstimate:
             if self.khat is not None:
                 line += f", max k-hat {float(self.khat.max()):.2f}"
             line += ")"
+        elif self.method == "smc":
+            line += f" +- {self.stderr:.4f} (smc, P={self.num_samples} per run)"
         elif self.method == "quadrature":
             line += f" (quadrature, {self.num_samples} grid points)"
         else:
