@@ -66,7 +66,7 @@ class MPTCurve:
 
     def ci(self, level: float = 0.95) -> tuple[float, float]:
         r"""The interval :math:`\text{area} \pm t_{(1+\ell)/2,\nu}\,\mathrm{se}` with
-        :math:`\nu` = :attr:`area_dof` (:func:`pyro_mpt.intervals.t_interval`).
+        :math:`\nu` = ``area_dof`` (:func:`pyro_mpt.intervals.t_interval`).
 
         :param float level: the coverage :math:`\ell`.
         :returns: ``(low, high)``."""

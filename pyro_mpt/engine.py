@@ -310,7 +310,7 @@ def summarize(
     draws, layout, estimator, backend, share_masks=False, particle_var=None
 ) -> MPTEstimate:
     """Turns ``(K, N)`` draws into an :class:`MPTEstimate` (the layout's subsampling scale
-    applied; ``particle_var``: see :meth:`MPTEstimate.from_draws`)."""
+    applied; ``particle_var``: see ``MPTEstimate.from_draws``)."""
     return MPTEstimate.from_draws(
         draws,
         estimator,

@@ -69,7 +69,7 @@ class MPTEstimate:
 
     def ci(self, level: float = 0.95) -> tuple[float, float]:
         r"""The interval :math:`\hat L \pm t_{(1+\ell)/2,\nu}\,\mathrm{se}` of ``total``
-        with :math:`\nu` = :attr:`dof` (:func:`pyro_mpt.intervals.t_interval`).
+        with :math:`\nu` = ``dof`` (:func:`pyro_mpt.intervals.t_interval`).
 
         :param float level: the coverage :math:`\ell`.
         :returns: ``(low, high)``."""

@@ -137,7 +137,7 @@ class Conditionals:
         """
 
     def scorer(self, model, args: tuple, kwargs: dict, layout: TokenLayout, trace) -> Scorer:
-        """The :class:`Scorer` of one step.
+        """The :class:`~pyro_mpt.conditionals.base.Scorer` of one step.
 
         :param model: the Pyro model; ``args`` and ``kwargs`` are passed to it.
         :param layout: the model's :class:`~pyro_mpt.tokens.TokenLayout`.

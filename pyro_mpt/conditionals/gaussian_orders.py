@@ -190,7 +190,7 @@ def gaussian_suffix_scores(kernel, ranks: torch.Tensor, max_elements: int) -> to
     r"""``(D, N, T)``: entry ``[d, n, k]`` is :math:`\sum_{j \ge k} \log p(x_{n,\pi_j} \mid
     x_{n,\pi_{<k}})` for the order of draw ``d`` and sequence ``n`` of an exact Gaussian
     kernel without particles, in chunks of (draw, sequence) pairs whose
-    :func:`order_pair_cost` stays under ``max_elements``.
+    ``order_pair_cost`` stays under ``max_elements``.
 
     :param kernel: a :class:`~pyro_mpt.conditionals.kernels.LowRankGaussianKernel` or
         :class:`~pyro_mpt.conditionals.kernels.DenseGaussianKernel` with one particle.

@@ -226,7 +226,7 @@ def per_token_scorer(trace, layout: TokenLayout, num_samples: int) -> ParticleSc
 
 class MixedConditionals(Conditionals):
     r"""Continuous latents by ``num_samples`` prior draws, enumerated latents summed out
-    exactly for each draw (:class:`MixedEliminationScorer`). ``"auto"`` picks it for a
+    exactly for each draw (:class:`~pyro_mpt.conditionals.mixed.MixedEliminationScorer`). ``"auto"`` picks it for a
     model with both kinds of latents. Where the enumerated sites can simply be enumerated
     jointly with the draws (each has a dim of its own and one value per sequence), it
     returns ``"importance"``'s particle scorer instead: the same estimate, scored faster.
@@ -255,7 +255,7 @@ class MixedConditionals(Conditionals):
         """Where every enumerated site has a dim of its own and one value per sequence, the
         draws and the enumerated support are particles jointly (what ``"importance"`` does:
         the same estimate, scored faster); where each is per token,
-        :func:`per_token_scorer`; otherwise a :class:`MixedEliminationScorer`.
+        :func:`~pyro_mpt.conditionals.mixed.per_token_scorer`; otherwise a :class:`~pyro_mpt.conditionals.mixed.MixedEliminationScorer`.
 
         :raises ValueError: for a continuous latent that depends on an enumerated site
             (when elimination is needed), naming it."""

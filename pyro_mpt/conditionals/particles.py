@@ -102,8 +102,8 @@ class ParticleScorer(Scorer):
         the orders ``ranks`` (``(D, N|1, T)``, the position of each token), every prefix
         of every order at once: by one matrix product for factorized kernels
         (:func:`~pyro_mpt.conditionals.orders.factorized_suffix_scores`), by the sites'
-        own order paths without particles (:func:`~pyro_mpt.conditionals.orders.
-        independent_sites_suffix_scores`); ``None`` when :attr:`scores_orders` is false
+        own order paths without particles
+        (:func:`~pyro_mpt.conditionals.orders.independent_sites_suffix_scores`); ``None`` when :attr:`scores_orders` is false
         or a product underflows (then score rows)."""
         if not self.scores_orders:
             return None

@@ -119,7 +119,7 @@ def probe_particles(model, args: tuple, kwargs: dict, layout: TokenLayout, trace
 
     :param trace: a plain trace of the model (its plate sizes choose the probe's size).
     :raises ValueError: naming the latent sites, the failing statement's error and the
-        particle broadcasting rule (:data:`RULE`).
+        particle broadcasting rule (``RULE``).
     """
     P = layout.max_plate_nesting
     S0 = _probe_size(trace)

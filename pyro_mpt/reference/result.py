@@ -81,7 +81,7 @@ class LMLEstimate:
 
     def ci(self, level: float = 0.95) -> tuple[float, float]:
         r"""The interval :math:`\hat L \pm t_{(1+\ell)/2,\nu}\,\mathrm{se}` with
-        :math:`\nu` = :attr:`dof` (the point itself for ``"exact"`` and ``"quadrature"``).
+        :math:`\nu` = ``dof`` (the point itself for ``"exact"`` and ``"quadrature"``).
 
         :param float level: the coverage :math:`\ell`.
         :returns: ``(low, high)``."""
