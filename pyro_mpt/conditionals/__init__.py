@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from ..options import check_choice, check_positive_int, renamed_keyword, resolve_max_elements
 from ..progress import logger
 from .base import Conditionals, Scorer
+from .conjugate import ConjugateConditionals, detect_conjugate
 from .enumerate import EnumerateConditionals
 from .gaussian import GaussianConditionals
 from .importance import ImportanceConditionals
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONDITIONALS",
     "Conditionals",
+    "ConjugateConditionals",
     "EnumerateConditionals",
     "GaussianConditionals",
     "ImportanceConditionals",
@@ -67,6 +69,7 @@ CONDITIONALS: dict[str, type[Conditionals]] = {
         LinearGaussianConditionals,
         MixedConditionals,
         SMCConditionals,
+        ConjugateConditionals,
     )
 }
 
@@ -81,8 +84,9 @@ def choose_conditionals(
 ) -> Conditionals:
     """The ``"auto"`` rule: no latents -> ``"gaussian"`` (exact); only enumerated latents ->
     ``"enumerate"`` (exact); enumerated and continuous latents -> ``"mixed"`` (continuous
-    ones by ``num_samples`` prior draws, enumerated ones summed out for each); a
-    linear-Gaussian model (found from ``model_call``, see
+    ones by ``num_samples`` prior draws, enumerated ones summed out for each); one conjugate
+    latent and its tokens (:mod:`~pyro_mpt.conditionals.conjugate`) -> ``"conjugate"``
+    (exact); a linear-Gaussian model (found from ``model_call``, see
     :mod:`~pyro_mpt.conditionals.affine`) -> ``"linear_gaussian"`` (exact); otherwise
     ``"importance"`` with ``num_samples`` prior draws. The reason is logged.
 
@@ -110,10 +114,24 @@ def choose_conditionals(
     elif has_mixed_latents(layout):
         backend = MixedConditionals(num_samples, resolve_max_elements(max_elements, layout.device))
     else:
-        backend = _linear_gaussian_or_none(layout, max_elements, model_call)
+        backend = _conjugate_or_none(layout, model_call)
+        backend = backend or _linear_gaussian_or_none(layout, max_elements, model_call)
         backend = backend or ImportanceConditionals(num_samples)
     logger.info("conditionals='auto' chose %r for latents %s", backend.name, layout.latents)
     return backend
+
+
+def _conjugate_or_none(layout, model_call):
+    """``"conjugate"`` (with the kernel it compiled) if the model is one conjugate latent
+    and its tokens, else ``None``; the reason is logged either way."""
+    if model_call is None:
+        return None
+    model, args, kwargs, trace = model_call
+    kernel, why = detect_conjugate(model, args, kwargs, layout, trace)
+    logger.info("conditionals='auto': %s", why)
+    if kernel is None:
+        return None
+    return ConjugateConditionals(compiled=(trace, kernel))
 
 
 def _linear_gaussian_or_none(layout, max_elements, model_call):

@@ -17,8 +17,11 @@ methods in :data:`METHODS`, one module each:
   observations likewise), their tokens' joint Gaussian computed exactly;
 - ``"smc"`` (:mod:`~pyro_mpt.reference.smc`): independent data-annealed SMC runs per
   sequence, standard error over the runs;
+- ``"conjugate"`` (:mod:`~pyro_mpt.reference.conjugate`): one conjugate latent and its
+  tokens (Beta-Bernoulli/Binomial, Dirichlet-Categorical, Gamma-Poisson/Exponential),
+  integrated in closed form;
 - ``"auto"``: ``"exact"`` when every latent is enumerated (or there is none),
-  ``"gaussian"`` for a linear-Gaussian model, otherwise ``"importance"``, escalating to
+  ``"conjugate"`` for one conjugate latent, ``"gaussian"`` for a linear-Gaussian model, otherwise ``"importance"``, escalating to
   ``"smc"`` when importance fails its diagnostics
   (:func:`~pyro_mpt.reference.smc.auto_ladder`; the messages say which rung answered).
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from ..conditionals.conjugate import detect_conjugate
 from ..conditionals.linear_gaussian import detect_linear_gaussian
 from ..conditionals.probe import probe_particles
 from ..options import check_choice, renamed_keyword, resolve_max_elements
@@ -46,6 +50,7 @@ from ..tokens import read_layout
 from ..tokens.checks import forget_new_params_on_error, trace_model
 from ..tokens.dependencies import check_semantics
 from ..tokens.subsample import replay_subsample, subsample_message
+from .conjugate import conjugate_reference
 from .exact import exact_reference
 from .gaussian import gaussian_reference
 from .importance import importance_reference
@@ -70,6 +75,7 @@ METHODS: dict[str, Callable] = {
     "importance": importance_reference,
     "quadrature": quadrature_reference,
     "smc": smc_reference,
+    "conjugate": conjugate_reference,
 }
 
 _DEFAULT_NUM_SAMPLES = 4096
@@ -90,12 +96,19 @@ def _valid_methods() -> list:
 
 
 def _choose_auto(problem, messages, max_elements=None) -> str:
-    """``"exact"`` when every latent is enumerated (or there is none), ``"gaussian"`` for a
-    linear-Gaussian model, else ``"importance"``; says why in ``messages``."""
+    """``"exact"`` when every latent is enumerated (or there is none), ``"conjugate"`` for one
+    conjugate latent, ``"gaussian"`` for a linear-Gaussian model, else ``"importance"``; says why in ``messages``."""
     continuous, layout = problem.continuous, problem.layout
     if continuous:
         why = "not linear-Gaussian: it mixes enumerated and continuous latents"
         if not layout.enumerated:
+            kernel, conjugate_why = detect_conjugate(
+                problem.model, problem.args, problem.kwargs, layout, problem.trace
+            )
+            if kernel is not None:
+                messages.append(f"method='auto' chose 'conjugate': {conjugate_why}")
+                return "conjugate"
+            logger.info("method='auto': %s", conjugate_why)
             budget = resolve_max_elements(max_elements, layout.device)
             compiled, why = detect_linear_gaussian(
                 problem.model, problem.args, problem.kwargs, layout, problem.trace, budget

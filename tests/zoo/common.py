@@ -37,7 +37,7 @@ class ZooCase:
 
 
 #: the reference methods that are exact (no standard error): compared to 1e-6 relative
-EXACT_METHODS = ("exact", "gaussian")
+EXACT_METHODS = ("exact", "gaussian", "conjugate")
 
 
 def in_float64(make, *args):
