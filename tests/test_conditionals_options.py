@@ -52,6 +52,7 @@ def test_get_conditionals_builds_each_backend_from_its_options():
     assert get_conditionals("gaussian", layout).name == "gaussian"
     assert get_conditionals(quad, layout) is quad
     assert sorted(CONDITIONALS) == [
+        "conjugate",
         "enumerate",
         "gaussian",
         "importance",
@@ -88,7 +89,8 @@ def test_num_particles_is_a_deprecated_alias_of_num_samples():
 def test_registry_refuses_bad_names_and_options():
     layout = _layouts()["continuous"]
     valid = (
-        r"\['auto', 'enumerate', 'gaussian', 'importance', 'linear_gaussian', 'mixed', "
+        r"\['auto', 'conjugate', 'enumerate', 'gaussian', 'importance', 'linear_gaussian', "
+        r"'mixed', "
         r"'quadrature', 'smc'\]"
     )
     with pytest.raises(

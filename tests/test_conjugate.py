@@ -267,3 +267,15 @@ def test_backend_is_registered_and_explicit():
     est = MaskedELBO(conditionals=ConjugateConditionals(), estimator="chain", token_plate="data")
     exact = _log_beta(A + 2, B + 1) - _log_beta(torch.tensor(A), torch.tensor(B))
     assert_close(est.estimate(beta_bernoulli, None, x).total, exact, atol=1e-12)
+
+
+def test_the_smc_ladder_model_is_exact_now():
+    """tests/test_smc.py's Gamma-Poisson (a rate per sequence, expanded over 50 counts,
+    where prior importance sampling fails its diagnostics) is integrated exactly."""
+    from tests.test_smc import gamma_poisson, gamma_poisson_exact
+
+    lam = torch.linspace(2.0, 40.0, 20)
+    x = torch.poisson(lam.unsqueeze(-1).expand(20, 50), generator=torch.Generator().manual_seed(0))
+    ref = log_marginal_likelihood(gamma_poisson, x)
+    assert ref.method == "conjugate", ref.messages
+    assert_close(ref.total, gamma_poisson_exact(x), atol=0.0, rtol=1e-10)

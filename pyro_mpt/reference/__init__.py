@@ -70,12 +70,12 @@ __all__ = [
 
 #: The methods of :func:`log_marginal_likelihood`, by name (``"auto"`` chooses among them).
 METHODS: dict[str, Callable] = {
+    "conjugate": conjugate_reference,
     "exact": exact_reference,
     "gaussian": gaussian_reference,
     "importance": importance_reference,
     "quadrature": quadrature_reference,
     "smc": smc_reference,
-    "conjugate": conjugate_reference,
 }
 
 _DEFAULT_NUM_SAMPLES = 4096

@@ -16,10 +16,10 @@ import torch
 from .common import ZooCase, check_case, run_case
 
 ALPHA, BETA = 2.0, 3.0
-COIN = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
-COUNTS = torch.tensor([3.0, 1.0, 4.0, 2.0, 5.0, 3.0])
+COIN = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+COUNTS = torch.tensor([3.0, 1.0, 4.0, 2.0, 5.0, 3.0], dtype=torch.float64)
 SYMBOLS = torch.tensor([0, 2, 2, 1, 2, 0, 2, 2])
-CONCENTRATION = torch.tensor([1.0, 0.5, 2.0])
+CONCENTRATION = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
 
 
 def beta_bernoulli(data):
