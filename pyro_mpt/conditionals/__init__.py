@@ -167,7 +167,8 @@ def get_conditionals(
         and for the device of the default ``max_elements``).
     :param int num_samples: prior draws of ``"importance"``.
     :param int quadrature_points: grid points per latent dimension of ``"quadrature"``.
-    :param tuple quadrature_bounds: ``(low, high)`` of every grid axis.
+    :param tuple quadrature_bounds: ``(low, high)`` of every grid axis, on the unconstrained
+        scale of each latent's support (:mod:`~pyro_mpt.conditionals.grid`).
     :param int max_elements: memory budget of ``"enumerate"``; ``None``: the default of the
         layout's device (:func:`~pyro_mpt.options.resolve_max_elements`).
     :param int num_particles: deprecated name of ``num_samples``.

@@ -178,7 +178,8 @@ def log_marginal_likelihood(
         not use the keyword names below).
     :param str method: ``"auto"`` (default: exact where possible, else importance, else
         SMC when importance fails its diagnostics), or a name in :data:`METHODS`:
-        ``"exact"``, ``"gaussian"``, ``"importance"``, ``"quadrature"``, ``"smc"``.
+        ``"conjugate"``, ``"exact"``, ``"gaussian"``, ``"importance"``, ``"quadrature"``,
+        ``"smc"``.
     :param int num_samples: :math:`S`, draws per sequence for importance sampling.
     :param guide: a proposal for ``"importance"`` (e.g. an
         :class:`~pyro.infer.autoguide.AutoNormal` trained by SVI) sampling exactly the
@@ -190,7 +191,8 @@ def log_marginal_likelihood(
         the data points.
     :param int max_plate_nesting: the model's plate depth; found by tracing if omitted.
     :param int quadrature_points: :math:`G`, grid points per latent dimension.
-    :param tuple quadrature_bounds: ``(low, high)`` of every grid axis.
+    :param tuple quadrature_bounds: ``(low, high)`` of every grid axis, on the unconstrained
+        scale of each latent's support (log of a positive latent, logit of a probability).
     :param int max_elements: memory budget of one chunk (of the enumeration, for
         ``"exact"``), in elements of its largest tensor; by default
         :func:`pyro_mpt.options.resolve_max_elements` of the data's device.

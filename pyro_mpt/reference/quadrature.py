@@ -1,7 +1,10 @@
 r"""The quadrature reference: a midpoint grid of :math:`G^d` points over the continuous
 latents (:math:`d \le 3` per sequence, :func:`pyro_mpt.conditionals.grid.midpoint_grid`),
 
-.. math:: \log p(x_n) \approx \log \sum_s p(z_s)\,\Delta^d\, p(x_n \mid z_s),
+.. math:: \log p(x_n) \approx \log \sum_s p(z_s)\,\lvert\det \partial T/\partial u
+    \rvert_{u_s}\,\Delta^d\, p(x_n \mid z_s),\qquad z_s = T(u_s),
+
+the grid laid on each latent's unconstrained scale (:mod:`~pyro_mpt.conditionals.grid`)
 
 as in :class:`~pyro_mpt.conditionals.quadrature.QuadratureConditionals`. Its error is not estimated; a sequence that
 puts more than :data:`MAX_EDGE_MASS` of its posterior mass on the grid's outer cells is
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..conditionals.grid import midpoint_grid
+from ..conditionals.grid import midpoint_grid, unconstrained_sizes
 from ..conditionals.quadrature import QuadratureConditionals
 from .result import LMLEstimate, fixed_estimate, flag_nonfinite, flag_unreliable
 from .sampler import Sampler
@@ -31,9 +34,10 @@ def quadrature_grid(problem, num_points, bounds):
         or a discrete latent that is not enumerated."""
     quad = QuadratureConditionals(num_points, bounds)
     trace, layout = problem.trace, problem.layout
-    sizes = quad.check(layout, trace)
-    events = {n: tuple(trace.nodes[n]["fn"].event_shape) for n in sizes}
-    return midpoint_grid(sizes, events, quad.num_points, quad.bounds, layout.dtype, layout.device)
+    sizes, events, supports = unconstrained_sizes(trace, list(quad.check(layout, trace)))
+    return midpoint_grid(
+        sizes, events, quad.num_points, quad.bounds, layout.dtype, layout.device, supports
+    )
 
 
 def _check_edge_mass(stats, messages):
@@ -60,7 +64,14 @@ def quadrature_reference(problem, options, messages) -> LMLEstimate:
     grid = quadrature_grid(p, G, options.quadrature_bounds)
     S, d = grid.points.shape
     sampler = Sampler(
-        p.model, p.args, p.kwargs, p.layout, "grid", list(grid.values), grid=grid.values
+        p.model,
+        p.args,
+        p.kwargs,
+        p.layout,
+        "grid",
+        list(grid.values),
+        grid=grid.values,
+        log_jacobian=grid.log_jacobian,
     )
     messages.append(
         f"quadrature: a midpoint grid of {G}^{d} = {S} points on "

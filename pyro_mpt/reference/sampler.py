@@ -91,21 +91,38 @@ class Sampler:
         (``"guide"``, ``"grid"``).
     :param guide: the proposal of ``kind="guide"``.
     :param dict grid: ``kind="grid"``: site name -> ``(G**d, *event_shape)`` grid values.
+    :param log_jacobian: ``kind="grid"``: ``(G**d,)`` the log-Jacobian of each point of a
+        grid on the unconstrained scale (:mod:`~pyro_mpt.conditionals.grid`), or ``None``.
 
     ``inputs(start, size)`` are the tensors a chunk depends on (the grid rows), passed to
     ``__call__`` after ``size``.
     """
 
-    def __init__(self, model, args, kwargs, layout, kind, latents=(), guide=None, grid=None):
+    def __init__(
+        self,
+        model,
+        args,
+        kwargs,
+        layout,
+        kind,
+        latents=(),
+        guide=None,
+        grid=None,
+        log_jacobian=None,
+    ):
         self.model, self.args, self.kwargs = model, tuple(args), dict(kwargs)
         self.layout, self.kind = layout, kind
         self.latents = list(latents)
         self.guide, self.grid = guide, grid
+        self.log_jacobian = log_jacobian  # (G**d,) of a grid on the unconstrained scale
 
     def inputs(self, start: int, size: int) -> tuple:
         if self.grid is None:
             return ()
-        return tuple(v[start : start + size] for v in self.grid.values())
+        rows = [v[start : start + size] for v in self.grid.values()]
+        if self.log_jacobian is not None:
+            rows.append(self.log_jacobian[start : start + size])
+        return tuple(rows)
 
     def __call__(self, size: int, *inputs, log_prob=None) -> torch.Tensor:
         log_prob = log_prob or site_log_prob
@@ -115,7 +132,10 @@ class Sampler:
         if self.kind == "grid":
             values = dict(zip(self.grid, inputs))
             tr = self._trace(self.model, size, values)
-            return log_joint(tr, self.layout, size, self.latents, log_prob)
+            joint = log_joint(tr, self.layout, size, self.latents, log_prob)
+            if self.log_jacobian is None:
+                return joint
+            return joint + inputs[len(self.grid)].unsqueeze(-1)
         gtr = self._guide_trace(size)
         tr = self._trace(poutine.replay(self.model, trace=gtr), size)
         joint = log_joint(tr, self.layout, size, self.latents, log_prob)
