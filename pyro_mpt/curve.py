@@ -7,7 +7,9 @@ Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -86,7 +88,7 @@ class MPTCurve:
         exhaustive: bool = False,
         scale: torch.Tensor | None = None,
         share_masks: bool = False,
-        **fields,
+        **fields: Any,
     ) -> MPTCurve:
         r"""The curve of ``K`` draws binned by mask size (what
         :func:`~pyro_mpt.engine.score_masks` returns with ``by_size=True``).
@@ -150,20 +152,20 @@ class MPTCurve:
         )
 
     @property
-    def num_tokens(self):
+    def num_tokens(self) -> int:
         return int(self.sizes.shape[0])
 
     @property
-    def mask_rates(self):
+    def mask_rates(self) -> torch.Tensor:
         """``(T,)`` the mask rates :math:`m / T`."""
         return self.sizes.to(self.scores.dtype) / self.num_tokens
 
-    def mask_size(self, rate):
+    def mask_size(self, rate: float) -> int:
         """The mask size a fixed ``rate`` uses: :math:`\\max(1, \\mathrm{round}(rT))`."""
         rate = check_mask_rate(rate)
         return min(self.num_tokens, max(1, round(rate * self.num_tokens)))
 
-    def fixed_rate_estimate(self, rate):
+    def fixed_rate_estimate(self, rate: float) -> torch.Tensor:
         r"""What a fixed mask rate estimates: :math:`T\,S(\mathrm{round}(rT))`.
 
         :raises ValueError: for a ``ragged`` curve (a fixed rate masks
@@ -178,7 +180,7 @@ class MPTCurve:
             )
         return self.num_tokens * self.scores[self.mask_size(rate) - 1]
 
-    def fixed_rate_bias(self, rate):
+    def fixed_rate_bias(self, rate: float) -> torch.Tensor:
         r""":math:`T\,S(m) - \sum_m S(m)`: the bias of a fixed rate against the area."""
         return self.fixed_rate_estimate(rate) - self.area
 
@@ -199,21 +201,21 @@ def _dofs(bins, draws, c, scale, K, pooled):
 
 
 def mpt_curve(
-    model,
-    *args,
-    num_masks=1,
-    exhaustive=False,
-    conditionals="auto",
-    num_samples=256,
-    token_plate=None,
-    max_plate_nesting=float("inf"),
-    quadrature_points=20,
-    quadrature_bounds=(-5.0, 5.0),
-    max_elements=None,
-    share_masks=False,
-    masks="independent",
-    num_particles=None,
-    **kwargs,
+    model: Callable,
+    *args: Any,
+    num_masks: int = 1,
+    exhaustive: bool = False,
+    conditionals: str = "auto",
+    num_samples: int = 256,
+    token_plate: str | None = None,
+    max_plate_nesting: float = float("inf"),
+    quadrature_points: int = 20,
+    quadrature_bounds: tuple[float, float] = (-5.0, 5.0),
+    max_elements: int | None = None,
+    share_masks: bool = False,
+    masks: str = "independent",
+    num_particles: int | None = None,
+    **kwargs: Any,
 ) -> MPTCurve:
     r"""The curve :math:`S(m)`, :math:`m = 1..T`, and its area :math:`\sum_m S(m)`, which
     equals :math:`\log p(X)` (Moreno-Muñoz et al. 2023).

@@ -5,8 +5,12 @@ Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520; E. Fong, C. Holmes, "On th
 likelihood and cross-validation", Biometrika 107(2), 2020.
 """
 
+from __future__ import annotations
+
 import types
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pyro.poutine as poutine
 import torch
@@ -23,6 +27,9 @@ from .tokens.checks import (
     model_errors,
     nonfinite_sites,
 )
+
+if TYPE_CHECKING:
+    from .estimators import MaskEstimator
 
 __all__ = ["MaskedELBO"]
 
@@ -129,24 +136,24 @@ class MaskedELBO(ELBO):
 
     def __init__(
         self,
-        estimator="stratified",
-        mask_rate=0.15,
-        num_masks=1,
-        num_samples=256,
-        conditionals="auto",
-        token_plate=None,
-        max_plate_nesting=float("inf"),
-        quadrature_points=20,
-        quadrature_bounds=(-5.0, 5.0),
-        max_elements=None,
-        share_masks=False,
-        masks=None,
-        num_particles=None,
-        vectorize_particles=False,
-        retain_graph=None,
-        ignore_jit_warnings=False,
-        jit_options=None,
-    ):
+        estimator: str | MaskEstimator = "stratified",
+        mask_rate: float = 0.15,
+        num_masks: int = 1,
+        num_samples: int = 256,
+        conditionals: str = "auto",
+        token_plate: str | None = None,
+        max_plate_nesting: float = float("inf"),
+        quadrature_points: int = 20,
+        quadrature_bounds: tuple[float, float] = (-5.0, 5.0),
+        max_elements: int | None = None,
+        share_masks: bool = False,
+        masks: str | None = None,
+        num_particles: int | None = None,
+        vectorize_particles: bool = False,
+        retain_graph: bool | None = None,
+        ignore_jit_warnings: bool = False,
+        jit_options: dict | None = None,
+    ) -> None:
         _check_pyro_keywords(vectorize_particles, retain_graph, ignore_jit_warnings, jit_options)
         if num_particles is not None:
             check_positive_int("num_particles", num_particles)
@@ -179,11 +186,13 @@ class MaskedELBO(ELBO):
         self.vectorize_particles = bool(vectorize_particles)
 
     @property
-    def estimator(self):
+    def estimator(self) -> MaskEstimator:
         """The :class:`~pyro_mpt.estimators.MaskEstimator` in use."""
         return self.options.estimator
 
-    def estimate(self, model, guide, *args, **kwargs) -> MPTEstimate:
+    def estimate(
+        self, model: Callable, guide: Callable | None, *args: Any, **kwargs: Any
+    ) -> MPTEstimate:
         r"""The masked estimate of :math:`\sum_n \log p(x_n)` with its draws and standard
         error, differentiable in the model's parameters.
 
@@ -241,16 +250,20 @@ class MaskedELBO(ELBO):
         """The model's trace and an empty guide trace: MaskedELBO runs no guide."""
         return poutine.trace(model).get_trace(*args, **kwargs), poutine.Trace()
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def differentiable_loss(
+        self, model: Callable, guide: Callable | None, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """Minus the masked estimate of :math:`\\sum_n \\log p(x_n)`, as a tensor."""
         return -self._checked_estimate(model, guide, args, kwargs, errors=False).total
 
-    def loss(self, model, guide, *args, **kwargs):
+    def loss(self, model: Callable, guide: Callable | None, *args: Any, **kwargs: Any) -> float:
         """The loss as a float, without gradients."""
         with torch.no_grad():
             return self.differentiable_loss(model, guide, *args, **kwargs).item()
 
-    def loss_and_grads(self, model, guide, *args, **kwargs):
+    def loss_and_grads(
+        self, model: Callable, guide: Callable | None, *args: Any, **kwargs: Any
+    ) -> float:
         """The loss as a float; backpropagates it into the model's parameters."""
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         if loss.requires_grad:

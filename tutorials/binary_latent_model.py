@@ -7,6 +7,7 @@ quadrature log marginal likelihood, in nats per image.
 """
 
 import os
+import sys
 import warnings
 
 import matplotlib.pyplot as plt
@@ -38,3 +39,15 @@ for message in result.messages:
 # figure(ax=...) draws onto the given axes, so the plot directive captures it.
 fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
 result.figure(ax=ax)
+
+# Run as a script, `python tutorials/binary_latent_model.py [figure.png]` saves the figure (default: a
+# png next to this file). The docs' plot directive executes this code without __file__ and
+# captures the figure itself, so nothing is written into the source tree then.
+if "__file__" in globals():
+    out = (
+        sys.argv[1]
+        if len(sys.argv) > 1
+        else os.path.splitext(os.path.abspath(__file__))[0] + ".png"
+    )
+    fig.savefig(out, dpi=100)
+    print(f"figure saved to {os.path.relpath(out)}")

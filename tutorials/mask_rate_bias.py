@@ -6,6 +6,7 @@ measure the bias of fixed rates of 15%, 50% and 80%.
 """
 
 import os
+import sys
 import warnings
 
 import matplotlib.pyplot as plt
@@ -43,3 +44,15 @@ for rate in (0.15, 0.5, 0.8):
 fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
 plot_curve(curve, reference=exact, ax=ax, shade="band")  # band around the curve
 ax.set_title(f"PPCA, T = {T}: the MPT curve S(m) (area = log p(X))")
+
+# Run as a script, `python tutorials/mask_rate_bias.py [figure.png]` saves the figure (default: a
+# png next to this file). The docs' plot directive executes this code without __file__ and
+# captures the figure itself, so nothing is written into the source tree then.
+if "__file__" in globals():
+    out = (
+        sys.argv[1]
+        if len(sys.argv) > 1
+        else os.path.splitext(os.path.abspath(__file__))[0] + ".png"
+    )
+    fig.savefig(out, dpi=100)
+    print(f"figure saved to {os.path.relpath(out)}")

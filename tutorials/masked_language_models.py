@@ -8,6 +8,7 @@ are set beside the exact LML, in nats per token.
 """
 
 import os
+import sys
 
 import matplotlib.pyplot as plt
 
@@ -33,3 +34,15 @@ print(result.headline())
 fig, ax = plt.subplots(figsize=(7, 4.5))
 result.figure(ax=ax)
 fig.tight_layout()
+
+# Run as a script, `python tutorials/masked_language_models.py [figure.png]` saves the figure (default: a
+# png next to this file). The docs' plot directive executes this code without __file__ and
+# captures the figure itself, so nothing is written into the source tree then.
+if "__file__" in globals():
+    out = (
+        sys.argv[1]
+        if len(sys.argv) > 1
+        else os.path.splitext(os.path.abspath(__file__))[0] + ".png"
+    )
+    fig.savefig(out, dpi=100)
+    print(f"figure saved to {os.path.relpath(out)}")

@@ -6,6 +6,7 @@ trained models against the exact log marginal likelihood.
 """
 
 import os
+import sys
 import warnings
 
 import matplotlib.pyplot as plt
@@ -83,3 +84,15 @@ for ax in axes:
     ax.legend()
     lo = min(ax.get_lines()[1].get_ydata()[len(ax.get_lines()[1].get_ydata()) // 4 :])
     ax.set_ylim(bottom=lo - 0.3 * abs(lo))
+
+# Run as a script, `python tutorials/train_without_guide.py [figure.png]` saves the figure (default: a
+# png next to this file). The docs' plot directive executes this code without __file__ and
+# captures the figure itself, so nothing is written into the source tree then.
+if "__file__" in globals():
+    out = (
+        sys.argv[1]
+        if len(sys.argv) > 1
+        else os.path.splitext(os.path.abspath(__file__))[0] + ".png"
+    )
+    fig.savefig(out, dpi=100)
+    print(f"figure saved to {os.path.relpath(out)}")

@@ -7,6 +7,7 @@ ranks models by their log marginal likelihood.
 """
 
 import os
+import sys
 import warnings
 
 import arviz as az
@@ -79,3 +80,15 @@ fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
 report.plot(ax=axes[0], shade="band")  # s.e. band around the curve, not down to 0
 az.plot_khat(elpd_poor, ax=axes[1], show_hlines=True)
 axes[1].set_title("Pareto k-hat per sequence, 32 prior draws (az.plot_khat)")
+
+# Run as a script, `python tutorials/trustworthy_reference.py [figure.png]` saves the figure (default: a
+# png next to this file). The docs' plot directive executes this code without __file__ and
+# captures the figure itself, so nothing is written into the source tree then.
+if "__file__" in globals():
+    out = (
+        sys.argv[1]
+        if len(sys.argv) > 1
+        else os.path.splitext(os.path.abspath(__file__))[0] + ".png"
+    )
+    fig.savefig(out, dpi=100)
+    print(f"figure saved to {os.path.relpath(out)}")

@@ -9,6 +9,7 @@ exact value within its standard error. "auto" tries importance first and escalat
 """
 
 import os
+import sys
 import warnings
 
 import matplotlib.pyplot as plt
@@ -56,3 +57,15 @@ ax.set_xlabel("num_samples (SMC: 8 runs of num_samples / 8 particles)")
 ax.set_ylabel("estimate - exact log p(X)  [nats, +-2 SE]")
 ax.set_title("PPCA with explicit z, N=50, T=8, noise 0.5")
 ax.legend()
+
+# Run as a script, `python tutorials/when_importance_fails.py [figure.png]` saves the figure (default: a
+# png next to this file). The docs' plot directive executes this code without __file__ and
+# captures the figure itself, so nothing is written into the source tree then.
+if "__file__" in globals():
+    out = (
+        sys.argv[1]
+        if len(sys.argv) > 1
+        else os.path.splitext(os.path.abspath(__file__))[0] + ".png"
+    )
+    fig.savefig(out, dpi=100)
+    print(f"figure saved to {os.path.relpath(out)}")

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 from ..conditionals.conjugate import detect_conjugate
 from ..conditionals.linear_gaussian import detect_linear_gaussian
@@ -136,21 +137,21 @@ def _choose_auto(problem, messages, max_elements=None) -> str:
 
 
 def log_marginal_likelihood(
-    model,
-    *args,
+    model: Callable,
+    *args: Any,
     method: str = "auto",
     num_samples: int = _DEFAULT_NUM_SAMPLES,
-    guide=None,
+    guide: Callable | None = None,
     chunk_size: int | None = None,
     token_plate: str | None = None,
-    max_plate_nesting=float("inf"),
+    max_plate_nesting: float = float("inf"),
     quadrature_points: int = 20,
-    quadrature_bounds: tuple = (-5.0, 5.0),
+    quadrature_bounds: tuple[float, float] = (-5.0, 5.0),
     max_elements: int | None = None,
     progress: bool | None = None,
-    compile=None,
+    compile: bool | str | None = None,
     num_particles: int | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> LMLEstimate:
     r"""A reference :math:`\log p(X) = \sum_n \log p(x_n)` of a Pyro model and its data, per
     sequence, with its Monte Carlo standard error and, for importance sampling, the effective
