@@ -113,7 +113,8 @@ class EvaluationReport:
         ``"curve"``, ``"total"``); CUDA work is synchronised before each clock read.
     :ivar str device: where the work ran.
     :ivar int num_sequences: ``N``.
-    :ivar int num_tokens: ``T`` (``None`` without a curve).
+    :ivar int num_tokens: ``T`` (from the curve or the estimates; ``None`` without
+        either, and then not printed).
     :ivar dict settings: the options :func:`~pyro_mpt.evaluate` was called with.
 
     ``str(report)`` and :meth:`summary` give the table; :meth:`to_inference_data` an
@@ -163,11 +164,9 @@ class EvaluationReport:
 
         :returns: ``str``.
         """
-        T = "?" if self.num_tokens is None else self.num_tokens
-        lines = [
-            f"MPT evaluation: N = {self.num_sequences} sequences, T = {T} tokens, "
-            f"device {self.device}",
-        ]
+        # without a curve or an estimate the token count is unknown: say nothing
+        T = "" if self.num_tokens is None else f"T = {self.num_tokens} tokens, "
+        lines = [f"MPT evaluation: N = {self.num_sequences} sequences, {T}device {self.device}"]
         lines += _reference_lines(self)
         lines += _estimator_lines(self)
         lines += _curve_lines(self)

@@ -172,3 +172,16 @@ def trust_rates(N_seq, noise, S, seeds):
         false_alarms += ok and not ref.trustworthy
     n = len(seeds)
     return accurate / n, flagged / n, flagged_any / n, false_alarms / max(accurate, 1)
+
+
+def hard_settings():
+    """name -> ``seed -> (estimate, exact)``: importance conditionals where the posterior is
+    far from the prior (PPCA N=20, T=6, two latents, noise 0.3, S=256; the ESS warning
+    fires), the regime of the particles' jackknife bias correction."""
+    X, params, exact = _ppca_data(noise=0.3)
+    args = (X, *params.values())
+    common = dict(conditionals="importance", num_samples=256)
+    return {
+        "hard, stratified, K=8": _masked(ppca_latent, args, exact, num_masks=8, **common),
+        "hard, chain": _masked(ppca_latent, args, exact, estimator="chain", num_masks=2, **common),
+    }
