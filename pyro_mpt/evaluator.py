@@ -264,17 +264,9 @@ def evaluate(
         timings=clock.total(),
         device=str(clock.device),
         num_sequences=int(ref.per_sequence.shape[-1]),
-        num_tokens=_num_tokens(curve, results),
+        num_tokens=None if curve is None else curve.num_tokens,
         settings=settings,
     )
-
-
-def _num_tokens(curve, results) -> int | None:
-    """``T`` from the curve, else from an estimate (``None`` with neither)."""
-    if curve is not None:
-        return curve.num_tokens
-    counts = [getattr(r.estimate, "num_tokens", None) for r in results.values()]
-    return next((t for t in counts if t is not None), None)
 
 
 def compare(

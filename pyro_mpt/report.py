@@ -137,6 +137,11 @@ class EvaluationReport:
     num_tokens: int | None
     settings: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.num_tokens is None:  # no curve: the estimates know T from the data
+            counts = (getattr(r.estimate, "num_tokens", None) for r in self.estimators.values())
+            self.num_tokens = next((t for t in counts if t is not None), None)
+
     @property
     def reference_status(self) -> str:
         """``"ok"``, or ``"UNRELIABLE (k-hat ... > ...)"`` when the reference cannot be trusted."""
