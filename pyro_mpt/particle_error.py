@@ -32,7 +32,7 @@ variance becomes :math:`\widehat{\mathrm{Var}}_\mathrm{part} + \hat b^2` (still 
 :math:`O(1/S^2)` remainder. Where the :math:`1/S` expansion holds (many effective
 particles) :math:`\hat b^2 = O(S^{-2})` is negligible against the variance
 (:math:`O(1/S)`); where the weights are degenerate the correction removes part of the bias
-only, :attr:`~pyro_mpt.MPTEstimate.reliable` is ``False`` and the warning below fires
+only, ``MPTEstimate.reliable`` is ``False`` and the warning below fires
 (measured coverages: the Reliability page).
 
 **Diagnostic.** The effective sample size of the weights given every token,

@@ -113,8 +113,8 @@ class EvaluationReport:
         ``"curve"``, ``"total"``); CUDA work is synchronised before each clock read.
     :ivar str device: where the work ran.
     :ivar int num_sequences: ``N``.
-    :ivar int num_tokens: ``T`` (from the curve or the estimates; ``None`` without
-        either, and then not printed).
+    :ivar int num_tokens: ``T`` (``None`` without a curve; the summary then prints the
+        estimates' ``T``, or none).
     :ivar dict settings: the options :func:`~pyro_mpt.evaluate` was called with.
 
     ``str(report)`` and :meth:`summary` give the table; :meth:`to_inference_data` an
@@ -136,11 +136,6 @@ class EvaluationReport:
     num_sequences: int
     num_tokens: int | None
     settings: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.num_tokens is None:  # no curve: the estimates know T from the data
-            counts = (getattr(r.estimate, "num_tokens", None) for r in self.estimators.values())
-            self.num_tokens = next((t for t in counts if t is not None), None)
 
     @property
     def reference_status(self) -> str:
@@ -169,8 +164,10 @@ class EvaluationReport:
 
         :returns: ``str``.
         """
-        # without a curve or an estimate the token count is unknown: say nothing
-        T = "" if self.num_tokens is None else f"T = {self.num_tokens} tokens, "
+        # without a curve the estimates know T from the data; with neither, say nothing
+        counts = (getattr(r.estimate, "num_tokens", None) for r in self.estimators.values())
+        T = next((t for t in (self.num_tokens, *counts) if t is not None), None)
+        T = "" if T is None else f"T = {T} tokens, "
         lines = [f"MPT evaluation: N = {self.num_sequences} sequences, {T}device {self.device}"]
         lines += _reference_lines(self)
         lines += _estimator_lines(self)

@@ -185,3 +185,26 @@ def hard_settings():
         "hard, stratified, K=8": _masked(ppca_latent, args, exact, num_masks=8, **common),
         "hard, chain": _masked(ppca_latent, args, exact, estimator="chain", num_masks=2, **common),
     }
+
+
+def smc_setting(num_samples):
+    """``seed -> (reference, exact)``: the SMC reference on eight schools with a latent tau
+    (``tests/test_smc.py``'s model; exact value by a fine grid over tau)."""
+    from tests.test_smc import SIGMA, Y, eight_schools, eight_schools_latent_exact
+
+    exact = eight_schools_latent_exact()
+
+    def run(seed):
+        pyro.set_rng_seed(seed)
+        ref = log_marginal_likelihood(
+            eight_schools,
+            Y,
+            SIGMA,
+            method="smc",
+            num_samples=num_samples,
+            token_plate="schools",
+            progress=False,
+        )
+        return ref, exact
+
+    return run

@@ -160,7 +160,8 @@ def test_summary_without_curve(ppca_data):
     assert "Fixed mask rates" not in text and "Curve S(m)" not in text
     # without a curve the token count comes from the data (through the estimates)
     T = ppca_data[0].shape[-1]
-    assert report.num_tokens == T and "?" not in text.splitlines()[0]
+    assert report.estimators["stratified"].estimate.num_tokens == T
+    assert "?" not in text.splitlines()[0]
     assert f"N = {report.num_sequences} sequences, T = {T} tokens" in text
 
 

@@ -90,7 +90,9 @@ def smc_reference(problem, options, messages) -> LMLEstimate:
     ess_runs = torch.exp(2 * torch.logsumexp(log_z, 0) - torch.logsumexp(2 * log_z, 0))
     se = ((R / ess_runs - 1).clamp(min=0) / (R - 1)).sqrt()
     # the log of a mean is biased down by about se^2 / 2 (Jensen): added back per sequence
-    per_seq = torch.logsumexp(log_z, 0) - math.log(R) + se**2 / 2
+    # (0 where no run has a finite evidence: the -inf stays -inf, flagged below)
+    bias = torch.where(torch.isfinite(se), se**2 / 2, torch.zeros_like(se))
+    per_seq = torch.logsumexp(log_z, 0) - math.log(R) + bias
     acceptance = run.acceptance.mean(0)
     messages.append(
         f"smc: {R} independent runs of {P} particles per sequence, tokens revealed in random "
