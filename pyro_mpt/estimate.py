@@ -5,7 +5,8 @@ With :math:`K` independent draws :math:`d_{k,n}` of each sequence's estimate, th
 :math:`\sum_n c_n \bar d_n` and its variance :math:`\sum_n c_n^2 \widehat{\mathrm{Var}}(d_n)/K`
 (each on :math:`K - 1` degrees of freedom, combined by Welch-Satterthwaite); with shared masks
 or one sequence the draws' totals are correlated, so their own spread (:math:`K - 1` dof) is
-used. A particle error (importance conditionals) is added as an independent variance.
+used. A particle error (importance conditionals) is added as an independent variance, and
+the particles' jackknife bias estimate is subtracted (:mod:`pyro_mpt.particle_error`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class MPTEstimate:
     r"""A masked estimate of :math:`\sum_n \log p(x_n)`.
 
     :ivar torch.Tensor total: the estimate (differentiable), subsampling scale applied.
-    :ivar torch.Tensor per_sequence: ``(N,)`` each sequence's estimate, averaged over draws.
+    :ivar torch.Tensor per_sequence: ``(N,)`` each sequence's estimate, averaged over draws
+        (minus its particle bias estimate with importance conditionals).
     :ivar torch.Tensor draws: ``(num_masks, N)`` the independent draws.
     :ivar float stderr: Monte Carlo standard error of ``total`` (NaN with one draw).
     :ivar str estimator: the estimator's name; ``conditionals``: the backend's.
@@ -38,8 +40,16 @@ class MPTEstimate:
         sequences' variances, each on :math:`K - 1`; :math:`K - 1` with shared masks or one
         sequence; NaN with one draw): :meth:`ci` uses Student-t with it.
     :ivar float particle_stderr: the part of ``stderr`` from the particles of importance
-        conditionals (0 for deterministic conditionals; see
-        :mod:`pyro_mpt.particle_error`).
+        conditionals, :math:`\sqrt{\widehat{\mathrm{Var}}_\mathrm{part} + \hat b^2}` (0 for
+        deterministic conditionals; see :mod:`pyro_mpt.particle_error`).
+    :ivar float particle_bias: :math:`\hat b`, the jackknife estimate of the particles'
+        :math:`O(1/S)` bias of the total, already subtracted from ``total`` (0 for
+        deterministic conditionals).
+    :ivar bool reliable: ``False`` when the importance conditionals are degenerate (the
+        ESS warning of :mod:`pyro_mpt.particle_error` fired): there the interval was
+        measured to under-cover (the Reliability page), so do not trust it.
+    :ivar int num_tokens: ``T``, the tokens per sequence (the longest with ragged data;
+        ``None`` when unknown).
     :ivar bool shared_masks: whether every sequence had the same masks.
     :ivar torch.Tensor particle_ess: ``(N,)`` the effective sample size of the importance
         conditionals' weights given every token (``None`` for other conditionals).
@@ -66,6 +76,9 @@ class MPTEstimate:
     particle_stderr: float = 0.0
     shared_masks: bool = False
     particle_ess: torch.Tensor | None = None
+    particle_bias: float = 0.0
+    reliable: bool = True
+    num_tokens: int | None = None
 
     def ci(self, level: float = 0.95) -> tuple[float, float]:
         r"""The interval :math:`\hat L \pm t_{(1+\ell)/2,\nu}\,\mathrm{se}` of ``total``
@@ -94,9 +107,17 @@ class MPTEstimate:
         :param draws: ``(K, N)`` independent draws of every sequence.
         :param estimator: the :class:`~pyro_mpt.estimators.MaskEstimator` that made them.
         :param str conditionals: the name of the backend that scored them.
+        :param particle_var: ``(variance, dof)`` of the particle error, or a
+            :class:`~pyro_mpt.particle_error.ParticleError` whose ``bias`` ``(N,)`` is
+            subtracted from each sequence and whose square is added to the variance.
         """
         K = draws.shape[0]
         per_sequence = draws.mean(0)
+        bias = getattr(particle_var, "bias", None)
+        if bias is not None:  # a constant: the gradient is the uncorrected estimate's
+            per_sequence = per_sequence - bias.to(per_sequence.dtype)
+            total_bias = float(bias.sum() if scale is None else (scale * bias).sum())
+            particle_var = (particle_var[0] + total_bias**2, particle_var[1])
         total = per_sequence.sum() if scale is None else (scale * per_sequence).sum()
         detached = draws.detach()
         if K > 1 and (share_masks or draws.shape[1] == 1):
@@ -126,4 +147,5 @@ class MPTEstimate:
             dof=dof,
             particle_stderr=0.0 if particle_var is None else math.sqrt(particle_var[0]),
             shared_masks=bool(share_masks),
+            particle_bias=total_bias if bias is not None else 0.0,
         )

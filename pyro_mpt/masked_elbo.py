@@ -18,7 +18,7 @@ from pyro.infer import ELBO
 
 from .engine import MPTEstimate, MPTOptions, prepare, score, summarize
 from .options import check_bool, check_positive_int, renamed_keyword, resolve_max_elements
-from .particle_error import particle_terms
+from .particle_error import degenerate, particle_terms
 from .tokens.checks import (
     check_bounds,
     check_draws_memory,
@@ -232,6 +232,8 @@ class MaskedELBO(ELBO):
                 particle_var, ess = particle_terms(scorer, backend, layout, opts)
         estimate = summarize(draws, layout, opts.estimator, backend, opts.share_masks, particle_var)
         estimate.particle_ess = ess
+        estimate.reliable = not degenerate(ess)
+        estimate.num_tokens = layout.num_tokens
         return estimate
 
     def _warn_guide(self, guide):

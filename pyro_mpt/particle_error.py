@@ -19,6 +19,22 @@ error (and :math:`O(G/S)` bias) of fewer draws, and one mask draw's particle err
 least that of the mean over :math:`K` draws. :class:`~pyro_mpt.MPTEstimate` adds it to the
 masks' variance, with Welch-Satterthwaite degrees of freedom.
 
+**Bias (delete-a-group jackknife).** Self-normalised importance conditionals are ratios of
+particle averages, so their logs are biased by :math:`O(1/S)`, and the bias adds up over
+tokens and sequences while the standard error shrinks as :math:`1/\sqrt S`: with few
+effective particles no standard error covers it. The same masks are also scored with each
+group left out (:math:`S(G-1)/G` particles), and :math:`\hat b = (G-1)(\bar L_{(-g)} -
+\hat L)` estimates the bias of the full estimate (:func:`particle_error`).
+:class:`~pyro_mpt.MPTEstimate` subtracts it from ``total`` and ``per_sequence`` (a
+constant: ``total`` stays differentiable) and widens the interval by it: the particle
+variance becomes :math:`\widehat{\mathrm{Var}}_\mathrm{part} + \hat b^2` (still on
+:math:`G - 1` dof), since the bias estimate is itself noisy and leaves an
+:math:`O(1/S^2)` remainder. Where the :math:`1/S` expansion holds (many effective
+particles) :math:`\hat b^2 = O(S^{-2})` is negligible against the variance
+(:math:`O(1/S)`); where the weights are degenerate the correction removes part of the bias
+only, ``MPTEstimate.reliable`` is ``False`` and the warning below fires
+(measured coverages: the Reliability page).
+
 **Diagnostic.** The effective sample size of the weights given every token,
 :math:`\mathrm{ESS}_n = (\sum_s w_{s,n})^2 / \sum_s w_{s,n}^2` with
 :math:`\log w_{s,n} = \log w^0_s + \log p(x_n \mid z_s)` (the most degenerate of the
@@ -34,6 +50,7 @@ import inspect
 import math
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -44,7 +61,9 @@ __all__ = [
     "MIN_CONDITIONAL_ESS",
     "NUM_GROUPS",
     "STOCHASTIC_BACKENDS",
+    "ParticleError",
     "conditional_ess",
+    "particle_error",
     "particle_variance",
 ]
 
@@ -69,7 +88,43 @@ def _scorer_with(scorer, log_w0: torch.Tensor):
     return sub
 
 
-def particle_variance(
+class ParticleError(NamedTuple):
+    """The particle error of a total: ``variance`` (batch means) on ``dof`` degrees of
+    freedom, and ``bias`` ``(N,)`` the jackknife estimate of each sequence's :math:`O(1/S)`
+    bias (unscaled; NaN with fewer than 2 particles). Indexing ``[0]``, ``[1]`` gives the
+    ``(variance, dof)`` pair of :func:`particle_variance`."""
+
+    variance: float
+    dof: float
+    bias: torch.Tensor | None = None
+
+
+def _one_draw_per_weights(scorer, estimator, layout, weights, *, share_masks, max_elements):
+    """``(V, N)``: one mask draw of every sequence for each of the ``V`` particle weightings
+    ``weights`` (each ``log_w0``-shaped), all on the same masks, so that their differences
+    are the particles' alone."""
+    seed = int(torch.randint(0, 2**62, ()))
+    rows = []
+    with torch.no_grad():
+        for log_w0 in weights:  # 2G + 1 weightings (17), not a loop over particles
+            generator = torch.Generator(device=layout.device).manual_seed(seed)
+            draws, _ = score_masks(
+                _scorer_with(scorer, log_w0),
+                estimator,
+                1,
+                num_sequences=layout.num_sequences,
+                num_tokens=layout.num_tokens,
+                dtype=layout.dtype,
+                device=layout.device,
+                max_elements=max_elements,
+                share_masks=share_masks,
+                generator=generator,
+            )
+            rows.append(draws[0])
+    return torch.stack(rows).to(torch.float64)
+
+
+def particle_error(
     scorer,
     estimator,
     layout,
@@ -77,10 +132,20 @@ def particle_variance(
     share_masks: bool = False,
     max_elements: int | None = None,
     num_groups: int = NUM_GROUPS,
-) -> tuple[float, float]:
-    r"""``(variance, dof)``: the batch-means estimate of the particle variance of the
-    total (see the module docstring), :math:`G - 1` degrees of freedom; ``(nan, nan)``
-    with a single particle.
+) -> ParticleError:
+    r"""The particle variance of the total (batch means, see the module docstring) and the
+    jackknife estimate of each sequence's :math:`O(1/S)` bias, from one mask draw scored
+    with the full :math:`S` particles (:math:`\hat L`), with each group alone
+    (:math:`\hat L_g`) and with each group left out (:math:`\hat L_{(-g)}`, :math:`S(G-1)/G`
+    particles), every one on the same masks:
+
+    .. math:: \hat b = (G-1)\Big(\frac1G\sum_{g=1}^G \hat L_{(-g)} - \hat L\Big).
+
+    If :math:`\mathbb E\hat L_S = L + b/S + O(S^{-2})`, then :math:`\mathbb E\hat b = b/S
+    + O(S^{-2})` (the delete-a-group jackknife, Quenouille 1956; Efron & Tibshirani 1993,
+    ch. 10). Valid where the self-normalised weights are not degenerate (the bias expansion
+    in :math:`1/S` holds); with few effective particles :math:`\hat b` removes part of the
+    bias only (the module docstring). ``(nan, nan, None)`` with a single particle.
 
     :param scorer: a particle scorer with ``log_w0`` ``(S, N)`` (e.g.
         :class:`~pyro_mpt.conditionals.particles.ParticleScorer`).
@@ -94,33 +159,49 @@ def particle_variance(
     S = log_w0.shape[0]
     G = min(num_groups, S)
     if G < 2:
-        return math.nan, math.nan
-    # the same masks for every group: the groups' spread is then the particles' alone
-    seed = int(torch.randint(0, 2**62, ()))
+        return ParticleError(math.nan, math.nan, None)
     group = torch.arange(S, device=log_w0.device) % G
     group = group.reshape(S, *([1] * (log_w0.dim() - 1)))
-    totals = []
-    with torch.no_grad():
-        for g in range(G):  # G groups (8), not a loop over particles
-            # each group renormalised to total weight 1, as S/G draws of its own
-            sub = torch.where(group == g, log_w0 + math.log(G), log_w0.new_tensor(-math.inf))
-            generator = torch.Generator(device=layout.device).manual_seed(seed)
-            draws, _ = score_masks(
-                _scorer_with(scorer, sub),
-                estimator,
-                1,
-                num_sequences=layout.num_sequences,
-                num_tokens=layout.num_tokens,
-                dtype=layout.dtype,
-                device=layout.device,
-                max_elements=max_elements,
-                share_masks=share_masks,
-                generator=generator,
-            )
-            scale = 1.0 if layout.scale is None else layout.scale
-            totals.append((scale * draws[0]).sum())
-    totals = torch.stack(totals).to(torch.float64)
-    return float(totals.var() / G), float(G - 1)
+    none = log_w0.new_tensor(-math.inf)
+    # each subset renormalised to total weight 1, as that many draws of its own
+    alone = [torch.where(group == g, log_w0 + math.log(G), none) for g in range(G)]
+    left_out = [torch.where(group == g, none, log_w0 + math.log(G / (G - 1))) for g in range(G)]
+    rows = _one_draw_per_weights(
+        scorer,
+        estimator,
+        layout,
+        [log_w0, *alone, *left_out],
+        share_masks=share_masks,
+        max_elements=max_elements,
+    )
+    full, alone, left_out = rows[0], rows[1 : G + 1], rows[G + 1 :]
+    scale = 1.0 if layout.scale is None else layout.scale.to(torch.float64)
+    totals = (scale * alone).sum(-1)
+    bias = (G - 1) * (left_out.mean(0) - full)
+    return ParticleError(float(totals.var() / G), float(G - 1), bias)
+
+
+def particle_variance(
+    scorer,
+    estimator,
+    layout,
+    *,
+    share_masks: bool = False,
+    max_elements: int | None = None,
+    num_groups: int = NUM_GROUPS,
+) -> tuple[float, float]:
+    r"""``(variance, dof)``: the batch-means estimate of the particle variance of the
+    total (see the module docstring), :math:`G - 1` degrees of freedom; ``(nan, nan)``
+    with a single particle. The parameters are those of :func:`particle_error`."""
+    error = particle_error(
+        scorer,
+        estimator,
+        layout,
+        share_masks=share_masks,
+        max_elements=max_elements,
+        num_groups=num_groups,
+    )
+    return error.variance, error.dof
 
 
 def conditional_ess(scorer, layout) -> torch.Tensor | None:
@@ -143,23 +224,30 @@ def conditional_ess(scorer, layout) -> torch.Tensor | None:
         return torch.exp(2 * torch.logsumexp(a, 0) - torch.logsumexp(2 * a, 0))
 
 
+def degenerate(ess: torch.Tensor | None) -> bool:
+    """Whether more than :data:`MAX_LOW_ESS_FRACTION` of the sequences' conditional weights
+    have an ESS (:func:`conditional_ess`) below :data:`MIN_CONDITIONAL_ESS` (``False``
+    without particles): the measured regime where the interval under-covers."""
+    if ess is None:
+        return False
+    return float((ess < MIN_CONDITIONAL_ESS).float().mean()) > MAX_LOW_ESS_FRACTION
+
+
 def warn_low_ess(ess: torch.Tensor | None, num_samples: int) -> None:
     """Warns (``UserWarning``) when more than :data:`MAX_LOW_ESS_FRACTION` of the sequences'
     conditional weights have an ESS below :data:`MIN_CONDITIONAL_ESS`."""
-    if ess is None:
+    if not degenerate(ess):
         return
     low = ess < MIN_CONDITIONAL_ESS
-    fraction = float(low.float().mean())
-    if fraction > MAX_LOW_ESS_FRACTION:
-        warnings.warn(
-            f"importance conditionals degenerate for {int(low.sum())} of {ess.numel()} "
-            f"sequences (ESS of the weights given every token below {MIN_CONDITIONAL_ESS:g}, "
-            f"down to {float(ess.min()):.1f} of num_samples={num_samples}): the estimate "
-            "and its standard error cannot be trusted; raise num_samples or use exact or "
-            "quadrature conditionals",
-            UserWarning,
-            stacklevel=_user_stacklevel(),
-        )
+    warnings.warn(
+        f"importance conditionals degenerate for {int(low.sum())} of {ess.numel()} "
+        f"sequences (ESS of the weights given every token below {MIN_CONDITIONAL_ESS:g}, "
+        f"down to {float(ess.min()):.1f} of num_samples={num_samples}): the estimate "
+        "and its standard error cannot be trusted; raise num_samples or use exact or "
+        "quadrature conditionals",
+        UserWarning,
+        stacklevel=_user_stacklevel(),
+    )
 
 
 def _user_stacklevel() -> int:
@@ -174,14 +262,14 @@ def _user_stacklevel() -> int:
 
 def particle_terms(scorer, backend, layout, options):
     """``(particle_var, ess)`` for an estimate with ``backend``'s conditionals: the
-    particle variance (:func:`particle_variance`) and conditional ESS
+    particle variance and bias (:func:`particle_error`) and conditional ESS
     (:func:`conditional_ess`, warned by :func:`warn_low_ess`) when its particles are random
     draws, else ``(None, None)``.
 
     :param options: the :class:`~pyro_mpt.engine.MPTOptions` of the estimate."""
     if backend.name not in STOCHASTIC_BACKENDS or getattr(scorer, "log_w0", None) is None:
         return None, None
-    var = particle_variance(
+    var = particle_error(
         scorer,
         options.estimator,
         layout,

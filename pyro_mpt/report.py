@@ -113,7 +113,8 @@ class EvaluationReport:
         ``"curve"``, ``"total"``); CUDA work is synchronised before each clock read.
     :ivar str device: where the work ran.
     :ivar int num_sequences: ``N``.
-    :ivar int num_tokens: ``T`` (``None`` without a curve).
+    :ivar int num_tokens: ``T`` (``None`` without a curve; the summary then prints the
+        estimates' ``T``, or none).
     :ivar dict settings: the options :func:`~pyro_mpt.evaluate` was called with.
 
     ``str(report)`` and :meth:`summary` give the table; :meth:`to_inference_data` an
@@ -163,11 +164,11 @@ class EvaluationReport:
 
         :returns: ``str``.
         """
-        T = "?" if self.num_tokens is None else self.num_tokens
-        lines = [
-            f"MPT evaluation: N = {self.num_sequences} sequences, T = {T} tokens, "
-            f"device {self.device}",
-        ]
+        # without a curve the estimates know T from the data; with neither, say nothing
+        counts = (getattr(r.estimate, "num_tokens", None) for r in self.estimators.values())
+        T = next((t for t in (self.num_tokens, *counts) if t is not None), None)
+        T = "" if T is None else f"T = {T} tokens, "
+        lines = [f"MPT evaluation: N = {self.num_sequences} sequences, {T}device {self.device}"]
         lines += _reference_lines(self)
         lines += _estimator_lines(self)
         lines += _curve_lines(self)

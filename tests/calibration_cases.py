@@ -172,3 +172,39 @@ def trust_rates(N_seq, noise, S, seeds):
         false_alarms += ok and not ref.trustworthy
     n = len(seeds)
     return accurate / n, flagged / n, flagged_any / n, false_alarms / max(accurate, 1)
+
+
+def hard_settings():
+    """name -> ``seed -> (estimate, exact)``: importance conditionals where the posterior is
+    far from the prior (PPCA N=20, T=6, two latents, noise 0.3, S=256; the ESS warning
+    fires), the regime of the particles' jackknife bias correction."""
+    X, params, exact = _ppca_data(noise=0.3)
+    args = (X, *params.values())
+    common = dict(conditionals="importance", num_samples=256)
+    return {
+        "hard, stratified, K=8": _masked(ppca_latent, args, exact, num_masks=8, **common),
+        "hard, chain": _masked(ppca_latent, args, exact, estimator="chain", num_masks=2, **common),
+    }
+
+
+def smc_setting(num_samples):
+    """``seed -> (reference, exact)``: the SMC reference on eight schools with a latent tau
+    (``tests/test_smc.py``'s model; exact value by a fine grid over tau)."""
+    from tests.test_smc import SIGMA, Y, eight_schools, eight_schools_latent_exact
+
+    exact = eight_schools_latent_exact()
+
+    def run(seed):
+        pyro.set_rng_seed(seed)
+        ref = log_marginal_likelihood(
+            eight_schools,
+            Y,
+            SIGMA,
+            method="smc",
+            num_samples=num_samples,
+            token_plate="schools",
+            progress=False,
+        )
+        return ref, exact
+
+    return run

@@ -89,7 +89,8 @@ def test_summary_lines_of_a_hand_made_report():
     status = "UNRELIABLE (k-hat 0.90 > 0.60, min ESS 2.5 of 64 particles)"
     assert report.reference_status == status
     lines = report.summary().splitlines()
-    assert lines[0] == "MPT evaluation: N = 2 sequences, T = ? tokens, device cpu"
+    # no curve and no estimate's token count: T is omitted, never printed as "?"
+    assert lines[0] == "MPT evaluation: N = 2 sequences, device cpu"
     assert lines[4] == f"  importance          -10.000      0.250  64 particles     {status}"
     assert lines[5] == "  k-hat max 0.900 (threshold 0.600), ESS min 2.5"
     se = math.hypot(0.3, 0.25)
@@ -157,7 +158,11 @@ def test_summary_without_curve(ppca_data):
     report = report_cases.report_without_curve(*ppca_data)
     text = report.summary()
     assert "Fixed mask rates" not in text and "Curve S(m)" not in text
-    assert f"N = {report.num_sequences} sequences, T = ? tokens" in text
+    # without a curve the token count comes from the data (through the estimates)
+    T = ppca_data[0].shape[-1]
+    assert report.estimators["stratified"].estimate.num_tokens == T
+    assert "?" not in text.splitlines()[0]
+    assert f"N = {report.num_sequences} sequences, T = {T} tokens" in text
 
 
 def test_evaluate_and_compare_still_import_from_report():

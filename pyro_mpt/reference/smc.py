@@ -2,17 +2,23 @@ r"""The SMC reference: ``R`` independent data-annealed SMC sweeps per sequence
 (:mod:`pyro_mpt.conditionals.smc`), each an unbiased estimate :math:`\hat Z_{r,n}` of
 :math:`p(x_n)`, pooled as
 
-.. math:: \log \hat p(x_n) = \log \frac1R \sum_{r=1}^R \hat Z_{r,n}, \qquad
+.. math:: \log \hat p(x_n) = \log \frac1R \sum_{r=1}^R \hat Z_{r,n}
+    + \frac{\mathrm{SE}_n^2}{2}, \qquad
     \mathrm{SE}_n = \sqrt{\frac{R / \mathrm{ESS}_n - 1}{R - 1}}, \quad
     \mathrm{ESS}_n = \frac{(\sum_r \hat Z_{r,n})^2}{\sum_r \hat Z_{r,n}^2},
 
 the delta-method standard error of the log of a mean of ``R`` i.i.d. positive draws (as for
-importance weights, with the runs as the draws). It is valid when the runs' spread is
+importance weights, with the runs as the draws). The log of the mean of unbiased
+:math:`\hat Z_{r,n}` is biased down by :math:`\mathrm{SE}_n^2/2 + O(R^{-2})` (second-order
+delta method, Jensen), which is added back. It is valid when the runs' spread is
 finite and ``R`` is not tiny: (estimate - truth) / SE is then roughly Student-t with
 ``R - 1`` degrees of freedom per sequence, and the total over many sequences close to
-normal. The runs are flagged (not trustworthy) when they disagree (:math:`\mathrm{ESS}_n <
-R/4`: a spread of :math:`\log \hat Z_r` beyond about a nat), or when the Metropolis
-moves barely move (acceptance below :data:`MIN_ACCEPTANCE`).
+normal. With few particles per run the runs' :math:`\hat Z_{r,n}` are heavy-tailed: the
+sample :math:`\mathrm{SE}_n` then under-states the spread and the correction removes only
+part of the bias (measured on the Reliability page: raise ``num_samples``). The runs are
+flagged (not trustworthy) when they disagree (:math:`\mathrm{ESS}_n < R/4`: a spread of
+:math:`\log \hat Z_r` beyond about a nat), or when the Metropolis moves barely move
+(acceptance below :data:`MIN_ACCEPTANCE`).
 
 Also here: the ``"auto"`` ladder (:func:`auto_ladder`): importance first, SMC when
 importance fails its diagnostics, with a message saying which rung answered and why.
@@ -81,16 +87,20 @@ def smc_reference(problem, options, messages) -> LMLEstimate:
     budget = resolve_max_elements(options.max_elements, device)
     run = sweep_in_chunks(pm, order, full, P, DEFAULT_MOVES, False, budget, options.progress)
     log_z = run.log_evidence  # (R, N)
-    per_seq = torch.logsumexp(log_z, 0) - math.log(R)
     ess_runs = torch.exp(2 * torch.logsumexp(log_z, 0) - torch.logsumexp(2 * log_z, 0))
     se = ((R / ess_runs - 1).clamp(min=0) / (R - 1)).sqrt()
+    # the log of a mean is biased down by about se^2 / 2 (Jensen): added back per sequence
+    # (0 where no run has a finite evidence: the -inf stays -inf, flagged below)
+    bias = torch.where(torch.isfinite(se), se**2 / 2, torch.zeros_like(se))
+    per_seq = torch.logsumexp(log_z, 0) - math.log(R) + bias
     acceptance = run.acceptance.mean(0)
     messages.append(
         f"smc: {R} independent runs of {P} particles per sequence, tokens revealed in random "
         f"orders with adaptive tempering (ESS kept at P/2), systematic resampling and "
         f"{DEFAULT_MOVES} x max(1, d - 1) random-walk Metropolis steps per stage (d latent "
         "dimensions per sequence); log p(x_n) = logmeanexp_r "
-        f"log Z_r, delta-method standard error over the runs; resampled "
+        f"log Z_r + se^2/2 (the log-mean's bias), delta-method standard error over the "
+        "runs; resampled "
         f"{float(run.resamples.mean()):.1f} times per run and sequence on average, mean "
         f"acceptance {float(acceptance.mean()):.2f}"
     )
