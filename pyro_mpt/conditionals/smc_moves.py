@@ -229,7 +229,9 @@ def random_walk_move(
     """
     B, P = log_w.shape[:2]
     x = torch.cat(list(state["u"].values()), -1)  # (B, P, N, d)
-    W = torch.softmax(log_w, 1).unsqueeze(-1)  # (B, P, N, 1)
+    # the latents keep their prior's dtype, which may differ from the data's (float32
+    # priors with float64 observations): the proposal is built in the latents' dtype
+    W = torch.softmax(log_w, 1).unsqueeze(-1).to(x.dtype)  # (B, P, N, 1)
     _, chol = _fit_gaussian(x, W)
     rev = revealed.unsqueeze(1).to(log_w.dtype)  # (B, 1, N, T)
     target = state["log_prior"] + (state["table"] * rev).sum(-1)
