@@ -178,6 +178,33 @@ class EliminationScorer(Scorer):
         enum_model = poutine.enum(items_model, first_available_dim=-P - 2)
         return poutine.trace(enum_model).get_trace(*self.args, **self.kwargs)
 
+    def _probe_gradients(self, items: torch.Tensor, reduce) -> tuple:
+        r"""``(grad, log c)``, both shaped like ``items`` (bool ``(I, N, T)``, the observed
+        tokens of each item): one elimination with a probe :math:`t_u` on every unobserved
+        token's factor, and the gradient of ``reduce(log Z)`` (``(I, N)`` in) with respect to
+        the probes at :math:`t = 0`; ``log c`` are the probes' scalings. Differentiable
+        (double backward) when gradients are enabled."""
+        layout, num_items = self.layout, items.shape[0]
+        create_graph = torch.is_grad_enabled()
+        store = {}
+        with torch.enable_grad():
+            t = torch.zeros(items.shape, dtype=layout.dtype, device=items.device)
+            t.requires_grad_(True)
+            entries = {}
+            for site in layout.sites:
+                mode, obs = self._to_site(site, items)
+                entries[site.name] = (mode, obs, self._to_site(site, t)[1])
+            tr = self._items_trace(num_items, ProbeMessenger(entries, store))
+            logz = contract_evidence(tr, layout, MASK_PLATE, num_items)
+            (grad,) = torch.autograd.grad(
+                reduce(logz).sum(), t, create_graph=create_graph, allow_unused=True
+            )
+        if grad is None:  # nothing unobserved: the result is masked out by the caller
+            grad = torch.ones_like(t)
+        sites = layout.sites
+        logc = torch.cat([self._from_site(site, store[site.name], num_items) for site in sites], -1)
+        return grad, logc
+
     def log_conditionals(self, observed: torch.Tensor) -> torch.Tensor:
         r"""``(B, N, T)``: :math:`\log p(x_{n,t} \mid x_{n,O_b})` for every token not in
         ``observed`` (bool ``(B, N, T)``; 0 at observed tokens), from ONE elimination per
@@ -187,25 +214,7 @@ class EliminationScorer(Scorer):
             \qquad Z(t) = \sum_z p(z, x_O) \prod_{u \notin O} (1 + t_u\,p(x_u \mid z)/c_u).
 
         Differentiable (double backward) when gradients are enabled."""
-        layout = self.layout
-        B = observed.shape[0]
-        create_graph = torch.is_grad_enabled()
-        store = {}
-        with torch.enable_grad():
-            t = torch.zeros(observed.shape, dtype=layout.dtype, device=observed.device)
-            t.requires_grad_(True)
-            entries = {}
-            for site in layout.sites:
-                mode, obs = self._to_site(site, observed)
-                entries[site.name] = (mode, obs, self._to_site(site, t)[1])
-            tr = self._items_trace(B, ProbeMessenger(entries, store))
-            logz = contract_evidence(tr, layout, MASK_PLATE, B)
-            (grad,) = torch.autograd.grad(
-                logz.sum(), t, create_graph=create_graph, allow_unused=True
-            )
-        if grad is None:
-            grad = torch.ones_like(t)
-        logc = torch.cat([self._from_site(site, store[site.name], B) for site in layout.sites], -1)
+        grad, logc = self._probe_gradients(observed, lambda logz: logz)
         # observed tokens have no probe (gradient 0): keep log(0) out of the graph
         out = torch.where(observed, torch.ones_like(grad), grad).log() + logc
         return torch.where(observed, out.new_zeros(()), out)

@@ -38,7 +38,7 @@ from pyro.poutine.messenger import Messenger
 from ..options import check_positive_int, resolve_max_elements
 from .base import Conditionals, Scorer
 from .elimination import EliminationScorer
-from .evidence import MASK_PLATE, EvidenceMessenger, ProbeMessenger, contract_evidence
+from .evidence import MASK_PLATE, EvidenceMessenger, contract_evidence
 from .importance import JointEnumerationError, check_discrete_latents, particle_scorer
 from .kernels import FactorizedKernel
 from .particles import ParticleScorer, enumerated_dims, flatten_particles, particle_trace
@@ -147,27 +147,10 @@ class MixedEliminationScorer(EliminationScorer):
             \theta_{s'})},
 
         the mixture :meth:`log_evidence` differences give, from one elimination."""
-        layout, S = self.layout, self.num_samples
-        B, N = observed.shape[0], layout.num_sequences
+        S, N, B = self.num_samples, self.layout.num_sequences, observed.shape[0]
         items = observed.repeat_interleave(S, 0)  # item b * S + s: evidence b, particle s
-        create_graph = torch.is_grad_enabled()
-        store = {}
-        with torch.enable_grad():
-            t = torch.zeros(items.shape, dtype=layout.dtype, device=items.device)
-            t.requires_grad_(True)
-            entries = {}
-            for site in layout.sites:
-                mode, obs = self._to_site(site, items)
-                entries[site.name] = (mode, obs, self._to_site(site, t)[1])
-            tr = self._items_trace(B * S, ProbeMessenger(entries, store))
-            logz = contract_evidence(tr, layout, MASK_PLATE, B * S).reshape(B, S, N)
-            (grad,) = torch.autograd.grad(
-                torch.logsumexp(logz, 1).sum(), t, create_graph=create_graph, allow_unused=True
-            )
-        if grad is None:  # nothing unobserved: the result is masked out below
-            grad = torch.ones_like(t)
-        logc = torch.cat(
-            [self._from_site(site, store[site.name], B * S) for site in layout.sites], -1
+        grad, logc = self._probe_gradients(
+            items, lambda logz: torch.logsumexp(logz.reshape(B, S, N), 1)
         )
         # a particle whose weight underflowed contributes 0; keep log(0) out of the graph
         tiny = torch.finfo(grad.dtype).tiny
