@@ -290,7 +290,8 @@ def _prior(fn, layout: TokenLayout) -> torch.Tensor:
 
 
 def compile_conjugate(model, args: tuple, kwargs: dict, layout: TokenLayout, trace):
-    """The :class:`ConjugateKernel` of a conjugate model (module docstring).
+    """The :class:`~pyro_mpt.conditionals.conjugate.ConjugateKernel` of a conjugate model
+    (module docstring).
 
     :raises NotConjugate: naming the site and the reason when the model is not one
         conjugate latent whose tokens' parameter is the latent itself."""
@@ -347,7 +348,7 @@ class ConjugateConditionals(Conditionals):
         self._compiled = compiled
 
     def compile(self, model, args: tuple, kwargs: dict, layout: TokenLayout, trace):
-        """The :class:`ConjugateKernel` of the model.
+        """The :class:`~pyro_mpt.conditionals.conjugate.ConjugateKernel` of the model.
 
         :raises ValueError: naming the site and the reason when it is not conjugate."""
         if self._compiled is not None and self._compiled[0] is trace:

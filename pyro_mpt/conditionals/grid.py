@@ -14,7 +14,7 @@ for the simplex),
     \approx h^d \sum_s f(T(u_s))\,\lvert\det \partial T/\partial u\rvert_{u_s},
 
 so the points are :math:`T(u_s)` and each carries its log-Jacobian
-(:attr:`MidpointGrid.log_jacobian`): every point lies inside the support (a Gamma latent
+(the grid's ``log_jacobian``): every point lies inside the support (a Gamma latent
 on ``[-5, 5]`` no longer meets negative values).
 """
 
