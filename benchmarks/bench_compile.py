@@ -10,26 +10,15 @@ Run:  python benchmarks/bench_compile.py [--tokens 50] [--repeats 5]
 """
 
 import argparse
-import statistics
 import time
 import warnings
 
 import pyro
 import torch
+from timing import median_seconds
 
 from pyro_mpt import MaskedELBO
 from pyro_mpt.models import ppca_collapsed, sample_ppca
-
-
-def _median_step(step, repeats):
-    step()
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
@@ -54,13 +43,13 @@ def main():
         def compiled_step(fn=compiled):
             fn(ppca_collapsed, None, X, 5).backward()
 
-        eager = _median_step(eager_step, args.repeats)
+        eager = median_seconds(eager_step, args.repeats, warmup=2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             start = time.perf_counter()
             compiled_step()
             first = time.perf_counter() - start
-            comp = _median_step(compiled_step, args.repeats)
+            comp = median_seconds(compiled_step, args.repeats, warmup=2)
         print(
             f"{estimator:12s} eager {eager * 1e3:8.1f} ms  compiled {comp * 1e3:8.1f} ms  "
             f"ratio {comp / eager:5.2f}  first compiled call {first:5.1f} s  "

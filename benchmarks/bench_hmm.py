@@ -11,13 +11,11 @@ Run:  python benchmarks/bench_hmm.py [--tokens 100] [--states 8] [--num-data 64]
 """
 
 import argparse
-import statistics
-import time
 
 import pyro
 import torch
-from pyro.infer import SVI, TraceEnum_ELBO
-from pyro.optim import Adam
+from pyro.infer import TraceEnum_ELBO
+from timing import svi_step_seconds
 
 from pyro_mpt import MaskedELBO
 from pyro_mpt.models import hmm, sample_hmm
@@ -45,18 +43,7 @@ def _model(C, V):
 def step_seconds(loss, X, C, V, repeats, budget_s):
     """Median seconds of one SVI step after one warm-up step (one repeat when the warm-up
     already exceeds ``budget_s``)."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    svi = SVI(_model(C, V), lambda data: None, Adam({"lr": 0.01}), loss=loss)
-    t0 = time.perf_counter()
-    svi.step(X)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats if first < budget_s else 1):
-        t0 = time.perf_counter()
-        svi.step(X)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return svi_step_seconds(_model(C, V), loss, X, repeats, budget_s)
 
 
 def main(argv=None):

@@ -11,13 +11,11 @@ Run:  python benchmarks/bench_step_ratio.py [--tokens 50 200 784] [--num-data 25
 """
 
 import argparse
-import statistics
-import time
 
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO
-from pyro.optim import Adam
+from pyro.infer import Trace_ELBO
+from timing import svi_step_seconds
 
 from pyro_mpt import MaskedELBO
 from pyro_mpt.estimators import StratifiedEstimator
@@ -39,22 +37,11 @@ CONFIGS = [
 def step_seconds(loss, X, K, repeats, budget_s):
     """Median seconds of one SVI step (loss and backward) after one warm-up step; fewer
     repeats when one step already exceeds ``budget_s``."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
 
     def model(data):
         ppca_collapsed(data, K)
 
-    svi = SVI(model, lambda data: None, Adam({"lr": 0.01}), loss=loss)
-    t0 = time.perf_counter()
-    svi.step(X)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats if first < budget_s else 1):
-        t0 = time.perf_counter()
-        svi.step(X)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return svi_step_seconds(model, loss, X, repeats, budget_s)
 
 
 def main(argv=None):
