@@ -24,6 +24,7 @@ from pyro_mpt.models import hmm, sample_hmm
 CONFIGS = [
     ("stratified (default)", {}),
     ("stratified, share_masks", {"share_masks": True}),
+    ("stratified, independent masks", {"masks": "independent"}),
     ("stratified, nested masks", {"masks": "nested"}),
     ("chain", {"estimator": "chain"}),
     ("uniform", {"estimator": "uniform"}),

@@ -25,7 +25,7 @@ from pyro_mpt.models import ppca_collapsed, sample_ppca
 CONFIGS = [
     ("stratified (default)", {}),
     ("stratified, share_masks", {"share_masks": True}),
-    ("stratified, affine masks", {"estimator": StratifiedEstimator(masks="affine")}),
+    ("stratified, independent masks", {"estimator": StratifiedEstimator(masks="independent")}),
     ("stratified, nested masks", {"estimator": StratifiedEstimator(masks="nested")}),
     ("uniform", {"estimator": "uniform"}),
     ("uniform, share_masks", {"estimator": "uniform", "share_masks": True}),

@@ -213,7 +213,7 @@ def mpt_curve(
     quadrature_bounds: tuple[float, float] = (-5.0, 5.0),
     max_elements: int | None = None,
     share_masks: bool = False,
-    masks: str = "independent",
+    masks: str = "auto",
     num_particles: int | None = None,
     **kwargs: Any,
 ) -> MPTCurve:
@@ -236,7 +236,8 @@ def mpt_curve(
     :param int num_samples: prior draws for ``"importance"`` conditionals.
     :param bool share_masks: the same masks for every sequence (see
         :class:`~pyro_mpt.MaskedELBO`); much faster for long low-rank Gaussian sequences.
-    :param str masks: ``"independent"``, ``"nested"`` or ``"affine"``: how the masks of the
+    :param str masks: ``"auto"`` (default), ``"independent"``, ``"nested"`` or ``"affine"``:
+        how the masks of the
         ``T`` sizes of one draw are drawn (see
         :class:`~pyro_mpt.estimators.StratifiedEstimator`); ``"nested"`` scores factorized
         particle models (importance, quadrature, enumeration) by one matrix product per order.
@@ -255,7 +256,7 @@ def mpt_curve(
         "mpt_curve", "num_particles", "num_samples", num_particles, num_samples, 256
     )
     masks = check_choice("masks", masks, StratifiedEstimator.MASKS)
-    if exhaustive and masks != "independent":
+    if exhaustive and masks not in ("auto", "independent"):
         raise ValueError(f"masks={masks!r} does not apply to exhaustive=True (every mask)")
     estimator = ExhaustiveEstimator() if exhaustive else StratifiedEstimator(masks=masks)
     options = MPTOptions(

@@ -59,7 +59,7 @@ class MPTOptions:
 
     :ivar num_samples: prior draws of ``"importance"`` conditionals (``num_particles=`` is
         its deprecated old name).
-    :ivar masks: ``"independent"``, ``"nested"`` or ``"affine"`` masks of the stratified
+    :ivar masks: ``"auto"``, ``"independent"``, ``"nested"`` or ``"affine"`` masks of the stratified
         estimator (see :class:`~pyro_mpt.estimators.StratifiedEstimator`); ``None``
         (default): the estimator's own. Only for ``estimator="stratified"``.
 

@@ -194,7 +194,10 @@ class StratifiedEstimator(MaskEstimator):
         uniform ``m``-subset whatever the choice, so the estimate is unbiased; the choice
         changes the masks' dependence (the variance) and the cost.
 
-        - ``"independent"`` (default): one random order per mask (an argsort of
+        - ``"auto"`` (default): ``"affine"``, or ``"independent"`` for ragged sequences
+          (:mod:`pyro_mpt.ragged`): affine masks have the variance of independent ones at a
+          lower cost (docs/benchmarks.rst, ``benchmarks/bench_nested_masks.py``).
+        - ``"independent"``: one random order per mask (an argsort of
           ``(num_draws T, N, T)`` random keys per call).
         - ``"nested"``: ONE random order :math:`\pi` per draw,
           :math:`M_m = \{\pi_{T-m+1}, \dots, \pi_T\}` (the first :math:`T - m` tokens
@@ -221,9 +224,9 @@ class StratifiedEstimator(MaskEstimator):
     name = "stratified"
 
     #: the kinds of masks
-    MASKS = ("independent", "nested", "affine")
+    MASKS = ("auto", "independent", "nested", "affine")
 
-    def __init__(self, masks="independent"):
+    def __init__(self, masks="auto"):
         self.masks = check_choice("masks", masks, self.MASKS)
 
     @property
@@ -231,14 +234,20 @@ class StratifiedEstimator(MaskEstimator):
         """Whether the masks of a draw are the suffixes of one order."""
         return self.masks == "nested"
 
+    @property
+    def resolved_masks(self):
+        """The kind of masks drawn when every token is present (``"auto"`` is affine)."""
+        return "affine" if self.masks == "auto" else self.masks
+
     def rows_per_draw(self, T):
         return T
 
     def batches(self, N, T, num_draws, *, device, dtype, max_rows, generator=None):
-        if self.masks != "independent":
+        masks = self.resolved_masks
+        if masks != "independent":
             # ranks[d, n, t]: the position of token t in the order of draw d, sequence n
             ranks = _random_ranks((num_draws, N), T, device, generator)
-        if self.masks == "affine":  # every mask's map, drawn before any chunk
+        if masks == "affine":  # every mask's map, drawn before any chunk
             units = torch.arange(1, T + 1, device=device)
             units = units[torch.gcd(units, torch.tensor(T, device=device)) == 1]
             shape = (num_draws * T, N, 1)
@@ -247,9 +256,9 @@ class StratifiedEstimator(MaskEstimator):
         for start, stop in _row_chunks(num_draws * T, max_rows):
             rows = torch.arange(start, stop, device=device)
             m = (rows % T + 1).unsqueeze(-1).expand(-1, N)
-            if self.masks == "independent":
+            if masks == "independent":
                 scored = _random_ranks((stop - start, N), T, device, generator) < m.unsqueeze(-1)
-            elif self.masks == "nested":  # materialised chunk by chunk: observed = rank < T - m
+            elif masks == "nested":  # materialised chunk by chunk: observed = rank < T - m
                 scored = ranks[rows // T] >= (T - m).unsqueeze(-1)
             else:
                 image = ranks[rows // T] * a[start:stop] + c[start:stop]

@@ -109,9 +109,10 @@ class MaskedELBO(ELBO):
         ``False``: masks are drawn independently per sequence). Still unbiased, but the
         sequences' errors become correlated; the low-rank Gaussian backend then scores a
         mask for all sequences by matrix products, much faster for long sequences.
-    :param str masks: ``"independent"``, ``"nested"`` or ``"affine"`` masks of the
-        stratified estimator (see :class:`~pyro_mpt.estimators.StratifiedEstimator`);
-        ``None``: the estimator's own (independent).
+    :param str masks: ``"auto"``, ``"independent"``, ``"nested"`` or ``"affine"`` masks of
+        the stratified estimator (see :class:`~pyro_mpt.estimators.StratifiedEstimator`);
+        ``None``: the estimator's own (``"auto"``: affine, or independent for ragged
+        sequences).
     :param int num_particles: deprecated old name of ``num_samples``.
     :param bool vectorize_particles: Pyro's keyword; accepted and always in effect: the
         ``num_masks`` draws (Pyro's particles) are scored as one batched tensor expression

@@ -59,6 +59,7 @@ def _batch(present, scored, weight, size, draw):
 
 def _stratified(est, present, Tn, num_draws, max_rows, dtype, generator):
     T = present.shape[-1]
+    # "auto" is affine only where every token is present: independent masks here
     if est.masks == "affine":
         raise ValueError(
             "masks='affine' needs every token present (its maps live on Z_T); this model's "

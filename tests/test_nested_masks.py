@@ -159,6 +159,20 @@ def test_draws_are_unbiased_for_the_exact_lml(masks):
     assert abs(float(totals.mean()) - exact) < 4 * se, (float(totals.mean()), exact, se)
 
 
+def test_default_masks_are_affine_where_every_token_is_present():
+    """``masks="auto"`` (the default) draws exactly the affine masks from the same stream;
+    ragged sequences take independent masks (tests/test_pyro_semantics.py)."""
+    default = StratifiedEstimator()
+    assert default.masks == "auto" and default.resolved_masks == "affine"
+    assert MPTOptions().estimator.masks == "auto"
+    for key in ("observed", "scored", "weight", "size", "draw"):
+        assert torch.equal(_rows(default, 3, 7, 4)[key], _rows(AFFINE, 3, 7, 4)[key])
+    assert not torch.equal(
+        _rows(default, 3, 7, 4)["scored"],
+        _rows(StratifiedEstimator(masks="independent"), 3, 7, 4)["scored"],
+    )
+
+
 def test_options_choose_the_masks():
     assert MPTOptions().estimator.nested is False
     assert MPTOptions(masks="nested").estimator.nested is True

@@ -142,14 +142,17 @@ def test_importance_masked_elbo_with_token_plate(model):
     exact = bayesian_linear_regression_log_marginal(y, features)
     est = MaskedELBO(
         estimator="stratified",
-        num_masks=4,
+        num_masks=8,
         conditionals="importance",
         num_samples=20_000,
         token_plate="data",
     ).estimate(model, None, y, features)
-    assert est.draws.shape == (4, 1)
-    # stratified + importance: consistent, not exact; loose check that it is in the right place
-    assert abs(float(est.total) - float(exact)) < 1.0
+    assert est.draws.shape == (8, 1)
+    # stratified + importance: consistent, not exact. One sequence: the s.e. rests on the
+    # 8 draws (about 7 dof), and P(|t_7| > 4) = 0.005, so 4 s.e. are allowed (measured over 60
+    # seeds: mean error -0.06 +- 0.04 nats, sd 0.34 at 4 draws)
+    assert est.dof >= 7  # Satterthwaite: the particle groups add a little
+    assert abs(float(est.total) - float(exact)) < 4 * float(est.stderr)
 
 
 @pytest.mark.parametrize("model", MODELS)
