@@ -7,6 +7,9 @@ sd over draws of one draw's estimate of sum_n log p(x_n), the seconds per draw, 
 variance x seconds (the time to reach a given standard error is proportional to it: smaller
 is better).
 
+A last row per model times the uniform estimator (one random mask size per draw, scored
+with the same conditionals) for scale.
+
 Models: collapsed PPCA (``gaussian``, low-rank), an HMM (``enumerate``, variable
 elimination) and latent PPCA with ``importance`` conditionals. float64, one thread.
 
@@ -20,7 +23,7 @@ import pyro
 import torch
 
 from pyro_mpt.engine import MPTOptions, prepare, score
-from pyro_mpt.estimators import StratifiedEstimator
+from pyro_mpt.estimators import StratifiedEstimator, UniformEstimator
 from pyro_mpt.models import hmm, ppca_collapsed, ppca_latent, sample_hmm, sample_ppca
 
 
@@ -46,11 +49,10 @@ def models(args):
     yield "latent PPCA, importance", ppca_latent, (X, 2, W, loc, s), opts
 
 
-def measure(model, model_args, opts, masks, draws):
+def measure(model, model_args, opts, estimator, draws):
     """``(sd of one draw's total, seconds per draw)``."""
     pyro.set_rng_seed(0)
     layout, scorer, _ = prepare(model, model_args, {}, MPTOptions(**opts))
-    estimator = StratifiedEstimator(masks=masks)
     with torch.no_grad():
         score(layout, scorer, estimator, 1, max_elements=None)  # warm-up
         t0 = time.perf_counter()
@@ -72,9 +74,13 @@ def main(argv=None):
     print(f"{args.draws} draws, float64, {args.threads} thread(s), no gradients")
     print(f"{'model':<26} {'masks':<12} {'sd':>10} {'ms/draw':>10} {'var x s':>12}")
     for label, model, model_args, opts in models(args):
-        for kind in StratifiedEstimator.MASKS:
-            sd, sec = measure(model, model_args, opts, kind, args.draws)
+        for kind in StratifiedEstimator.MASKS[1:]:  # "auto" is affine here
+            est = StratifiedEstimator(masks=kind)
+            sd, sec = measure(model, model_args, opts, est, args.draws)
             print(f"{label:<26} {kind:<12} {sd:10.4f} {sec * 1e3:10.3f} {sd**2 * sec:12.3e}")
+        # the uniform estimator (one mask size per draw) for scale: ten times the draws
+        sd, sec = measure(model, model_args, opts, UniformEstimator(), 10 * args.draws)
+        print(f"{label:<26} {'(uniform)':<12} {sd:10.4f} {sec * 1e3:10.3f} {sd**2 * sec:12.3e}")
 
 
 if __name__ == "__main__":
