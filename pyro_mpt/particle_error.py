@@ -113,9 +113,9 @@ class ParticleError(NamedTuple):
     r"""The particle error of a total: ``variance`` (batch means) on ``dof`` degrees of
     freedom, ``bias`` ``(N,)`` the jackknife estimate :math:`\hat b_1` of each sequence's
     bias read as :math:`O(1/S)`, and ``bias_slow`` ``(N,)`` the same difference read as
-    :math:`O(S^{-1/2})` (:math:`\hat b_{1/2}`; :func:`particle_terms` sets it to ``bias``
-    for the sequences whose conditionals are not degenerate). Unscaled; NaN with fewer
-    than 2 particles. Indexing ``[0]``, ``[1]`` gives the ``(variance, dof)`` pair of
+    :math:`O(S^{-1/2})` (:math:`\hat b_{1/2}`; ``particle_terms`` keeps it for the
+    sequences whose conditionals are degenerate only, ``bias`` for the others, ``None`` when
+    none is). Unscaled; NaN with fewer than 2 particles. Indexing ``[0]``, ``[1]`` gives the ``(variance, dof)`` pair of
     :func:`particle_variance`."""
 
     variance: float
