@@ -312,7 +312,7 @@ def particle_terms(scorer, backend, layout, options):
         # the 1/S expansion holds for healthy weights (the range collapses to b_1); when
         # many sequences are degenerate, an ESS just above the threshold is no proof of
         # health, so all get the range, as reliable=False says (in the hard calibration
-        # setting 19-20 of the 20 sequences are below it anyway)
+        # setting 17-20 of the 20 sequences are below it, 200 seeds)
         slow = None if ess is None else (ess < MIN_CONDITIONAL_ESS) | degenerate(ess)
         if slow is None or not bool(slow.any()):
             var = var._replace(bias_slow=None)
