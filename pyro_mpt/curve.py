@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .engine import MPTOptions, prepare, score
+from .estimate import particle_bias_correction
 from .estimators import ExhaustiveEstimator, StratifiedEstimator, check_mask_rate
 from .intervals import satterthwaite_dof, t_interval
 from .options import (
@@ -38,8 +39,15 @@ class MPTCurve:
     :ivar torch.Tensor stderr: ``(T,)`` Monte Carlo standard errors (0 when exhaustive,
         NaN with one mask per size).
     :ivar torch.Tensor per_sequence: ``(N, T)`` :math:`S_n(m)` for every sequence.
-    :ivar torch.Tensor area: :math:`\sum_m S(m)`, the estimate of :math:`\log p(X)`.
-    :ivar float area_stderr: its standard error.
+    :ivar torch.Tensor area: :math:`\sum_m S(m)`, the estimate of :math:`\log p(X)`; with
+        importance conditionals minus ``particle_bias``.
+    :ivar float area_stderr: its standard error (with importance conditionals including
+        the particles' error and the bias correction's uncertainty).
+    :ivar float particle_bias: the particles' bias estimate subtracted from the area as a
+        whole (:func:`pyro_mpt.estimate.particle_bias_correction`, as for
+        :class:`~pyro_mpt.MPTEstimate`; 0 for deterministic conditionals): ``scores``,
+        ``per_sequence`` and the fixed-rate estimates are not corrected, so then
+        ``area = scores.sum() - particle_bias``.
     :ivar bool exhaustive: whether every mask was enumerated (then exact).
     :ivar float area_dof: the degrees of freedom of ``area_stderr`` (Welch-Satterthwaite
         over the sequences, :math:`K - 1` with shared masks or one sequence, NaN with one
@@ -65,6 +73,7 @@ class MPTCurve:
     area_dof: float = math.inf
     dof: torch.Tensor | None = None
     shared_masks: bool = False
+    particle_bias: float = 0.0
 
     def ci(self, level: float = 0.95) -> tuple[float, float]:
         r"""The interval :math:`\text{area} \pm t_{(1+\ell)/2,\nu}\,\mathrm{se}` with
@@ -243,8 +252,10 @@ def mpt_curve(
         particle models (importance, quadrature, enumeration) by one matrix product per order.
         Not with ``exhaustive``.
     :param int num_particles: deprecated old name of ``num_samples``.
-    :returns: :class:`MPTCurve`; with importance conditionals ``area_stderr`` includes the
-        particles' error (:mod:`pyro_mpt.particle_error`), the per-size ``stderr`` not.
+    :returns: :class:`MPTCurve`; with importance conditionals ``area`` is corrected for the
+        particles' bias as a whole (``particle_bias``) and ``area_stderr`` includes the
+        particles' error and the correction's uncertainty (:mod:`pyro_mpt.particle_error`);
+        the per-size ``scores`` and ``stderr`` not.
 
     The other options are those of :class:`~pyro_mpt.MaskedELBO`.
     """
@@ -300,6 +311,10 @@ def mpt_curve(
         ragged=layout.present is not None,
     )
     if particle_var is not None:  # importance conditionals: the area's particle error
+        if particle_var.bias is not None:  # the area as a whole (the scores are not)
+            _, curve.particle_bias, extra = particle_bias_correction(particle_var, layout.scale)
+            curve.area = curve.area - curve.particle_bias
+            particle_var = (particle_var[0] + extra, particle_var[1])
         variances = [curve.area_stderr**2, particle_var[0]]
         curve.area_dof = satterthwaite_dof(variances, [curve.area_dof, particle_var[1]])
         curve.area_stderr = math.sqrt(sum(variances))

@@ -6,7 +6,8 @@ With :math:`K` independent draws :math:`d_{k,n}` of each sequence's estimate, th
 (each on :math:`K - 1` degrees of freedom, combined by Welch-Satterthwaite); with shared masks
 or one sequence the draws' totals are correlated, so their own spread (:math:`K - 1` dof) is
 used. A particle error (importance conditionals) is added as an independent variance, and
-the particles' jackknife bias estimate is subtracted (:mod:`pyro_mpt.particle_error`).
+the particles' jackknife bias estimate is subtracted, its uncertainty added to the variance
+(:func:`particle_bias_correction`, :mod:`pyro_mpt.particle_error`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .intervals import satterthwaite_dof, t_interval
 if TYPE_CHECKING:
     from .estimators import MaskEstimator
 
-__all__ = ["MPTEstimate"]
+__all__ = ["MPTEstimate", "particle_bias_correction"]
 
 
 @dataclass
@@ -40,14 +41,18 @@ class MPTEstimate:
         sequences' variances, each on :math:`K - 1`; :math:`K - 1` with shared masks or one
         sequence; NaN with one draw): :meth:`ci` uses Student-t with it.
     :ivar float particle_stderr: the part of ``stderr`` from the particles of importance
-        conditionals, :math:`\sqrt{\widehat{\mathrm{Var}}_\mathrm{part} + \hat b^2}` (0 for
-        deterministic conditionals; see :mod:`pyro_mpt.particle_error`).
-    :ivar float particle_bias: :math:`\hat b`, the jackknife estimate of the particles'
-        :math:`O(1/S)` bias of the total, already subtracted from ``total`` (0 for
-        deterministic conditionals).
+        conditionals, :math:`\sqrt{\widehat{\mathrm{Var}}_\mathrm{part} + (\hat B_1^2 +
+        \hat B_{1/2}^2)/2}` (0 for deterministic conditionals; see
+        :func:`particle_bias_correction` and :mod:`pyro_mpt.particle_error`).
+    :ivar float particle_bias: :math:`\hat B`, the jackknife estimate of the particles'
+        bias of the total, already subtracted from ``total`` (0 for deterministic
+        conditionals).
     :ivar bool reliable: ``False`` when the importance conditionals are degenerate (the
-        ESS warning of :mod:`pyro_mpt.particle_error` fired): there the interval was
-        measured to under-cover (the Reliability page), so do not trust it.
+        ESS warning of :mod:`pyro_mpt.particle_error` fired): the bias correction then
+        assumes that the bias decays at least like :math:`S^{-1/2}` and the interval is
+        widened for it (conservative by design, measured to cover in the Reliability
+        page's hard setting, with a wide interval); raise ``num_samples`` or use exact or
+        quadrature conditionals.
     :ivar int num_tokens: ``T``, the tokens per sequence (the longest with ragged data;
         ``None`` when unknown).
     :ivar bool shared_masks: whether every sequence had the same masks.
@@ -108,16 +113,17 @@ class MPTEstimate:
         :param estimator: the :class:`~pyro_mpt.estimators.MaskEstimator` that made them.
         :param str conditionals: the name of the backend that scored them.
         :param particle_var: ``(variance, dof)`` of the particle error, or a
-            :class:`~pyro_mpt.particle_error.ParticleError` whose ``bias`` ``(N,)`` is
-            subtracted from each sequence and whose square is added to the variance.
+            :class:`~pyro_mpt.particle_error.ParticleError` whose bias correction is
+            subtracted and whose uncertainty is added to the variance
+            (:func:`particle_bias_correction`).
         """
         K = draws.shape[0]
         per_sequence = draws.mean(0)
         bias = getattr(particle_var, "bias", None)
         if bias is not None:  # a constant: the gradient is the uncorrected estimate's
-            per_sequence = per_sequence - bias.to(per_sequence.dtype)
-            total_bias = float(bias.sum() if scale is None else (scale * bias).sum())
-            particle_var = (particle_var[0] + total_bias**2, particle_var[1])
+            correction, total_bias, extra = particle_bias_correction(particle_var, scale)
+            per_sequence = per_sequence - correction.to(per_sequence.dtype)
+            particle_var = (particle_var[0] + extra, particle_var[1])
         total = per_sequence.sum() if scale is None else (scale * per_sequence).sum()
         detached = draws.detach()
         if K > 1 and (share_masks or draws.shape[1] == 1):
@@ -149,3 +155,27 @@ class MPTEstimate:
             shared_masks=bool(share_masks),
             particle_bias=total_bias if bias is not None else 0.0,
         )
+
+
+def particle_bias_correction(error, scale: torch.Tensor | None = None):
+    r"""``(correction (N,), total, extra_variance)``: what to subtract from each sequence,
+    its scaled total :math:`\hat B` and the variance to add, from the jackknife bias
+    estimates :math:`\hat b_1` (``error.bias``) and :math:`\hat b_{1/2}` (``error.bias_slow``;
+    ``bias`` when ``None``) of a :class:`~pyro_mpt.particle_error.ParticleError`
+    (:mod:`pyro_mpt.particle_error`):
+
+    .. math:: \hat b_n = \tfrac12(\hat b_{1,n} + \hat b_{1/2,n}), \qquad
+        \hat B = \sum_n c_n \hat b_n, \qquad
+        \text{extra} = \tfrac12\big(\hat B_1^2 + \hat B_{1/2}^2\big)
+
+    with :math:`\hat B_a = \sum_n c_n \hat b_{a,n}`: the midpoint of the bias's range and
+    the mean square of its ends (:math:`\hat B^2` plus the squared half-range). Where
+    ``bias_slow`` equals ``bias`` this is :math:`\hat b_1` and :math:`\hat B_1^2` exactly.
+
+    :param error: a :class:`~pyro_mpt.particle_error.ParticleError` with ``bias``.
+    :param scale: ``(N,)`` the subsampling scale :math:`c_n` (``None``: 1).
+    """
+    fast = error.bias
+    slow = fast if getattr(error, "bias_slow", None) is None else error.bias_slow
+    ends = [float(b.sum() if scale is None else (scale * b).sum()) for b in (fast, slow)]
+    return 0.5 * (fast + slow), 0.5 * (ends[0] + ends[1]), 0.5 * (ends[0] ** 2 + ends[1] ** 2)

@@ -20,20 +20,41 @@ least that of the mean over :math:`K` draws. :class:`~pyro_mpt.MPTEstimate` adds
 masks' variance, with Welch-Satterthwaite degrees of freedom.
 
 **Bias (delete-a-group jackknife).** Self-normalised importance conditionals are ratios of
-particle averages, so their logs are biased by :math:`O(1/S)`, and the bias adds up over
-tokens and sequences while the standard error shrinks as :math:`1/\sqrt S`: with few
-effective particles no standard error covers it. The same masks are also scored with each
-group left out (:math:`S(G-1)/G` particles), and :math:`\hat b = (G-1)(\bar L_{(-g)} -
-\hat L)` estimates the bias of the full estimate (:func:`particle_error`).
-:class:`~pyro_mpt.MPTEstimate` subtracts it from ``total`` and ``per_sequence`` (a
-constant: ``total`` stays differentiable) and widens the interval by it: the particle
-variance becomes :math:`\widehat{\mathrm{Var}}_\mathrm{part} + \hat b^2` (still on
-:math:`G - 1` dof), since the bias estimate is itself noisy and leaves an
-:math:`O(1/S^2)` remainder. Where the :math:`1/S` expansion holds (many effective
-particles) :math:`\hat b^2 = O(S^{-2})` is negligible against the variance
-(:math:`O(1/S)`); where the weights are degenerate the correction removes part of the bias
-only, ``MPTEstimate.reliable`` is ``False`` and the warning below fires
-(measured coverages: the Reliability page).
+particle averages, so their logs are biased, and the bias adds up over tokens and sequences
+while the standard error shrinks as :math:`1/\sqrt S`: with few effective particles no
+standard error covers it. The same masks are also scored with each group left out
+(:math:`S(G-1)/G` particles); if :math:`\mathbb E\hat L_S = L + c\,S^{-a}`, the difference
+:math:`\Delta = \bar L_{(-g)} - \hat L` estimates :math:`c\,S^{-a}((G/(G-1))^a - 1)`, so
+
+.. math:: \hat b_a = \frac{\Delta}{(G/(G-1))^a - 1}, \qquad
+    \hat b_1 = (G-1)\,\Delta, \qquad \hat b_{1/2} = \frac{\Delta}{\sqrt{G/(G-1)} - 1}
+    \approx 2.07\,\hat b_1 \ (G = 8)
+
+estimates the bias of the full estimate (:func:`particle_error`). With many effective
+particles the bias expands in :math:`1/S` (:math:`a = 1`, the classical jackknife). With few
+(a sequence whose conditional ESS, below, is under :data:`MIN_CONDITIONAL_ESS`) it decays
+more slowly: the log of a mean of weights whose tail has Pareto index :math:`1/k`,
+:math:`1/2 < k < 1`, is biased by :math:`O(S^{1 - 1/k})` (a tail argument, not a theorem
+about finite :math:`S`), so :math:`a \ge 1/2` while :math:`k \le 2/3` (PSIS's limit of
+usable weights is :math:`k \approx 0.7`); measured there (hard calibration regime,
+:math:`S/8` to :math:`S` particles) :math:`a \approx 0.6`-:math:`0.8`. For
+:math:`1/2 \le a \le 1` the expected bias lies between those of :math:`\hat b_1` and
+:math:`\hat b_{1/2}`, and :class:`~pyro_mpt.MPTEstimate` subtracts the midpoint
+:math:`\hat b = (\hat b_1 + \hat b_{1/2})/2` and adds the mean square of the two ends to the
+particle variance:
+
+.. math:: \widehat{\mathrm{Var}} = \widehat{\mathrm{Var}}_\mathrm{part}
+    + \tfrac12\big(\hat B_1^2 + \hat B_{1/2}^2\big) = \widehat{\mathrm{Var}}_\mathrm{part}
+    + \hat B^2 + \big(\tfrac{\hat B_{1/2} - \hat B_1}{2}\big)^2
+
+(:math:`\hat B` the totals over sequences; still on :math:`G - 1` dof): the correction's
+own noise (:math:`\hat B^2`; the bias estimate is a noisy difference) and the unknown rate
+(the half-range). Elsewhere :math:`\hat b_{1/2} := \hat b_1` and this is the jackknife with
+:math:`\hat b_1^2` added, negligible against the variance (:math:`O(S^{-2})` against
+:math:`O(1/S)`). The correction is a constant: ``total`` stays differentiable with the
+uncorrected estimate's gradient. In the degenerate regime the interval is wide and
+conservative by design, and ``MPTEstimate.reliable`` is ``False`` (measured coverages:
+the Reliability page).
 
 **Diagnostic.** The effective sample size of the weights given every token,
 :math:`\mathrm{ESS}_n = (\sum_s w_{s,n})^2 / \sum_s w_{s,n}^2` with
@@ -89,14 +110,18 @@ def _scorer_with(scorer, log_w0: torch.Tensor):
 
 
 class ParticleError(NamedTuple):
-    """The particle error of a total: ``variance`` (batch means) on ``dof`` degrees of
-    freedom, and ``bias`` ``(N,)`` the jackknife estimate of each sequence's :math:`O(1/S)`
-    bias (unscaled; NaN with fewer than 2 particles). Indexing ``[0]``, ``[1]`` gives the
-    ``(variance, dof)`` pair of :func:`particle_variance`."""
+    r"""The particle error of a total: ``variance`` (batch means) on ``dof`` degrees of
+    freedom, ``bias`` ``(N,)`` the jackknife estimate :math:`\hat b_1` of each sequence's
+    bias read as :math:`O(1/S)`, and ``bias_slow`` ``(N,)`` the same difference read as
+    :math:`O(S^{-1/2})` (:math:`\hat b_{1/2}`; ``particle_terms`` keeps it for the
+    sequences whose conditionals are degenerate only, ``bias`` for the others, ``None`` when
+    none is). Unscaled; NaN with fewer than 2 particles. Indexing ``[0]``, ``[1]`` gives the ``(variance, dof)`` pair of
+    :func:`particle_variance`."""
 
     variance: float
     dof: float
     bias: torch.Tensor | None = None
+    bias_slow: torch.Tensor | None = None
 
 
 def _one_draw_per_weights(scorer, estimator, layout, weights, *, share_masks, max_elements):
@@ -134,18 +159,20 @@ def particle_error(
     num_groups: int = NUM_GROUPS,
 ) -> ParticleError:
     r"""The particle variance of the total (batch means, see the module docstring) and the
-    jackknife estimate of each sequence's :math:`O(1/S)` bias, from one mask draw scored
-    with the full :math:`S` particles (:math:`\hat L`), with each group alone
-    (:math:`\hat L_g`) and with each group left out (:math:`\hat L_{(-g)}`, :math:`S(G-1)/G`
-    particles), every one on the same masks:
+    jackknife estimates of each sequence's bias, from one mask draw scored with the full
+    :math:`S` particles (:math:`\hat L`), with each group alone (:math:`\hat L_g`) and with
+    each group left out (:math:`\hat L_{(-g)}`, :math:`S(G-1)/G` particles), every one on
+    the same masks:
 
-    .. math:: \hat b = (G-1)\Big(\frac1G\sum_{g=1}^G \hat L_{(-g)} - \hat L\Big).
+    .. math:: \Delta = \frac1G\sum_{g=1}^G \hat L_{(-g)} - \hat L, \qquad
+        \hat b_1 = (G-1)\,\Delta, \qquad \hat b_{1/2} = \frac{\Delta}{\sqrt{G/(G-1)} - 1}.
 
-    If :math:`\mathbb E\hat L_S = L + b/S + O(S^{-2})`, then :math:`\mathbb E\hat b = b/S
+    If :math:`\mathbb E\hat L_S = L + b/S + O(S^{-2})`, then :math:`\mathbb E\hat b_1 = b/S
     + O(S^{-2})` (the delete-a-group jackknife, Quenouille 1956; Efron & Tibshirani 1993,
-    ch. 10). Valid where the self-normalised weights are not degenerate (the bias expansion
-    in :math:`1/S` holds); with few effective particles :math:`\hat b` removes part of the
-    bias only (the module docstring). ``(nan, nan, None)`` with a single particle.
+    ch. 10); if :math:`\mathbb E\hat L_S = L + c\,S^{-1/2}`, :math:`\hat b_{1/2}` is
+    unbiased for the bias instead (the module docstring: which one applies, and how
+    :class:`~pyro_mpt.MPTEstimate` combines them). ``(nan, nan, None, None)`` with a single
+    particle.
 
     :param scorer: a particle scorer with ``log_w0`` ``(S, N)`` (e.g.
         :class:`~pyro_mpt.conditionals.particles.ParticleScorer`).
@@ -159,7 +186,7 @@ def particle_error(
     S = log_w0.shape[0]
     G = min(num_groups, S)
     if G < 2:
-        return ParticleError(math.nan, math.nan, None)
+        return ParticleError(math.nan, math.nan, None, None)
     group = torch.arange(S, device=log_w0.device) % G
     group = group.reshape(S, *([1] * (log_w0.dim() - 1)))
     none = log_w0.new_tensor(-math.inf)
@@ -177,8 +204,9 @@ def particle_error(
     full, alone, left_out = rows[0], rows[1 : G + 1], rows[G + 1 :]
     scale = 1.0 if layout.scale is None else layout.scale.to(torch.float64)
     totals = (scale * alone).sum(-1)
-    bias = (G - 1) * (left_out.mean(0) - full)
-    return ParticleError(float(totals.var() / G), float(G - 1), bias)
+    delta = left_out.mean(0) - full
+    slow = delta / (math.sqrt(G / (G - 1)) - 1)  # the bias if it decays like S^(-1/2)
+    return ParticleError(float(totals.var() / G), float(G - 1), (G - 1) * delta, slow)
 
 
 def particle_variance(
@@ -262,9 +290,11 @@ def _user_stacklevel() -> int:
 
 def particle_terms(scorer, backend, layout, options):
     """``(particle_var, ess)`` for an estimate with ``backend``'s conditionals: the
-    particle variance and bias (:func:`particle_error`) and conditional ESS
-    (:func:`conditional_ess`, warned by :func:`warn_low_ess`) when its particles are random
-    draws, else ``(None, None)``.
+    particle variance and bias (:func:`particle_error`, its ``bias_slow`` kept only for the
+    sequences whose conditional ESS is below :data:`MIN_CONDITIONAL_ESS`, or for all of
+    them when more than :data:`MAX_LOW_ESS_FRACTION` are: :func:`degenerate`) and conditional
+    ESS (:func:`conditional_ess`, warned by :func:`warn_low_ess`) when its particles are
+    random draws, else ``(None, None)``.
 
     :param options: the :class:`~pyro_mpt.engine.MPTOptions` of the estimate."""
     if backend.name not in STOCHASTIC_BACKENDS or getattr(scorer, "log_w0", None) is None:
@@ -278,4 +308,14 @@ def particle_terms(scorer, backend, layout, options):
     )
     ess = conditional_ess(scorer, layout)
     warn_low_ess(ess, options.num_samples)
+    if var.bias is not None:
+        # the 1/S expansion holds for healthy weights (the range collapses to b_1); when
+        # many sequences are degenerate, an ESS just above the threshold is no proof of
+        # health, so all get the range, as reliable=False says (in the hard calibration
+        # setting 17-20 of the 20 sequences are below it, 200 seeds)
+        slow = None if ess is None else (ess < MIN_CONDITIONAL_ESS) | degenerate(ess)
+        if slow is None or not bool(slow.any()):
+            var = var._replace(bias_slow=None)
+        else:
+            var = var._replace(bias_slow=torch.where(slow, var.bias_slow, var.bias))
     return var, ess

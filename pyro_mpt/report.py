@@ -312,7 +312,8 @@ def _interval_notes(report, rows):
         lines.append(
             "  s.e. includes the particle error of the importance conditionals "
             f"(mpt_samples = {report.settings.get('mpt_samples')}) from independent "
-            "particle groups, not their O(1/S) bias"
+            "particle groups, and their jackknife bias is subtracted (the interval widened "
+            "for the bias's unknown rate where the conditionals are degenerate)"
         )
     return lines
 

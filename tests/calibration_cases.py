@@ -19,7 +19,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from pyro_mpt import MaskedELBO, log_marginal_likelihood
+from pyro_mpt import MaskedELBO, log_marginal_likelihood, mpt_curve
 
 N, T, LATENT = 20, 6, 2
 
@@ -144,8 +144,9 @@ def coverage(run, seeds, level=0.95):
             est, exact = run(seed)
         low, high = est.ci(level)
         hits += low <= exact <= high
-        value = float(getattr(est, "total", None))
-        zs.append((value - exact) / est.stderr)
+        curve = not hasattr(est, "total")
+        value = float(est.area if curve else est.total)
+        zs.append((value - exact) / (est.area_stderr if curve else est.stderr))
     z = torch.tensor(zs, dtype=torch.float64)
     return hits / len(seeds), float(z.std()), time.perf_counter() - start
 
@@ -208,3 +209,42 @@ def smc_setting(num_samples):
         return ref, exact
 
     return run
+
+
+def hard_curve_setting(num_masks=8):
+    """``seed -> (curve, exact)``: :func:`~pyro_mpt.mpt_curve` in the hard regime of
+    :func:`hard_settings` (its area corrected for the particles' bias as a whole)."""
+    X, params, exact = _ppca_data(noise=0.3)
+
+    def run(seed):
+        pyro.set_rng_seed(seed)
+        curve = mpt_curve(
+            ppca_latent,
+            X,
+            *params.values(),
+            num_masks=num_masks,
+            conditionals="importance",
+            num_samples=256,
+        )
+        return curve, exact
+
+    return run
+
+
+def mpt_trust_rates(run, seeds, level=0.95):
+    """Over ``seeds`` of a masked-estimate setting ``run``: ``(accurate, flagged,
+    false_alarms)``, the fraction whose ``level`` interval covers the exact value, the
+    fraction with ``reliable=False``, and the fraction flagged among the accurate ones (the
+    flag's false-alarm rate)."""
+    accurate = flagged = false_alarms = 0
+    for seed in seeds:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            est, exact = run(seed)
+        low, high = est.ci(level)
+        ok = low <= exact <= high
+        accurate += ok
+        flagged += not est.reliable
+        false_alarms += ok and not est.reliable
+    n = len(seeds)
+    return accurate / n, flagged / n, false_alarms / max(accurate, 1)

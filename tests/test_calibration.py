@@ -22,6 +22,8 @@ from tests import calibration_cases as cases
 from tests.conftest import assert_close
 
 SETTINGS = cases.settings()
+#: importance conditionals far from the prior (degenerate weights): the bias range applies
+HARD = cases.hard_settings()
 
 
 # ----------------------------------------------------------------------------------------
@@ -165,17 +167,35 @@ def test_trust_flag_false_alarms_low_and_fires_when_hard():
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("name", list(SETTINGS) + list(HARD))
 def test_coverage_fast(name):
-    cover, _, _ = cases.coverage(SETTINGS[name], range(60))
+    cover, _, _ = cases.coverage({**SETTINGS, **HARD}[name], range(60))
     assert 0.85 <= cover <= 1.0, (name, cover)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("name", list(SETTINGS) + list(HARD))
 def test_coverage_slow(name):
-    cover, _, _ = cases.coverage(SETTINGS[name], range(1000, 1200))
+    cover, _, _ = cases.coverage({**SETTINGS, **HARD}[name], range(1000, 1200))
     assert 0.90 <= cover <= 0.99, (name, cover)
+
+
+def test_hard_curve_area_coverage_fast():
+    # the area corrected as a whole, as the stratified estimate (K=4: 4 masks per size)
+    cover, _, _ = cases.coverage(cases.hard_curve_setting(num_masks=4), range(30))
+    assert 0.8 <= cover <= 1.0, cover
+
+
+@pytest.mark.parametrize(
+    "name", ["importance conditionals, chain", "importance conditionals, stratified, K=8"]
+)
+def test_mpt_reliable_flag_false_alarms_low(name):
+    # easy settings: the estimate's interval covers and reliable stays True (measured
+    # 0/200 flagged over seeds 1000-1199); the hard ones are always flagged
+    accurate, flagged, false_alarms = cases.mpt_trust_rates(SETTINGS[name], range(30))
+    assert accurate >= 0.8 and false_alarms <= 0.1 and flagged <= 0.1
+    _, flagged, _ = cases.mpt_trust_rates(HARD["hard, chain"], range(10))
+    assert flagged == 1.0
 
 
 def test_exhaustive_curve_with_particles_counts_their_error():
