@@ -141,6 +141,12 @@ def stream(problem, sampler, num_samples, options, *, keep, tail_k, edge=None, d
     layout = problem.layout
     cost = per_particle_cost(problem.model, problem.args, problem.kwargs, layout, problem.trace)
     budget = resolve_max_elements(options.max_elements, layout.device)
+    if options.chunk_size is None and cost > budget:  # refused before drawing anything
+        raise ValueError(
+            f"max_elements={budget} is too small for the {desc.split()[-1]} reference: one "
+            f"particle over every sequence already has a tensor of {cost} elements; pass "
+            f"max_elements >= {cost}, or fewer sequences per call"
+        )
     chunk_size, _ = plan_chunks(num_samples, options.chunk_size, budget, cost)
     evaluations = num_samples * layout.num_sequences * layout.num_tokens
     mode = resolve_compile_mode(options.compile, evaluations, layout.device)
