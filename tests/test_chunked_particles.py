@@ -182,3 +182,14 @@ def test_chunked_quadrature_with_enumeration_matches_the_closed_form():
     )
     total = elbo.estimate(_mixture, None, X).total
     assert_close(total, exact.sum(), atol=0.0, rtol=1e-8)
+
+
+def test_conditional_ess_of_chunked_particles():
+    """The degeneracy diagnostic sees every particle of every chunk: the same ESS as the
+    whole grid at once."""
+    from pyro_mpt.particle_error import conditional_ess
+
+    X, W, args = _ppca()
+    small = _scorer("quadrature", args, 4 * ONE_PARTICLE, quadrature_points=30)
+    big = _scorer("quadrature", args, 2**30, quadrature_points=30)
+    assert_close(conditional_ess(small, small.layout), conditional_ess(big, big.layout), atol=1e-9)

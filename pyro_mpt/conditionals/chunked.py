@@ -190,6 +190,18 @@ class ChunkedParticleScorer(Scorer):
             den = _merge(den, part_den)
         return num, den
 
+    def particle_log_weights(self, observed: torch.Tensor) -> torch.Tensor:
+        r"""``(R, S, N)``: :math:`a_s = \log w^0_s + \log p(x_O \mid z_s)` of every
+        particle, chunk by chunk (``S N`` per row, small beside the kernels)."""
+        none = torch.zeros_like(observed)
+        out = []
+        for chunk in self.chunks:
+            a = self.log_w0[chunk.start : chunk.stop]
+            for sl, kernel in chunk.kernels():
+                a = a + kernel(observed[..., sl], none[..., sl], True)[0]
+            out.append(a)
+        return torch.cat(out, 1)
+
     def log_evidence(self, observed: torch.Tensor) -> torch.Tensor:
         r"""``(R, N)``: :math:`\operatorname{LSE}_s a_s`, streamed over the chunks."""
         return self._stream(observed, torch.zeros_like(observed), False)[1]
