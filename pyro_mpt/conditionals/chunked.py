@@ -38,6 +38,8 @@ from pyro.poutine.util import site_is_subsample
 
 from ..progress import logger
 from .base import Scorer
+from .chunked_orders import chunked_suffix_scores
+from .kernels import FactorizedKernel
 from .particles import ParticleScorer
 
 if TYPE_CHECKING:
@@ -153,28 +155,38 @@ class ChunkedParticleScorer(Scorer):
     :param log_w0: ``(S, N)`` the log-weights of all (flattened) particles.
     :param chunks: the :class:`_Chunk` list, covering the rows of ``log_w0`` in order.
     :param int row_cost: elements one mask row needs with one chunk's kernels.
-
-    Nested masks are scored row by row (:attr:`scores_orders` is false): the order path
-    would need every particle of a sequence at once.
+    :param bool scores_orders: every kernel is factorized, so the nested masks of an order
+        are scored at once (:mod:`~pyro_mpt.conditionals.chunked_orders`); else row by row.
     """
 
     telescopes = True
-    scores_orders = False
 
-    def __init__(self, layout: TokenLayout, log_w0: torch.Tensor, chunks: list, row_cost: int):
+    def __init__(
+        self,
+        layout: TokenLayout,
+        log_w0: torch.Tensor,
+        chunks: list,
+        row_cost: int,
+        scores_orders: bool = False,
+    ):
         self.layout = layout
         self.log_w0 = log_w0  # (S, N); replaced by particle_error's reweightings
         self.chunks = chunks
         self._row_cost = row_cost
+        self.scores_orders = scores_orders
 
     @property
     def num_particles(self) -> int:
         """``S``, all particles of all chunks."""
         return self.log_w0.shape[0]
 
-    def suffix_scores(self, ranks: torch.Tensor, max_elements: int) -> None:
-        """``None``: the engine scores the rows of nested masks instead."""
-        return None
+    def suffix_scores(self, ranks: torch.Tensor, max_elements: int) -> torch.Tensor | None:
+        """``(D, N, T)`` suffix sums of the orders ``ranks``
+        (:func:`~pyro_mpt.conditionals.chunked_orders.chunked_suffix_scores`), or ``None``
+        (then the engine scores rows)."""
+        if not self.scores_orders:
+            return None
+        return chunked_suffix_scores(self, ranks, max_elements)
 
     def row_cost(self, shared: bool = False) -> int:
         # a chunk's row, plus the running sums (R, N, T) and their merge
@@ -230,7 +242,7 @@ def chunked_particle_scorer(
         kernels dropped once its log-weights and row cost are known)."""
     if chunk >= num_particles:
         return draw(0, num_particles)[0]
-    log_w0, chunks, row_cost = [], [], 0
+    log_w0, chunks, row_cost, factorized = [], [], 0, True
     offset = 0
     for start in range(0, num_particles, chunk):
         scorer, kernels = draw(start, min(chunk, num_particles - start))
@@ -238,6 +250,7 @@ def chunked_particle_scorer(
         log_w0.append(scorer.log_w0)
         chunks.append(_Chunk(offset, offset + size, kernels))
         row_cost = max(row_cost, scorer.row_cost())
+        factorized = factorized and all(isinstance(k, FactorizedKernel) for _, k in scorer.kernels)
         offset += size
         del scorer  # its (chunk, N, T) tables: only one chunk's at a time
-    return ChunkedParticleScorer(layout, torch.cat(log_w0), chunks, row_cost)
+    return ChunkedParticleScorer(layout, torch.cat(log_w0), chunks, row_cost, factorized)
