@@ -4,6 +4,7 @@
 form, and a budget that cannot hold one particle is refused before anything runs."""
 
 import logging
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -17,6 +18,7 @@ from pyro_mpt.conditionals.particles import ParticleScorer
 from pyro_mpt.engine import MPTOptions, prepare
 from pyro_mpt.models import ppca_latent, ppca_log_marginal, sample_ppca
 from pyro_mpt.reference import log_marginal_likelihood
+from pyro_mpt.reference.streaming import REFERENCE_CHUNK_FACTOR
 from tests.conftest import assert_close
 
 N, T = 12, 6
@@ -153,14 +155,31 @@ def test_chunk_size_is_logged(caplog):
     assert "16 particle(s) in chunks of 5" in caplog.text
 
 
-def test_reference_refuses_a_budget_below_one_particle():
-    """The references stream particles; one particle's largest tensor (N T elements) above
-    ``max_elements`` cannot be chunked further and is refused before drawing."""
+@pytest.mark.parametrize("method", ["importance", "quadrature"])
+def test_reference_refuses_a_budget_below_one_particle(method):
+    """The references stream particles; one particle (REFERENCE_CHUNK_FACTOR times its
+    largest tensor of N T elements) above ``max_elements`` cannot be chunked further and
+    is refused before drawing; at that budget exactly it runs, one particle per chunk."""
     X, W, args = _ppca()
-    with pytest.raises(ValueError, match=rf"max_elements={N * T - 1} is too small"):
+    need = REFERENCE_CHUNK_FACTOR * N * T
+    with pytest.raises(ValueError, match=rf"max_elements={need - 1} is too small.*>= {need}"):
         log_marginal_likelihood(
-            ppca_latent, *args, method="importance", num_samples=8, max_elements=N * T - 1
+            ppca_latent, *args, method=method, num_samples=8, max_elements=need - 1
         )
+    ests = []
+    with warnings.catch_warnings():  # 8 draws are flagged: not the point here
+        warnings.simplefilter("ignore")
+        for budget in (need, 2**30):
+            pyro.set_rng_seed(0)
+            ests.append(
+                log_marginal_likelihood(
+                    ppca_latent, *args, method=method, num_samples=8, max_elements=budget
+                )
+            )
+    if method == "importance":
+        assert any("8 chunk(s) of up to 1;" in m for m in ests[0].messages)
+    else:  # the grid is deterministic: one point per chunk gives the same sums
+        assert_close(ests[0].per_sequence, ests[1].per_sequence, atol=1e-12, rtol=1e-12)
 
 
 def test_chunked_quadrature_with_enumeration_matches_the_closed_form():
