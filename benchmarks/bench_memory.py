@@ -7,6 +7,12 @@ gradients; printed: the peak RSS above the baseline (``resource.getrusage``), th
 bytes (``max_elements`` times 8, float64) and their ratio. Target (issue 11): at most 2x the
 budget plus the data, at N=2000, T=100 and at N=200, T=2000.
 
+By default the children run with glibc's ``MALLOC_MMAP_THRESHOLD_=131072``: every tensor of
+128 KiB or more is then its own mapping, returned to the system when freed, so the peak RSS
+is the peak of the live tensors. With glibc's default (a threshold that rises to 32 MiB as
+large blocks are freed), chunks of a few MiB to 32 MiB are kept in the heap after use and
+the peak RSS also counts that retention (``--glibc-default`` measures it).
+
 Run:  python benchmarks/bench_memory.py [--max-elements 1048576] [--sizes 2000x100 200x2000]
 """
 
@@ -73,9 +79,11 @@ print(json.dumps({"peak_kib": peak - base, "data_kib": X.numel() * X.element_siz
 """
 
 
-def run_case(family, opts, N, T, budget, timeout):
+def run_case(family, opts, N, T, budget, timeout, glibc_default=False):
     """``(peak MiB above baseline, data MiB, seconds)`` or ``(None, reason, None)``."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if not glibc_default:  # freed tensors go back to the system (see the module docstring)
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     cmd = [sys.executable, "-c", _CHILD, json.dumps([family, opts, N, T, budget])]
     start = time.perf_counter()
     try:
@@ -94,9 +102,16 @@ def main(argv=None):
     parser.add_argument("--sizes", nargs="+", default=["2000x100", "200x2000"])
     parser.add_argument("--only", nargs="*", default=None, help="cases to run (default all)")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--glibc-default", action="store_true", help="keep glibc's own mmap threshold"
+    )
     args = parser.parse_args(argv)
     budget_mib = args.max_elements * 8 / 2**20
-    print(f"max_elements={args.max_elements} ({budget_mib:.0f} MiB in float64); no gradients")
+    malloc = "glibc default" if args.glibc_default else "MALLOC_MMAP_THRESHOLD_=131072"
+    print(
+        f"max_elements={args.max_elements} ({budget_mib:.0f} MiB in float64); no gradients; "
+        + malloc
+    )
     print(
         f"{'case':<26} {'N x T':>10} {'peak MiB':>9} {'data MiB':>9} {'peak/budget':>12} {'s':>6}"
     )
@@ -105,7 +120,9 @@ def main(argv=None):
         for label, (family, opts) in CASES.items():
             if args.only is not None and label not in args.only:
                 continue
-            peak, data, secs = run_case(family, opts, N, T, args.max_elements, args.timeout)
+            peak, data, secs = run_case(
+                family, opts, N, T, args.max_elements, args.timeout, args.glibc_default
+            )
             if peak is None:
                 print(f"{label:<26} {size:>10}  failed: {data}", flush=True)
                 continue
