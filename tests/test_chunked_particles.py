@@ -250,3 +250,25 @@ def test_training_loss_and_gradient_equal_across_budgets():
         out.append((loss.detach(), grad))
     for got, want in zip(*out):
         assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_enumerated_hmm_evidence_in_chunks_of_items():
+    """Variable elimination (conditionals='enumerate') on an HMM runs its evidence items a
+    chunk at a time: with room for one item per chunk the chain estimate still equals the
+    forward algorithm (hmm_log_marginal) to 1e-10, and a budget below one item is refused
+    before any elimination."""
+    from pyro_mpt.conditionals.elimination import EVIDENCE_FACTOR
+    from pyro_mpt.models import hmm, hmm_log_marginal, sample_hmm
+    from tests.conftest import random_hmm_params
+
+    init, trans, emit = random_hmm_params(3, 4, seed=2)
+    X = sample_hmm(N, T, init, trans, emit, generator=torch.Generator().manual_seed(8))
+    args = (X, init, trans, emit)
+    scorer = prepare(hmm, args, {}, MPTOptions(conditionals="enumerate"))[1]
+    one_item = EVIDENCE_FACTOR * scorer.item_cost
+    elbo = MaskedELBO(estimator="chain", conditionals="enumerate", max_elements=one_item)
+    total = elbo.estimate(hmm, None, *args).total
+    assert_close(total, hmm_log_marginal(*args), atol=0.0, rtol=1e-10)
+    elbo = MaskedELBO(estimator="chain", conditionals="enumerate", max_elements=one_item - 1)
+    with pytest.raises(ValueError, match=rf"max_elements={one_item - 1} is too small"):
+        elbo.estimate(hmm, None, *args)
