@@ -159,7 +159,9 @@ def _khat_1d(x_desc: np.ndarray, num_samples: int) -> float:
 _GPDFIT_ELEMENTS = 2**25
 
 
-def gpdfit(exceedances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gpdfit(
+    exceedances: torch.Tensor, max_elements: int = _GPDFIT_ELEMENTS
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""ArviZ's generalized Pareto fit, batched over rows: a line-by-line port of
     :func:`pyro_mpt.compat.generalized_pareto_fit` (the empirical-Bayes estimate of Zhang &
     Stephens (2009) with ArviZ's prior: ``prior_bs = 3``, ``prior_k = 10``) to torch, so that thousands of
@@ -174,6 +176,8 @@ def gpdfit(exceedances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     and :math:`\hat k` shrunk to :math:`(n\hat k + 5)/(n + 10)`.
 
     :param torch.Tensor exceedances: ``(R, n)``, each row sorted ascending, positive.
+    :param int max_elements: rows are fitted in batches whose ``(rows, m, max(m, n))``
+        intermediates (about three alive at once) stay under this many elements.
     :returns: ``(k, sigma)``, each ``(R,)``.
 
     Example::
@@ -188,7 +192,7 @@ def gpdfit(exceedances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b0 = 1 - torch.sqrt(m / (j - 0.5))  # (m,)
     eps = torch.finfo(x.dtype).eps
     ks, sigmas = [], []
-    step = max(1, _GPDFIT_ELEMENTS // (m * n))
+    step = max(1, max_elements // (3 * m * max(m, n)))
     for rows in x.split(step):
         b = b0 / (prior_bs * rows[:, int(n / 4 + 0.5) - 1 : int(n / 4 + 0.5)])
         b = b + 1 / rows[:, -1:]  # (r, m)
@@ -205,7 +209,10 @@ def gpdfit(exceedances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pareto_khat_from_tail(
-    tail: torch.Tensor | np.ndarray, num_samples: int, dim: int = 0
+    tail: torch.Tensor | np.ndarray,
+    num_samples: int,
+    dim: int = 0,
+    max_elements: int = _GPDFIT_ELEMENTS,
 ) -> torch.Tensor | np.ndarray:
     r"""Pareto :math:`\hat k` per sequence from the :math:`M + 1` largest log-weights of each
     (:func:`tail_size`, :func:`merge_tail`), the same number ArviZ's :func:`~arviz.psislw`
@@ -226,6 +233,7 @@ def pareto_khat_from_tail(
     :param tail: ``(K, N)`` (with ``dim=0``) tensor or array, ``K >= min(S, M + 1)``,
         any order.
     :param int num_samples: :math:`S`, the number of draws the tail was taken from.
+    :param int max_elements: memory budget of one batch of :func:`gpdfit`.
     :returns: the k-hats without ``dim``: a float64 tensor on the tail's device, or a numpy
         array for an array input.
 
@@ -248,7 +256,7 @@ def pareto_khat_from_tail(
         regular = torch.isfinite(x[:, 0]) & (xs[:, :M] > cut.unsqueeze(-1)).all(-1)
         if bool(regular.any()):
             ex = xs[regular, :M].exp() - cut[regular].exp().unsqueeze(-1)
-            out[regular] = gpdfit(ex.flip(-1))[0]
+            out[regular] = gpdfit(ex.flip(-1), max_elements)[0]
     rest = (~regular).nonzero().flatten()
     if len(rest):
         rows = x[rest].cpu().numpy()

@@ -103,8 +103,11 @@ class MaskedELBO(ELBO):
     :param int max_plate_nesting: the model's plate depth; found by tracing if omitted.
     :param int quadrature_points: grid points per latent dimension (``"quadrature"``).
     :param tuple quadrature_bounds: ``(low, high)`` of each grid axis.
-    :param int max_elements: memory budget, in tensor elements, of one chunk of masks;
-        default (``None``) ``2**24`` on the CPU and ``2**28`` on a GPU.
+    :param int max_elements: memory budget, in tensor elements, of one chunk of masks
+        and, for ``"importance"`` and ``"quadrature"``, of one chunk of particles
+        (:mod:`~pyro_mpt.conditionals.chunked`; a budget below one particle over every
+        sequence is refused); default (``None``) ``2**24`` on the CPU and ``2**28`` on a
+        GPU. It bounds each chunk: under autograd the graph of every chunk is kept.
     :param bool share_masks: give every sequence of a step the same masks (default
         ``False``: masks are drawn independently per sequence). Still unbiased, but the
         sequences' errors become correlated; the low-rank Gaussian backend then scores a

@@ -238,14 +238,15 @@ def conditional_ess(scorer, layout) -> torch.Tensor | None:
     :math:`a_s = \log w^0_s + \log p(x_n \mid z_s)`; ``None`` for a scorer without
     particle kernels."""
     kernels = getattr(scorer, "kernels", None)
-    if kernels is None or scorer.log_w0 is None:
+    chunked = getattr(scorer, "particle_log_weights", None)  # particles in chunks
+    if (kernels is None and chunked is None) or scorer.log_w0 is None:
         return None
     N, T = layout.num_sequences, layout.num_tokens
     observed = torch.ones(1, N, T, dtype=torch.bool, device=layout.device)
     none = torch.zeros_like(observed)
     with torch.no_grad():
-        a = scorer.log_w0
-        for sl, kernel in kernels:
+        a = scorer.log_w0 if chunked is None else chunked(observed)
+        for sl, kernel in kernels or ():
             marginal, _ = kernel(observed[..., sl], none[..., sl], True)
             a = a + marginal  # (1, S, N)
         a = a.reshape(-1, *a.shape[-2:])[0] if a.dim() > 2 else a

@@ -9,7 +9,7 @@ import torch
 
 from pyro_mpt.diagnostics import pareto_khat, tail_size
 from pyro_mpt.reference import importance, log_marginal_likelihood
-from pyro_mpt.reference.streaming import plan_chunks, run_chunks
+from pyro_mpt.reference.streaming import REFERENCE_CHUNK_FACTOR, plan_chunks, run_chunks
 from tests.conftest import assert_close
 from tests.reference_data import latent_model, ppca_data, quiet
 
@@ -99,16 +99,16 @@ def test_plan_chunks(S, chunk_size, budget, cost, expected):
 
 
 def test_default_chunks_follow_the_device_budget():
-    """No chunk_size: the CPU budget (2**24 elements) over the largest per-particle tensor
-    (N T = 40 elements here) allows 419430 particles per chunk, so 1000 draws run in one;
-    max_elements=400 allows 10 per chunk."""
+    """No chunk_size: the CPU budget (2**24 elements) over REFERENCE_CHUNK_FACTOR times the
+    largest per-particle tensor (N T = 40 elements here) allows 104857 particles per chunk,
+    so 1000 draws run in one; max_elements=400 * REFERENCE_CHUNK_FACTOR allows 10."""
     X, t = ppca_data()
     est, _ = quiet(
         log_marginal_likelihood,
         latent_model(t),
         X,
         num_samples=100,
-        max_elements=400,
+        max_elements=400 * REFERENCE_CHUNK_FACTOR,
         method="importance",
     )
     assert any("10 chunk(s) of up to 10;" in m for m in est.messages)

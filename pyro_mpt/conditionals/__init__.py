@@ -116,7 +116,7 @@ def choose_conditionals(
     else:
         backend = _conjugate_or_none(layout, model_call)
         backend = backend or _linear_gaussian_or_none(layout, max_elements, model_call)
-        backend = backend or ImportanceConditionals(num_samples)
+        backend = backend or ImportanceConditionals(num_samples, max_elements=max_elements)
     logger.info("conditionals='auto' chose %r for latents %s", backend.name, layout.latents)
     return backend
 

@@ -48,6 +48,11 @@ if TYPE_CHECKING:
 __all__ = ["MASK_PLATE", "EliminationScorer", "contract_evidence"]
 
 
+#: Elements one evidence item needs per element of its factors (``item_cost``): the
+#: factors, their contraction and its temporaries (measured about 3 on an HMM).
+EVIDENCE_FACTOR = 3
+
+
 class EliminationScorer(Scorer):
     r"""Exact :math:`\log p(x_j \mid x_O)` for models whose latents are all enumerated, by
     variable elimination with partial evidence (see the module docstring):
@@ -221,8 +226,24 @@ class EliminationScorer(Scorer):
 
     def log_evidence(self, evidence: torch.Tensor) -> torch.Tensor:
         r"""``(B, N)``: :math:`\log p(x_{n, E_b})` for the evidence sets
-        ``evidence`` (bool ``(B, N, T)``), by variable elimination in one traced run."""
+        ``evidence`` (bool ``(B, N, T)``), by variable elimination, one traced run per
+        chunk of items under ``max_elements`` (an item's factors, their contraction and
+        its temporaries: :data:`EVIDENCE_FACTOR` times ``item_cost``).
+
+        :raises ValueError: naming ``max_elements`` when not even one item fits."""
         B = evidence.shape[0]
+        need = EVIDENCE_FACTOR * self.item_cost
+        if need > self.max_elements:
+            raise ValueError(
+                f"max_elements={self.max_elements} is too small for conditionals='enumerate': "
+                f"one evidence item over every sequence needs about {need} elements "
+                f"({EVIDENCE_FACTOR} x {self.item_cost}); pass max_elements >= {need}, or "
+                "fewer sequences per call"
+            )
+        chunk = self.max_elements // need
+        if B > chunk:  # a loop over chunks of items, each one traced run
+            parts = [self.log_evidence(evidence[i : i + chunk]) for i in range(0, B, chunk)]
+            return torch.cat(parts, 0)
         tr = self._items_trace(B, EvidenceMessenger(self._site_masks(evidence)))
         return contract_evidence(tr, self.layout, MASK_PLATE, B)
 

@@ -22,8 +22,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from ..options import check_positive_int, renamed_keyword
+import pyro.poutine as poutine
+
+from ..options import check_positive_int, renamed_keyword, resolve_max_elements
 from .base import Conditionals
+from .chunked import chunked_particle_scorer, particle_chunk_size, particle_elements
 from .particles import (
     ParticleScorer,
     PerTokenLatent,
@@ -88,6 +91,8 @@ class ImportanceConditionals(Conditionals):
     :param int num_samples: ``S``, the prior draws per step (per sequence for local
         latents).
     :param int num_particles: deprecated name of ``num_samples``.
+    :param int max_elements: memory budget of one chunk of draws
+        (:mod:`~pyro_mpt.conditionals.chunked`); ``None``: the device's default.
 
     With :math:`z_s \sim p(z)`, :math:`s = 1..S`, the self-normalised estimate
     :math:`p(x_j \mid x_O) \approx \sum_s \bar w_s\, p(x_j \mid x_O, z_s)`,
@@ -101,9 +106,15 @@ class ImportanceConditionals(Conditionals):
 
     name = "importance"
     draws_latents = True
-    options = {"num_samples": "num_samples"}
+    options = {"num_samples": "num_samples", "max_elements": "max_elements"}
 
-    def __init__(self, num_samples: int = 256, *, num_particles: int | None = None):
+    def __init__(
+        self,
+        num_samples: int = 256,
+        *,
+        num_particles: int | None = None,
+        max_elements: int | None = None,
+    ):
         num_samples = renamed_keyword(
             "ImportanceConditionals",
             "num_particles",
@@ -113,6 +124,7 @@ class ImportanceConditionals(Conditionals):
             256,
         )
         self.num_samples = check_positive_int("num_samples", num_samples)
+        self.max_elements = check_positive_int("max_elements", max_elements, allow_none=True)
 
     @property
     def num_particles(self) -> int:
@@ -126,8 +138,36 @@ class ImportanceConditionals(Conditionals):
         self, model, args: tuple, kwargs: dict, layout: TokenLayout, trace
     ) -> ParticleScorer:
         self.check(layout, trace)
-        tr = particle_trace(model, args, kwargs, layout, num_particles=self.num_samples)
-        return particle_scorer(tr, layout, self.num_samples)
+        S = self.num_samples
+        budget = resolve_max_elements(self.max_elements, layout.device)
+        chunk = particle_chunk_size(S, particle_elements(trace, layout), budget, self.name)
+
+        def draw(start: int, size: int):
+            tr = particle_trace(model, args, kwargs, layout, num_particles=size)
+            drawn = _drawn_values(tr, layout)  # replayed: every call sees the same draws
+
+            def kernels() -> list:
+                again = particle_trace(
+                    poutine.replay(model, trace=drawn), args, kwargs, layout, num_particles=size
+                )
+                return particle_scorer(again, layout, S).kernels
+
+            return particle_scorer(tr, layout, S), kernels
+
+        return chunked_particle_scorer(layout, S, chunk, draw)
+
+
+def _drawn_values(trace, layout: TokenLayout) -> poutine.Trace:
+    """A trace holding only the drawn values of the continuous latents of ``trace`` (the
+    enumerated ones are enumerated again), for :func:`pyro.poutine.replay`."""
+    drawn = poutine.Trace()
+    for name in layout.latents:
+        if name not in layout.enumerated:
+            site = trace.nodes[name]
+            drawn.add_node(
+                name, type="sample", is_observed=False, value=site["value"], infer=site["infer"]
+            )
+    return drawn
 
 
 def particle_scorer(trace, layout: TokenLayout, num_samples: int) -> ParticleScorer:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from ..options import check_positive_int
+from ..options import check_positive_int, resolve_max_elements
 from .base import Conditionals
+from .chunked import chunked_particle_scorer, particle_chunk_size, particle_elements
 from .grid import midpoint_grid, unconstrained_sizes
 from .importance import check_discrete_latents
 from .particles import ParticleScorer, combine_log_weights, latent_log_prob, particle_trace
@@ -52,6 +53,8 @@ class QuadratureConditionals(Conditionals):
     :param int num_points: ``G``, points per latent dimension.
     :param tuple bounds: ``(low, high)`` of every axis, finite, ``low < high``, on the
         unconstrained scale of each latent's support.
+    :param int max_elements: memory budget of one chunk of grid points
+        (:mod:`~pyro_mpt.conditionals.chunked`); ``None``: the device's default.
     :raises ValueError: for ``num_points < 1`` or bad ``bounds``.
 
     With grid points :math:`z_g` and cell volume :math:`\Delta` (:math:`G^K` points for
@@ -66,11 +69,21 @@ class QuadratureConditionals(Conditionals):
 
     name = "quadrature"
     draws_latents = True
-    options = {"quadrature_points": "num_points", "quadrature_bounds": "bounds"}
+    options = {
+        "quadrature_points": "num_points",
+        "quadrature_bounds": "bounds",
+        "max_elements": "max_elements",
+    }
 
-    def __init__(self, num_points: int = 20, bounds: tuple[float, float] = (-5.0, 5.0)):
+    def __init__(
+        self,
+        num_points: int = 20,
+        bounds: tuple[float, float] = (-5.0, 5.0),
+        max_elements: int | None = None,
+    ):
         self.num_points = check_positive_int("num_points", num_points)
         self.bounds = check_bounds("bounds", bounds)
+        self.max_elements = check_positive_int("max_elements", max_elements, allow_none=True)
 
     def _continuous(self, layout):
         return [n for n in layout.latents if n not in layout.enumerated]
@@ -98,11 +111,26 @@ class QuadratureConditionals(Conditionals):
         grid = midpoint_grid(
             dims, events, self.num_points, self.bounds, layout.dtype, layout.device, supports
         )
-        tr = particle_trace(
-            model, args, kwargs, layout, num_particles=grid.points.shape[0], values=grid.values
-        )
-        parts = [(lp, 0) for lp in latent_log_prob(tr, list(dims) + layout.enumerated, layout)]
-        kernels, lead = build_kernels(tr, layout, parts)
-        log_w0 = combine_log_weights(parts, layout, lead, base=grid.log_volume)
-        log_w0 = log_w0 + grid.log_jacobian.unsqueeze(-1)  # the unconstrained scale's
-        return ParticleScorer(kernels, layout, log_w0)
+        S = grid.points.shape[0]
+        budget = resolve_max_elements(self.max_elements, layout.device)
+        chunk = particle_chunk_size(S, particle_elements(trace, layout), budget, self.name)
+
+        def draw(start: int, size: int):
+            rows = slice(start, start + size)
+
+            def build() -> ParticleScorer:
+                values = {name: v[rows] for name, v in grid.values.items()}
+                tr = particle_trace(model, args, kwargs, layout, num_particles=size, values=values)
+                names = list(dims) + layout.enumerated
+                parts = [(lp, 0) for lp in latent_log_prob(tr, names, layout)]
+                kernels, lead = build_kernels(tr, layout, parts)
+                log_w0 = combine_log_weights(parts, layout, lead, base=grid.log_volume)
+                # the unconstrained scale's Jacobian, per grid point: the particle dim is
+                # the last of the flattened (enumerated support, grid points) dims
+                jacobian = grid.log_jacobian[rows].unsqueeze(-1)
+                log_w0 = (log_w0.reshape(-1, size, log_w0.shape[-1]) + jacobian).flatten(0, 1)
+                return ParticleScorer(kernels, layout, log_w0)
+
+            return build(), lambda: build().kernels
+
+        return chunked_particle_scorer(layout, S, chunk, draw)

@@ -195,7 +195,8 @@ def log_marginal_likelihood(
     :param tuple quadrature_bounds: ``(low, high)`` of every grid axis, on the unconstrained
         scale of each latent's support (log of a positive latent, logit of a probability).
     :param int max_elements: memory budget of one chunk (of the enumeration, for
-        ``"exact"``), in elements of its largest tensor; by default
+        ``"exact"``), in elements of its largest tensor (for the streamed methods,
+        :data:`~pyro_mpt.reference.streaming.REFERENCE_CHUNK_FACTOR` times it); by default
         :func:`pyro_mpt.options.resolve_max_elements` of the data's device.
     :param bool progress: a tqdm bar over the chunks; by default shown when there is more
         than one chunk and stderr is a terminal.

@@ -41,6 +41,7 @@ import math
 import torch
 
 from ..diagnostics import effective_sample_size, khat_threshold, pareto_khat_from_tail, tail_size
+from ..options import resolve_max_elements
 from .guide import check_guide
 from .result import LMLEstimate, flag_nonfinite, flag_unreliable
 from .sampler import Sampler
@@ -76,10 +77,11 @@ def _sampler(problem, guide):
     return sampler, f"the guide {type(guide).__name__}"
 
 
-def _khat(stats, S, tail_k, messages):
+def _khat(stats, S, tail_k, messages, budget):
     # PSIS k-hat from the M + 1 largest log-weights: the fit ArviZ's psislw makes from all
     # of them, batched over sequences on the device (diagnostics.pareto_khat_from_tail)
-    khat = pareto_khat_from_tail(stats.tail, S, dim=0)
+    # in batches under the memory budget
+    khat = pareto_khat_from_tail(stats.tail, S, dim=0, max_elements=budget)
     constant = torch.isfinite(stats.low) & (stats.low == stats.tail.amax(0))  # bounded: exact
     messages.append(
         f"Pareto k-hat from the {tail_k - 1} largest weights per sequence (a running top-k; "
@@ -183,7 +185,8 @@ def importance_reference(problem, options, messages) -> LMLEstimate:
     _note_method(messages, S, proposal, stats)
     lw = stats.log_weights
     ess = effective_sample_size(lw, 0) if keep else torch.exp(2 * stats.lse1 - stats.lse2)
-    khat = _khat(stats, S, tail_k, messages)
+    budget = resolve_max_elements(options.max_elements, layout.device)
+    khat = _khat(stats, S, tail_k, messages, budget)
     se = _standard_errors(ess, S, per_seq)
     trustworthy, sequence_ok = _check_diagnostics(ess, khat, S, per_seq, messages)
     trustworthy = _check_bias(se, layout.scale, messages) and trustworthy

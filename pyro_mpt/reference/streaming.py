@@ -1,7 +1,8 @@
 r"""Streaming over particles: any number of draws in chunks of bounded memory.
 
-Particles are drawn in chunks of ``chunk_size`` (by default as many as keep the largest
-per-chunk tensor under the memory budget, :func:`pyro_mpt.options.resolve_max_elements`)
+Particles are drawn in chunks of ``chunk_size`` (by default as many as keep
+:data:`REFERENCE_CHUNK_FACTOR` times the largest per-chunk tensor under the memory budget,
+:func:`pyro_mpt.options.resolve_max_elements`; a budget below one particle is refused)
 and accumulated by a running log-sum-exp of :math:`w` and :math:`w^2`, a running minimum,
 a running top-:math:`M` of the log-weights for :math:`\hat k`
 (:func:`pyro_mpt.diagnostics.merge_tail`) and, on a grid, the running log-mass of the
@@ -26,7 +27,12 @@ from ..progress import logger, progress_bar
 from .compile import build_chunk_fn, chunk_stats, resolve_compile_mode
 from .sampler import per_particle_cost
 
-__all__ = ["StreamStats", "plan_chunks", "run_chunks", "stream"]
+__all__ = ["REFERENCE_CHUNK_FACTOR", "StreamStats", "plan_chunks", "run_chunks", "stream"]
+
+#: Elements a chunk is budgeted per element of its largest per-particle tensor, so that
+#: the chunk's peak (measured about 6 such tensors on PPCA) stays within about 2x
+#: ``max_elements`` (issue 11).
+REFERENCE_CHUNK_FACTOR = 4
 
 
 @dataclass
@@ -139,8 +145,18 @@ def stream(problem, sampler, num_samples, options, *, keep, tail_k, edge=None, d
     particles of ``sampler`` (:func:`run_chunks`) without gradients and without Pyro's
     argument validation (it ran on the first trace of the model)."""
     layout = problem.layout
-    cost = per_particle_cost(problem.model, problem.args, problem.kwargs, layout, problem.trace)
+    largest = per_particle_cost(problem.model, problem.args, problem.kwargs, layout, problem.trace)
+    # a chunk holds several tensors of its largest one's size (the model's location, the
+    # log-density and its temporaries: about 6 measured on PPCA), so that many are budgeted
+    cost = REFERENCE_CHUNK_FACTOR * largest
     budget = resolve_max_elements(options.max_elements, layout.device)
+    if options.chunk_size is None and cost > budget:  # refused before drawing anything
+        raise ValueError(
+            f"max_elements={budget} is too small for the {desc.split()[-1]} reference: one "
+            f"particle over every sequence has tensors of {largest} elements, about {cost} "
+            f"in all ({REFERENCE_CHUNK_FACTOR} x {largest}); pass max_elements >= {cost}, "
+            "or fewer sequences per call"
+        )
     chunk_size, _ = plan_chunks(num_samples, options.chunk_size, budget, cost)
     evaluations = num_samples * layout.num_sequences * layout.num_tokens
     mode = resolve_compile_mode(options.compile, evaluations, layout.device)
