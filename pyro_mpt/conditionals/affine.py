@@ -246,6 +246,9 @@ def _factor(grads, trace, names, layout: TokenLayout) -> torch.Tensor:
             like = {"dtype": layout.dtype, "device": layout.device}
             g = torch.zeros((layout.num_tokens, *site["value"].shape), **like)
         cols.append(_per_sequence(g, site["fn"].event_dim, layout, lead=1))
+    if not cols:  # no latents: the tokens' Gaussian is their likelihood alone
+        N, T = layout.num_sequences, layout.num_tokens
+        return torch.zeros(N, T, 0, dtype=layout.dtype, device=layout.device)
     return torch.cat(cols, -1).permute(1, 0, 2)
 
 
@@ -343,7 +346,12 @@ def compile_linear_gaussian(
         _per_sequence(_value(trace.nodes[i.name]), _event_dim(trace, i), layout)
         for i in layout.sites
     ]
-    return LinearGaussian(torch.cat(x, -1).to(mean.dtype), mean, factor, var, blocks)
+    # Pyro's log_prob promotes float32 parameters to float64 data: so do the kernels
+    dtype = torch.promote_types(mean.dtype, layout.dtype)
+    blocks = [(sl, b.to(dtype)) for sl, b in blocks]
+    return LinearGaussian(
+        torch.cat(x, -1).to(dtype), mean.to(dtype), factor.to(dtype), var.to(dtype), blocks
+    )
 
 
 def _value(site) -> torch.Tensor:

@@ -286,3 +286,29 @@ def test_curve_area_within_four_standard_errors(name):
     assert curve.conditionals == "linear_gaussian"
     gap = float(torch.as_tensor(curve.area).detach() - exact().sum().detach())
     assert abs(gap) < 4 * curve.area_stderr, (gap, curve.area_stderr)
+
+
+def test_no_latents_and_float32_parameters_on_float64_data():
+    """A model without latents (the collapsed PPCA of pyro_mpt.models, a plain Normal) is
+    linear-Gaussian with an empty factor; float32 parameters on float64 data are promoted,
+    as Pyro's log_prob promotes them. Exact values: the likelihood alone."""
+    from pyro_mpt.models import ppca_collapsed, sample_ppca
+
+    X = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def normal_model(x):
+        with pyro.plate("n", x.shape[0]):
+            pyro.sample("x", pyro.distributions.Normal(0.3, 2.0).expand([4]).to_event(1), obs=x)
+
+    exact = float(torch.distributions.Normal(0.3, 2.0).log_prob(X).sum())
+    lml = log_marginal_likelihood(normal_model, X, method="gaussian")
+    assert abs(float(lml.total) - exact) < 1e-10
+    chain = MaskedELBO(conditionals="linear_gaussian", estimator="chain").estimate(
+        normal_model, None, X
+    )
+    assert abs(float(chain.total) - exact) < 1e-10
+    Xp, t = sample_ppca(num_data=5, num_tokens=4, latent_dim=2, noise_scale=0.5)
+    args = (Xp, 2, t["W"], t["loc"], t["noise_scale"])
+    gaussian = log_marginal_likelihood(ppca_collapsed, *args, method="gaussian")
+    dense = log_marginal_likelihood(ppca_collapsed, *args, method="exact")
+    assert_close(gaussian.total, dense.total, rtol=RTOL, atol=0.0)
