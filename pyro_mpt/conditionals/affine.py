@@ -71,6 +71,13 @@ class LinearGaussian:
     noise_var: torch.Tensor
     noise_blocks: list
 
+    @property
+    def low_rank(self) -> bool:
+        """Whether Woodbury serves it (diagonal positive noise, fewer noise dimensions than
+        tokens), so that no ``T x T`` covariance is ever formed."""
+        K, T = self.factor.shape[-1], self.factor.shape[-2]
+        return not self.noise_blocks and K < T and bool((self.noise_var > 0).all())
+
     def covariance(self) -> torch.Tensor:
         r"""``(N, T, T)``: :math:`A_n A_n^\top + \Sigma_n`."""
         cov = self.factor @ self.factor.mT + torch.diag_embed(self.noise_var)
@@ -304,7 +311,8 @@ def compile_linear_gaussian(
     :param layout: its :class:`~pyro_mpt.tokens.TokenLayout`.
     :param trace: a plain trace of the model.
     :param int max_elements: memory budget: the Jacobian (``T`` by the noise of all
-        sequences) and one ``N x T x T`` covariance must fit in it.
+        sequences) must fit in it, and one ``N x T x T`` covariance unless the model is
+        low-rank (:attr:`LinearGaussian.low_rank`, served by Woodbury).
     :returns: a :class:`LinearGaussian`, differentiable in the model's parameters when
         gradients are enabled.
     :raises NotLinearGaussian: naming the site and the reason when the model is not
@@ -314,13 +322,7 @@ def compile_linear_gaussian(
     shapes = {n: tuple(trace.nodes[n]["value"].shape) for n in layout.latents}
     N, T = layout.num_sequences, layout.num_tokens
     noise = sum(int(torch.Size(s).numel()) for s in shapes.values())
-    need = max(T * noise, N * T * T)
-    if need > max_elements:
-        raise NotLinearGaussian(
-            f"its dense token covariance and Jacobian need {need:,} elements (N={N} "
-            f"sequences, T={T} tokens, {noise} noise dimensions), over max_elements="
-            f"{max_elements:,}; the Markov-structured route for long chains is not built yet"
-        )
+    _check_budget(T * noise, N, T, noise, max_elements)  # the Jacobian
     problem = (model, args, kwargs, trace, layout)
     like = {"dtype": layout.dtype, "device": layout.device}
     zero = {n: torch.zeros(s, **like) for n, s in shapes.items()}
@@ -349,9 +351,22 @@ def compile_linear_gaussian(
     # Pyro's log_prob promotes float32 parameters to float64 data: so do the kernels
     dtype = torch.promote_types(mean.dtype, layout.dtype)
     blocks = [(sl, b.to(dtype)) for sl, b in blocks]
-    return LinearGaussian(
+    compiled = LinearGaussian(
         torch.cat(x, -1).to(dtype), mean.to(dtype), factor.to(dtype), var.to(dtype), blocks
     )
+    if not compiled.low_rank:  # served by a dense N x T x T covariance
+        _check_budget(N * T * T, N, T, noise, max_elements)
+    return compiled
+
+
+def _check_budget(need: int, N: int, T: int, noise: int, max_elements: int) -> None:
+    """:raises NotLinearGaussian: when ``need`` elements exceed ``max_elements``."""
+    if need > max_elements:
+        raise NotLinearGaussian(
+            f"its dense token covariance and Jacobian need {need:,} elements (N={N} "
+            f"sequences, T={T} tokens, {noise} noise dimensions), over max_elements="
+            f"{max_elements:,}; the Markov-structured route for long chains is not built yet"
+        )
 
 
 def _value(site) -> torch.Tensor:

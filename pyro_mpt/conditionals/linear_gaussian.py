@@ -124,8 +124,7 @@ def gaussian_kernel(compiled: LinearGaussian):
     when the noise is diagonal and positive and ``K < T``, dense otherwise; parameters
     shared over sequences where they are equal (and enter alike, see :func:`_shared`)."""
     x, loc, W, D = compiled.x, compiled.loc.unsqueeze(0), compiled.factor, compiled.noise_var
-    K, T = W.shape[-1], W.shape[-2]
-    if not compiled.noise_blocks and K < T and bool((D > 0).all()):
+    if compiled.low_rank:
         shared = _shared([W, D])
         if shared is not None:
             return LowRankGaussianKernel(x, loc, *shared)

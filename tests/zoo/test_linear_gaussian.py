@@ -312,3 +312,14 @@ def test_no_latents_and_float32_parameters_on_float64_data():
     gaussian = log_marginal_likelihood(ppca_collapsed, *args, method="gaussian")
     dense = log_marginal_likelihood(ppca_collapsed, *args, method="exact")
     assert_close(gaussian.total, dense.total, rtol=RTOL, atol=0.0)
+
+
+def test_low_rank_models_need_no_dense_budget():
+    """PPCA with z (N=6, T=5, K=2, diagonal noise) is served by Woodbury: a budget that
+    holds its Jacobian (T x 12 noise dimensions = 60 elements) but not an N x T x T
+    covariance (150) still gives the exact value; below the Jacobian it is refused."""
+    model, args, kwargs, exact = _case("ppca")
+    lml = log_marginal_likelihood(model, *args, method="gaussian", max_elements=100)
+    assert_close(lml.per_sequence, exact().reshape(-1), rtol=RTOL, atol=0.0)
+    with pytest.raises(ValueError, match=r"need 60 elements .* over max_elements=50"):
+        log_marginal_likelihood(model, *args, method="gaussian", max_elements=50)
