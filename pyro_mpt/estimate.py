@@ -117,7 +117,8 @@ class MPTEstimate:
         if bias is not None:  # a constant: the gradient is the uncorrected estimate's
             per_sequence = per_sequence - bias.to(per_sequence.dtype)
             total_bias = float(bias.sum() if scale is None else (scale * bias).sum())
-            particle_var = (particle_var[0] + total_bias**2, particle_var[1])
+            if getattr(particle_var, "widen", True):
+                particle_var = (particle_var[0] + total_bias**2, particle_var[1])
         total = per_sequence.sum() if scale is None else (scale * per_sequence).sum()
         detached = draws.detach()
         if K > 1 and (share_masks or draws.shape[1] == 1):

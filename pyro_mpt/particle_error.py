@@ -65,6 +65,7 @@ __all__ = [
     "conditional_ess",
     "particle_error",
     "particle_variance",
+    "smc_chain_terms",
 ]
 
 #: Conditional backends whose particles are random draws (their error is counted).
@@ -97,6 +98,9 @@ class ParticleError(NamedTuple):
     variance: float
     dof: float
     bias: torch.Tensor | None = None
+    #: whether the estimate's variance also takes the squared bias (the jackknife's
+    #: noisy bias estimate: yes; SMC's Jensen gap, whose noise is ``variance``: no)
+    widen: bool = True
 
 
 def _one_draw_per_weights(scorer, estimator, layout, weights, *, share_masks, max_elements):
@@ -267,6 +271,8 @@ def particle_terms(scorer, backend, layout, options):
     draws, else ``(None, None)``.
 
     :param options: the :class:`~pyro_mpt.engine.MPTOptions` of the estimate."""
+    if backend.name == "smc":  # independent sweeps: the draws' spread has their error
+        return smc_chain_terms(scorer, layout), None
     if backend.name not in STOCHASTIC_BACKENDS or getattr(scorer, "log_w0", None) is None:
         return None, None
     var = particle_error(
@@ -279,3 +285,19 @@ def particle_terms(scorer, backend, layout, options):
     ess = conditional_ess(scorer, layout)
     warn_low_ess(ess, options.num_samples)
     return var, ess
+
+
+def smc_chain_terms(scorer, layout) -> ParticleError | None:
+    r"""The chain estimate with SMC conditionals: each draw is :math:`\log \hat Z` of an
+    independent sweep, so the draws' spread already holds the particles' error, but the
+    mean of the logs is low by Jensen's gap :math:`\tfrac12 \operatorname{Var} \log \hat
+    Z_n` per sequence, which no number of draws removes
+    (:meth:`~pyro_mpt.conditionals.smc.SMCScorer.chain_gap`). Returns that bias (subtracted
+    from the estimate, not added to its variance) with the variance of its estimate, or
+    ``None`` (other estimators, one draw)."""
+    gap = getattr(scorer, "chain_gap", lambda: None)()
+    if gap is None:
+        return None
+    bias, var, dof = gap
+    scale = 1.0 if layout.scale is None else layout.scale.to(torch.float64)
+    return ParticleError(float((scale**2 * var).sum()), dof, bias, widen=False)

@@ -231,6 +231,7 @@ class SMCScorer(Scorer):
             max_elements,
         )
         self.last: SweepResult | None = None
+        self.chain: torch.Tensor | None = None  # the last chain draws, for chain_gap
 
     def row_cost(self, shared: bool = False) -> int:
         N, T = self.layout.num_sequences, self.layout.num_tokens
@@ -275,7 +276,28 @@ class SMCScorer(Scorer):
         rows = 1 if share_masks else N
         order = torch.rand(num_draws, rows, T, device=device).argsort(-1).expand(-1, N, -1)
         full = torch.full((num_draws, N), T, dtype=torch.long, device=device)
-        return self._sweep(order, full).log_evidence
+        self.chain = self._sweep(order, full).log_evidence
+        return self.chain
+
+    def chain_gap(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        r"""Jensen's gap of the last :meth:`chain_draws`: each draw :math:`d_{k,n} = \log
+        \hat Z_{k,n}` has :math:`\mathbb E \hat Z = p(x_n)`, so (second-order delta method)
+
+        .. math:: \mathbb E\, d_{k,n} \approx \log p(x_n) - \tfrac12 \operatorname{Var} d_n,
+            \qquad \hat b_n = -\tfrac12 s_n^2, \quad
+            \widehat{\operatorname{Var}}(\hat b_n) = \frac{s_n^4}{2 (K - 1)},
+
+        with :math:`s_n^2` the sample variance of the :math:`K` draws (a normal sample
+        variance has variance :math:`2\sigma^4/(K-1)`; quartered). More draws do not shrink
+        this bias, and it adds up over sequences. Returns ``(bias (N,), its variance (N,),
+        dof K - 1)``; ``None`` without chain draws, with ``K < 2`` or a non-finite draw.
+        """
+        draws = self.chain
+        if draws is None or draws.shape[0] < 2 or not bool(torch.isfinite(draws).all()):
+            return None
+        K = draws.shape[0]
+        s2 = draws.to(torch.float64).var(0)
+        return -s2 / 2, s2**2 / (2 * (K - 1)), float(K - 1)
 
 
 class SMCConditionals(Conditionals):
