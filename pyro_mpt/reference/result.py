@@ -106,8 +106,8 @@ class LMLEstimate:
 
     def __str__(self) -> str:
         line = f"log p(x) = {float(self.total):.4f}"
-        if self.method == "importance":
-            line += f" +- {self.stderr:.4f} (importance, S={self.num_samples}"
+        if self.method in ("importance", "smc_importance"):
+            line += f" +- {self.stderr:.4f} ({self.method}, S={self.num_samples}"
             if self.ess is not None:
                 line += f", min ESS {float(self.ess.min()):.1f}"
             if self.khat is not None:
