@@ -35,12 +35,19 @@ class _PM:
 
 @pytest.mark.parametrize(
     "total, stderr, failed",
-    [(-10.0, 0.1, True), (-11.3, 0.1, False), (-10.0, 2.0, False), (-10.9, 0.3, False)],
+    [
+        (-10.0, 0.1, True),
+        (-11.3, 0.1, False),
+        (-10.0, 2.0, False),
+        (-10.9, 0.3, False),
+        (-10.5, 0.1, False),
+    ],
 )
 def test_drift_arithmetic_and_verdict(monkeypatch, total, stderr, failed):
-    """D, se_D and b = D / 3 against the check's runs pooled here by hand (their total is
-    about -11.0, se 0.06); flagged only when D / se_D > 2: a drift of +1 against se 0.1,
-    not a negative drift, nor +1 against se 2, nor +0.1 against se 0.3."""
+    """D, se_D and the bias bounds D / 3, D / 15 against the check's runs pooled here by
+    hand (their total is about -11.0, se 0.06); flagged only when D / se_D > 2 and D / 15 >
+    se / 2: a drift of +1 against se 0.1; not a negative drift, nor +1 against se 2, nor
+    +0.1 against se 0.3, nor +0.5 against se 0.1 (significant, z = 4, but D / 15 = 0.033)."""
     log_z = torch.tensor([[-5.0, -6.0], [-5.1, -6.1], [-4.9, -5.9], [-5.05, -6.05]])
     _fake_runs(monkeypatch, log_z)
     R = 4
@@ -54,7 +61,9 @@ def test_drift_arithmetic_and_verdict(monkeypatch, total, stderr, failed):
     assert_close(torch.tensor(check.drift), torch.tensor(drift), atol=1e-12, rtol=0)
     assert_close(torch.tensor(check.stderr), torch.tensor(drift_se), atol=1e-12, rtol=0)
     assert_close(torch.tensor(check.bias), torch.tensor(drift / 3), atol=1e-12, rtol=0)
-    assert check.failed == (drift / drift_se > smc_drift.DRIFT_Z) == failed
+    assert_close(torch.tensor(check.bias_min), torch.tensor(drift / 15), atol=1e-12, rtol=0)
+    expected = drift / drift_se > smc_drift.DRIFT_Z and drift / 15 > 0.5 * stderr
+    assert check.failed == expected == failed
 
 
 def test_drift_check_skipped_below_its_particle_floor(monkeypatch):
@@ -111,7 +120,8 @@ def _verdicts(model, args, kwargs, exact, num_samples, seeds):
 @pytest.mark.slow
 def test_drift_check_false_alarms_and_hits():
     """Eight schools, 100 seeds: false alarms among the accurate runs below 10% (measured
-    0 when written); the Kalman chain at 128 per run, 12 seeds: flagged in at least half."""
+    0 of 91); the Kalman chain at 128 per run, 12 seeds: flagged in at least half
+    (measured 8 of 12)."""
     rows = _verdicts(
         eight_schools,
         (Y, SIGMA),
