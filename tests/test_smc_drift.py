@@ -135,3 +135,22 @@ def test_drift_check_false_alarms_and_hits():
     x = torch.randn(10, 6, generator=torch.Generator().manual_seed(0))
     rows = _verdicts(kalman, (x,), {}, kalman_exact(x), 1024, range(12))
     assert sum(failed for failed, _ in rows) >= 6
+
+
+def test_report_names_the_drift():
+    """evaluate's table says why an SMC reference is flagged (not a stage's ESS)."""
+    from pyro_mpt.reference.result import LMLEstimate
+    from pyro_mpt.report import EvaluationReport
+
+    check = smc_drift.DriftCheck(1.0, 0.3, 1.0 / 3, 32, True, 1.0 / 15)
+    ref = LMLEstimate(
+        torch.tensor(-5.0),
+        torch.tensor([-5.0]),
+        0.5,
+        torch.tensor([0.5]),
+        "smc",
+        trustworthy=False,
+        drift=check,
+    )
+    report = EvaluationReport(ref, {}, None, [], {}, "cpu", 1, None)
+    assert report.reference_status == "UNRELIABLE (drifts +1.00 from 32 particles)"
