@@ -123,7 +123,8 @@ class MPTEstimate:
         if bias is not None:  # a constant: the gradient is the uncorrected estimate's
             correction, total_bias, extra = particle_bias_correction(particle_var, scale)
             per_sequence = per_sequence - correction.to(per_sequence.dtype)
-            particle_var = (particle_var[0] + extra, particle_var[1])
+            if getattr(particle_var, "widen", True):
+                particle_var = (particle_var[0] + extra, particle_var[1])
         total = per_sequence.sum() if scale is None else (scale * per_sequence).sum()
         detached = draws.detach()
         if K > 1 and (share_masks or draws.shape[1] == 1):

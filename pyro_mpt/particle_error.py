@@ -86,6 +86,7 @@ __all__ = [
     "conditional_ess",
     "particle_error",
     "particle_variance",
+    "smc_chain_terms",
 ]
 
 #: Conditional backends whose particles are random draws (their error is counted).
@@ -122,6 +123,9 @@ class ParticleError(NamedTuple):
     dof: float
     bias: torch.Tensor | None = None
     bias_slow: torch.Tensor | None = None
+    #: whether the estimate's variance also takes the squared bias (the jackknife's
+    #: noisy bias estimate: yes; SMC's Jensen gap, whose noise is ``variance``: no)
+    widen: bool = True
 
 
 def _one_draw_per_weights(scorer, estimator, layout, weights, *, share_masks, max_elements):
@@ -298,6 +302,8 @@ def particle_terms(scorer, backend, layout, options):
     random draws, else ``(None, None)``.
 
     :param options: the :class:`~pyro_mpt.engine.MPTOptions` of the estimate."""
+    if backend.name == "smc":  # independent sweeps: the draws' spread has their error
+        return smc_chain_terms(scorer, layout), None
     if backend.name not in STOCHASTIC_BACKENDS or getattr(scorer, "log_w0", None) is None:
         return None, None
     var = particle_error(
@@ -320,3 +326,19 @@ def particle_terms(scorer, backend, layout, options):
         else:
             var = var._replace(bias_slow=torch.where(slow, var.bias_slow, var.bias))
     return var, ess
+
+
+def smc_chain_terms(scorer, layout) -> ParticleError | None:
+    r"""The chain estimate with SMC conditionals: each draw is :math:`\log \hat Z` of an
+    independent sweep, so the draws' spread already holds the particles' error, but the
+    mean of the logs is low by Jensen's gap :math:`\tfrac12 \operatorname{Var} \log \hat
+    Z_n` per sequence, which no number of draws removes
+    (:meth:`~pyro_mpt.conditionals.smc.SMCScorer.chain_gap`). Returns that bias (subtracted
+    from the estimate, not added to its variance) with the variance of its estimate, or
+    ``None`` (other estimators, one draw)."""
+    gap = getattr(scorer, "chain_gap", lambda: None)()
+    if gap is None:
+        return None
+    bias, var, dof = gap
+    scale = 1.0 if layout.scale is None else layout.scale.to(torch.float64)
+    return ParticleError(float((scale**2 * var).sum()), dof, bias, widen=False)

@@ -153,6 +153,9 @@ class EvaluationReport:
         ess = getattr(ref, "ess", None)
         if ess is not None:
             reasons.append(f"min ESS {float(ess.min()):.1f} of {ref.num_samples} particles")
+        drift = getattr(ref, "drift", None)  # the SMC reference's particle-count check
+        if drift is not None and drift.failed:
+            reasons.append(f"drifts +{drift.drift:.2f} from {drift.num_particles} particles")
         return "UNRELIABLE" + (f" ({', '.join(reasons)})" if reasons else "")
 
     def summary(self) -> str:

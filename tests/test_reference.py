@@ -16,7 +16,15 @@ from tests.reference_data import latent_model, per_row_exact, ppca_data
 
 
 def test_methods_registry():
-    assert sorted(METHODS) == ["conjugate", "exact", "gaussian", "importance", "quadrature", "smc"]
+    assert sorted(METHODS) == [
+        "conjugate",
+        "exact",
+        "gaussian",
+        "importance",
+        "quadrature",
+        "smc",
+        "smc_importance",
+    ]
     assert METHODS["quadrature"] is reference.quadrature.quadrature_reference
 
 
@@ -25,7 +33,7 @@ def test_unknown_method_lists_valid_ones():
     with pytest.raises(
         ValueError,
         match=r"unknown method 'mcmc'; valid values are "
-        r"\['auto', 'conjugate', 'exact', 'gaussian', 'importance', 'quadrature', 'smc'\]",
+        r"\['auto', 'conjugate', 'exact', 'gaussian', 'importance', 'quadrature', 'smc', 'smc_importance'\]",
     ):
         log_marginal_likelihood(latent_model(t), X, method="mcmc")
 

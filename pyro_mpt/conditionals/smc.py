@@ -38,7 +38,13 @@ import torch
 from ..options import check_positive_int, resolve_max_elements
 from ..progress import logger, progress_bar
 from .base import Conditionals, Scorer
-from .smc_moves import ParticleModel, check_smc_model, random_walk_move, systematic_resample
+from .smc_moves import (
+    ParticleModel,
+    check_smc_model,
+    fit_gaussian,
+    random_walk_move,
+    systematic_resample,
+)
 
 if TYPE_CHECKING:
     from ..tokens import TokenLayout
@@ -62,6 +68,9 @@ class SweepResult:
     :ivar min_ess: ``(B, N)`` the smallest ESS before resampling, over the stages.
     :ivar resamples: ``(B, N)`` how many times the particles were resampled.
     :ivar acceptance: ``(B, N)`` the mean Metropolis acceptance rate.
+    :ivar fit_mean: ``(B, 1, N, d)`` the weighted mean of the final particles (unconstrained,
+        the latents concatenated), with ``fit=True``; else ``None``.
+    :ivar fit_chol: ``(B, N, d, d)`` the Cholesky factor of their weighted covariance.
     """
 
     log_evidence: torch.Tensor
@@ -70,6 +79,8 @@ class SweepResult:
     min_ess: torch.Tensor
     resamples: torch.Tensor
     acceptance: torch.Tensor
+    fit_mean: torch.Tensor | None = None
+    fit_chol: torch.Tensor | None = None
 
 
 def _mixture(log_w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -143,6 +154,7 @@ def smc_sweep(
     num_particles: int,
     num_moves: int = DEFAULT_MOVES,
     full_orders: bool = False,
+    fit: bool = False,
 ) -> SweepResult:
     r"""``B`` independent SMC sweeps (see the module docstring), one per row of ``order``.
 
@@ -153,6 +165,8 @@ def smc_sweep(
     :param int num_moves: Metropolis steps after each tempering step.
     :param bool full_orders: also return the suffix sums of every prefix (``num_reveal`` is
         then ``T`` everywhere).
+    :param bool fit: also return the weighted mean and covariance factor of the final
+        particles (``fit_mean``, ``fit_chol``).
     """
     B, N, T = order.shape
     P = num_particles
@@ -184,11 +198,17 @@ def smc_sweep(
             dead = dead | (log_z == -math.inf) | log_z.isnan()
         log_z = torch.where(dead, -math.inf, log_z)
         acceptance = stats["acceptance"] / stats["moves"].clamp(min=1)
-    return SweepResult(log_z, suffix, final, stats["min_ess"], stats["resamples"], acceptance)
+        cloud = (None, None)
+        if fit:
+            x = torch.cat(list(state["u"].values()), -1)
+            cloud = fit_gaussian(x, torch.softmax(log_w, 1).unsqueeze(-1).to(x.dtype))
+    return SweepResult(
+        log_z, suffix, final, stats["min_ess"], stats["resamples"], acceptance, *cloud
+    )
 
 
 def sweep_in_chunks(
-    pm, order, num_reveal, P, num_moves, full_orders, max_elements, progress=False
+    pm, order, num_reveal, P, num_moves, full_orders, max_elements, progress=False, fit=False
 ) -> SweepResult:
     """:func:`smc_sweep` over chunks of sweeps whose ``(chunk, P, N, T)`` tables (a few of
     them at once) stay under ``max_elements``; the results concatenated along ``B``. A
@@ -201,7 +221,7 @@ def sweep_in_chunks(
     with progress_bar(len(starts), progress, "SMC sweeps", unit="chunk") as bar:
         for i in starts:
             sl = slice(i, i + chunk)
-            parts.append(smc_sweep(pm, order[sl], num_reveal[sl], P, num_moves, full_orders))
+            parts.append(smc_sweep(pm, order[sl], num_reveal[sl], P, num_moves, full_orders, fit))
             bar.update(1)
     return SweepResult(
         **{
@@ -231,6 +251,7 @@ class SMCScorer(Scorer):
             max_elements,
         )
         self.last: SweepResult | None = None
+        self.chain: torch.Tensor | None = None  # the last chain draws, for chain_gap
 
     def row_cost(self, shared: bool = False) -> int:
         N, T = self.layout.num_sequences, self.layout.num_tokens
@@ -275,7 +296,28 @@ class SMCScorer(Scorer):
         rows = 1 if share_masks else N
         order = torch.rand(num_draws, rows, T, device=device).argsort(-1).expand(-1, N, -1)
         full = torch.full((num_draws, N), T, dtype=torch.long, device=device)
-        return self._sweep(order, full).log_evidence
+        self.chain = self._sweep(order, full).log_evidence
+        return self.chain
+
+    def chain_gap(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        r"""Jensen's gap of the last :meth:`chain_draws`: each draw :math:`d_{k,n} = \log
+        \hat Z_{k,n}` has :math:`\mathbb E \hat Z = p(x_n)`, so (second-order delta method)
+
+        .. math:: \mathbb E\, d_{k,n} \approx \log p(x_n) - \tfrac12 \operatorname{Var} d_n,
+            \qquad \hat b_n = -\tfrac12 s_n^2, \quad
+            \widehat{\operatorname{Var}}(\hat b_n) = \frac{s_n^4}{2 (K - 1)},
+
+        with :math:`s_n^2` the sample variance of the :math:`K` draws (a normal sample
+        variance has variance :math:`2\sigma^4/(K-1)`; quartered). More draws do not shrink
+        this bias, and it adds up over sequences. Returns ``(bias (N,), its variance (N,),
+        dof K - 1)``; ``None`` without chain draws, with ``K < 2`` or a non-finite draw.
+        """
+        draws = self.chain
+        if draws is None or draws.shape[0] < 2 or not bool(torch.isfinite(draws).all()):
+            return None
+        K = draws.shape[0]
+        s2 = draws.to(torch.float64).var(0)
+        return -s2 / 2, s2**2 / (2 * (K - 1)), float(K - 1)
 
 
 class SMCConditionals(Conditionals):

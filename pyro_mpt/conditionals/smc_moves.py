@@ -37,7 +37,14 @@ from .sites import build_kernels
 if TYPE_CHECKING:
     from ..tokens import TokenLayout
 
-__all__ = ["ParticleModel", "check_smc_model", "random_walk_move", "systematic_resample"]
+__all__ = [
+    "ParticleModel",
+    "check_smc_model",
+    "fit_gaussian",
+    "random_walk_move",
+    "split_latents",
+    "systematic_resample",
+]
 
 
 def check_smc_model(layout: TokenLayout, trace, backend: str = "smc") -> None:
@@ -184,7 +191,7 @@ def systematic_resample(log_w: torch.Tensor, need: torch.Tensor) -> torch.Tensor
     return torch.where(need.unsqueeze(-1), ancestors, keep).permute(0, 2, 1)
 
 
-def _fit_gaussian(x: torch.Tensor, W: torch.Tensor):
+def fit_gaussian(x: torch.Tensor, W: torch.Tensor):
     """The weighted mean ``(B, 1, N, d)`` and Cholesky factor ``(B, N, d, d)`` of the
     particle cloud ``x`` (``(B, P, N, d)``), with a jitter so that a collapsed cloud (one
     distinct particle) still moves."""
@@ -197,7 +204,8 @@ def _fit_gaussian(x: torch.Tensor, W: torch.Tensor):
     return mean, torch.linalg.cholesky_ex(cov + jitter * eye)[0]
 
 
-def _split(x: torch.Tensor, like: dict) -> dict:
+def split_latents(x: torch.Tensor, like: dict) -> dict:
+    """``x`` (``(..., d)``, the latents concatenated) split into ``like``'s sites."""
     out, start = {}, 0
     for name, v in like.items():
         out[name] = x[..., start : start + v.shape[-1]]
@@ -232,7 +240,7 @@ def random_walk_move(
     # the latents keep their prior's dtype, which may differ from the data's (float32
     # priors with float64 observations): the proposal is built in the latents' dtype
     W = torch.softmax(log_w, 1).unsqueeze(-1).to(x.dtype)  # (B, P, N, 1)
-    _, chol = _fit_gaussian(x, W)
+    _, chol = fit_gaussian(x, W)
     rev = revealed.unsqueeze(1).to(log_w.dtype)  # (B, 1, N, T)
     target = state["log_prior"] + (state["table"] * rev).sum(-1)
     accepted = torch.zeros_like(target)
@@ -240,7 +248,7 @@ def random_walk_move(
     for _ in range(num_steps):
         eps = (chol.unsqueeze(1) @ torch.randn_like(x).unsqueeze(-1)).squeeze(-1)
         proposal = x + 2.38 / math.sqrt(x.shape[-1]) * eps
-        log_prior, table = pm.evaluate(_split(proposal, state["u"]), B, P)
+        log_prior, table = pm.evaluate(split_latents(proposal, state["u"]), B, P)
         new_target = log_prior + (table * rev).sum(-1)
         ratio = torch.nan_to_num(new_target - target, nan=-math.inf)
         accept = torch.rand_like(target).log() < ratio
@@ -249,5 +257,5 @@ def random_walk_move(
         state["table"] = torch.where(accept.unsqueeze(-1), table, state["table"])
         target = torch.where(accept, new_target, target)
         accepted = accepted + accept.to(accepted.dtype)
-    state["u"].update(_split(x, state["u"]))
+    state["u"].update(split_latents(x, state["u"]))
     return (W.squeeze(-1) * accepted).sum(1) / max(1, num_steps)

@@ -17,6 +17,9 @@ methods in :data:`METHODS`, one module each:
   observations likewise), their tokens' joint Gaussian computed exactly;
 - ``"smc"`` (:mod:`~pyro_mpt.reference.smc`): independent data-annealed SMC runs per
   sequence, standard error over the runs;
+- ``"smc_importance"`` (:mod:`~pyro_mpt.reference.smc_importance`): short SMC sweeps whose
+  final clouds are fitted by Student-t proposals, then importance sampling from their
+  mixture (k-hat, ESS and a delta-method standard error as for ``"importance"``);
 - ``"conjugate"`` (:mod:`~pyro_mpt.reference.conjugate`): one conjugate latent and its
   tokens (Beta-Bernoulli/Binomial, Dirichlet-Categorical, Gamma-Poisson/Exponential),
   integrated in closed form;
@@ -59,6 +62,7 @@ from .problem import Problem, ReferenceOptions, check_options
 from .quadrature import quadrature_reference
 from .result import LMLEstimate
 from .smc import auto_ladder, smc_reference
+from .smc_importance import smc_importance_reference
 
 __all__ = [
     "LMLEstimate",
@@ -77,6 +81,7 @@ METHODS: dict[str, Callable] = {
     "importance": importance_reference,
     "quadrature": quadrature_reference,
     "smc": smc_reference,
+    "smc_importance": smc_importance_reference,
 }
 
 _DEFAULT_NUM_SAMPLES = 4096
@@ -180,7 +185,7 @@ def log_marginal_likelihood(
     :param str method: ``"auto"`` (default: exact where possible, else importance, else
         SMC when importance fails its diagnostics), or a name in :data:`METHODS`:
         ``"conjugate"``, ``"exact"``, ``"gaussian"``, ``"importance"``, ``"quadrature"``,
-        ``"smc"``.
+        ``"smc"``, ``"smc_importance"``.
     :param int num_samples: :math:`S`, draws per sequence for importance sampling.
     :param guide: a proposal for ``"importance"`` (e.g. an
         :class:`~pyro.infer.autoguide.AutoNormal` trained by SVI) sampling exactly the
@@ -255,7 +260,7 @@ def log_marginal_likelihood(
         auto = method == "auto"
         if auto:
             method = _choose_auto(problem, messages, options.max_elements)
-        if problem.continuous and method in ("importance", "quadrature", "smc"):
+        if problem.continuous and method in ("importance", "quadrature", "smc", "smc_importance"):
             # particles will be drawn: a model not vectorised over them fails now, clearly
             probe_particles(model, problem.args, problem.kwargs, layout, trace)
         if guide is not None and method != "importance":

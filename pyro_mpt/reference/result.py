@@ -55,6 +55,9 @@ class LMLEstimate:
         data-level verdict: see :func:`pyro_mpt.reference.importance.importance_reference`.
     :ivar torch.Tensor resamples: ``(N,)`` resampling steps per SMC run (``"smc"``; its
         ``ess`` is then the smallest ESS over the stages, averaged over the runs).
+    :ivar drift: the SMC reference's particle-count check
+        (:class:`~pyro_mpt.reference.smc_drift.DriftCheck`: drift, its standard error, the
+        implied bias, whether it failed), else ``None``.
 
     Example::
 
@@ -88,6 +91,7 @@ class LMLEstimate:
         return t_interval(self.total, self.stderr, self.dof, level)
 
     resamples: torch.Tensor | None = None
+    drift: tuple | None = None
 
     @property
     def num_particles(self) -> int | None:
@@ -102,8 +106,8 @@ class LMLEstimate:
 
     def __str__(self) -> str:
         line = f"log p(x) = {float(self.total):.4f}"
-        if self.method == "importance":
-            line += f" +- {self.stderr:.4f} (importance, S={self.num_samples}"
+        if self.method in ("importance", "smc_importance"):
+            line += f" +- {self.stderr:.4f} ({self.method}, S={self.num_samples}"
             if self.ess is not None:
                 line += f", min ESS {float(self.ess.min()):.1f}"
             if self.khat is not None:

@@ -18,7 +18,9 @@ sample :math:`\mathrm{SE}_n` then under-states the spread and the correction rem
 part of the bias (measured on the Reliability page: raise ``num_samples``). The runs are
 flagged (not trustworthy) when they disagree (:math:`\mathrm{ESS}_n < R/4`: a spread of
 :math:`\log \hat Z_r` beyond about a nat), or when the Metropolis moves barely move
-(acceptance below :data:`MIN_ACCEPTANCE`).
+(acceptance below :data:`MIN_ACCEPTANCE`), or when the estimate still drifts with the
+particle count (:mod:`pyro_mpt.reference.smc_drift`: ``R`` more runs of a quarter of the
+particles; a significant drift widens the standard error by the implied bias).
 
 Also here: the ``"auto"`` ladder (:func:`auto_ladder`): importance first, SMC when
 importance fails its diagnostics, with a message saying which rung answered and why.
@@ -40,6 +42,13 @@ from ..intervals import satterthwaite_dof
 from ..options import resolve_max_elements
 from .importance import MIN_SAMPLES, importance_reference
 from .result import UNRELIABLE, LMLEstimate, flag_nonfinite, flag_unreliable
+from .smc_drift import (
+    DRIFT_FACTOR,
+    MIN_DRIFT_PARTICLES,
+    drift_message,
+    particle_drift,
+    pool_runs,
+)
 
 __all__ = ["MIN_ACCEPTANCE", "SMC_RUNS", "auto_ladder", "smc_reference"]
 
@@ -88,11 +97,8 @@ def smc_reference(problem, options, messages) -> LMLEstimate:
     run = sweep_in_chunks(pm, order, full, P, DEFAULT_MOVES, False, budget, options.progress)
     log_z = run.log_evidence  # (R, N)
     ess_runs = torch.exp(2 * torch.logsumexp(log_z, 0) - torch.logsumexp(2 * log_z, 0))
-    se = ((R / ess_runs - 1).clamp(min=0) / (R - 1)).sqrt()
     # the log of a mean is biased down by about se^2 / 2 (Jensen): added back per sequence
-    # (0 where no run has a finite evidence: the -inf stays -inf, flagged below)
-    bias = torch.where(torch.isfinite(se), se**2 / 2, torch.zeros_like(se))
-    per_seq = torch.logsumexp(log_z, 0) - math.log(R) + bias
+    per_seq, se = pool_runs(log_z)
     acceptance = run.acceptance.mean(0)
     messages.append(
         f"smc: {R} independent runs of {P} particles per sequence, tokens revealed in random "
@@ -107,10 +113,29 @@ def smc_reference(problem, options, messages) -> LMLEstimate:
     trustworthy = _check_runs(ess_runs, acceptance, R, per_seq, messages)
     trustworthy = flag_nonfinite(per_seq, messages) and trustworthy
     scale = layout.scale
+    total, stderr = (scale * per_seq).sum(), float(((scale * se) ** 2).sum().sqrt())
+    # after the runs above, so that the estimate itself is what it was without the check
+    drift = particle_drift(
+        pm, P, R, float(total), stderr, scale, budget, DEFAULT_MOVES, options.progress
+    )
+    if drift is not None:
+        text = drift_message(drift, P)
+        if drift.failed and trustworthy:
+            trustworthy = flag_unreliable(messages, f"SMC failed its diagnostics: {text}")
+        else:  # already flagged (one warning per estimate), or passed
+            messages.append(text)
+        if drift.failed:
+            stderr = math.sqrt(stderr**2 + drift.bias**2)
+    elif P // DRIFT_FACTOR < MIN_DRIFT_PARTICLES:
+        messages.append(
+            f"particle-count check skipped: {P} // {DRIFT_FACTOR} particles per run is "
+            f"below {MIN_DRIFT_PARTICLES} (num_samples >= {R * DRIFT_FACTOR * MIN_DRIFT_PARTICLES}"
+            " runs it)"
+        )
     return LMLEstimate(
-        total=(scale * per_seq).sum(),
+        total=total,
         per_sequence=per_seq,
-        stderr=float(((scale * se) ** 2).sum().sqrt()),
+        stderr=stderr,
         per_sequence_stderr=se,
         method="smc",
         num_samples=P,
@@ -121,6 +146,7 @@ def smc_reference(problem, options, messages) -> LMLEstimate:
         resamples=run.resamples.mean(0),
         # each sequence's error rests on its R runs (R - 1 dof), combined over sequences
         dof=satterthwaite_dof((scale * se) ** 2, R - 1.0),
+        drift=drift,
     )
 
 
