@@ -47,12 +47,15 @@ def test_auto_chooses_importance_for_continuous_latents():
     # k-hat (fitted on the device from the largest weights) is ArviZ's psislw k-hat
     assert_close(est.khat, pareto_khat(est.log_weights), atol=1e-10)
     assert_close(est.ess, effective_sample_size(est.log_weights), atol=1e-8)
-    # the estimate and its delta-method SE from the kept weights
+    # the estimate and its delta-method SE from the kept weights, Jensen's bias se^2/2
+    # added back to each sequence and, summed, to the total's SE in quadrature
     S = 4000
-    expected = torch.logsumexp(est.log_weights, 0) - math.log(S)
+    se = ((S / est.ess - 1) / (S - 1)).sqrt()
+    expected = torch.logsumexp(est.log_weights, 0) - math.log(S) + se**2 / 2
     assert_close(est.per_sequence, expected, atol=1e-10)
-    assert_close(est.per_sequence_stderr, ((S / est.ess - 1) / (S - 1)).sqrt(), atol=1e-12)
-    assert_close(est.stderr, est.per_sequence_stderr.pow(2).sum().sqrt(), atol=1e-12)
+    assert_close(est.per_sequence_stderr, (se**2 + se**4 / 4).sqrt(), atol=1e-12)
+    total_se = (se.pow(2).sum() + (se**2 / 2).sum() ** 2).sqrt()
+    assert_close(est.stderr, total_se, atol=1e-12)
 
 
 def test_importance_converges_to_exact_within_its_standard_error():
