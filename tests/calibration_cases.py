@@ -89,21 +89,23 @@ def _reference(seed_data=0):
     return run
 
 
-def settings():
-    """name -> ``seed -> (estimate, exact)``, the rows of the issue's table."""
+def settings(masks=None):
+    """name -> ``seed -> (estimate, exact)``, the rows of the issue's table; ``masks``: the
+    stratified rows' masks (``None``: the default, ``"auto"``)."""
     X, params, exact = _ppca_data()
     # importance conditionals: a posterior close enough to the prior for S = 512 draws
     Xi, params_i, exact_i = _ppca_data(N=10, T=4, K=1, noise=1.0)
     y, features, exact_r = _regression_data()
     out = {
         "per-sequence masks, K=4": _masked(
-            ppca_collapsed, (X, *params.values()), exact, num_masks=4
+            ppca_collapsed, (X, *params.values()), exact, num_masks=4, masks=masks
         ),
         "one sequence, K=2": _masked(
             regression,
             (y, features),
             exact_r,
             num_masks=2,
+            masks=masks,
             token_plate="data",
             conditionals="quadrature",  # 80^2 points: 1e-6 from exact, no particle error
             quadrature_points=80,
@@ -122,6 +124,7 @@ def settings():
             (Xi, *params_i.values()),
             exact_i,
             num_masks=8,
+            masks=masks,
             conditionals="importance",
             num_samples=512,
         ),
@@ -129,7 +132,12 @@ def settings():
     }
     for K in (2, 4, 8):
         out[f"shared masks, K={K}"] = _masked(
-            ppca_collapsed, (X, *params.values()), exact, num_masks=K, share_masks=True
+            ppca_collapsed,
+            (X, *params.values()),
+            exact,
+            num_masks=K,
+            share_masks=True,
+            masks=masks,
         )
     return out
 
@@ -175,15 +183,18 @@ def trust_rates(N_seq, noise, S, seeds):
     return accurate / n, flagged / n, flagged_any / n, false_alarms / max(accurate, 1)
 
 
-def hard_settings():
+def hard_settings(masks=None):
     """name -> ``seed -> (estimate, exact)``: importance conditionals where the posterior is
     far from the prior (PPCA N=20, T=6, two latents, noise 0.3, S=256; the ESS warning
-    fires), the regime of the particles' jackknife bias correction."""
+    fires), the regime of the particles' jackknife bias correction; ``masks``: the stratified
+    row's masks (``None``: the default)."""
     X, params, exact = _ppca_data(noise=0.3)
     args = (X, *params.values())
     common = dict(conditionals="importance", num_samples=256)
     return {
-        "hard, stratified, K=8": _masked(ppca_latent, args, exact, num_masks=8, **common),
+        "hard, stratified, K=8": _masked(
+            ppca_latent, args, exact, num_masks=8, masks=masks, **common
+        ),
         "hard, chain": _masked(ppca_latent, args, exact, estimator="chain", num_masks=2, **common),
     }
 
@@ -211,7 +222,7 @@ def smc_setting(num_samples):
     return run
 
 
-def hard_curve_setting(num_masks=8):
+def hard_curve_setting(num_masks=8, masks="auto"):
     """``seed -> (curve, exact)``: :func:`~pyro_mpt.mpt_curve` in the hard regime of
     :func:`hard_settings` (its area corrected for the particles' bias as a whole)."""
     X, params, exact = _ppca_data(noise=0.3)
@@ -223,6 +234,7 @@ def hard_curve_setting(num_masks=8):
             X,
             *params.values(),
             num_masks=num_masks,
+            masks=masks,
             conditionals="importance",
             num_samples=256,
         )
