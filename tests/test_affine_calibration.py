@@ -26,29 +26,11 @@ from pyro_mpt.estimators import StratifiedEstimator
 from tests import calibration_cases as cases
 
 
-def _subset_scores(X, loc, cov):
-    r"""``{M: (N,) s(M)}`` for every non-empty subset ``M`` of the ``T`` tokens:
-    :math:`\frac1m\sum_{j\in M}\log p(x_j \mid x_{-M})` from the dense Gaussian."""
-    T = X.shape[-1]
-    out = {}
-    for m in range(1, T + 1):
-        for M in itertools.combinations(range(T), m):
-            O = [t for t in range(T) if t not in M]
-            total = torch.zeros(X.shape[0], dtype=X.dtype)
-            for j in M:
-                k = cov[j, O] @ torch.linalg.inv(cov[O][:, O]) if O else cov.new_zeros(0)
-                mean = loc[j] + (X[:, O] - loc[O]) @ k
-                var = cov[j, j] - k @ cov[O, j]
-                total += torch.distributions.Normal(mean, var.sqrt()).log_prob(X[:, j])
-            out[M] = total / m
-    return out
-
-
 def _exact_draw_variance(X, loc, cov, masks):
     """``(N,)`` the exact variance of one stratified draw per sequence for ``masks`` in
     ``"affine"``, ``"nested"``, ``"independent"`` (the module docstring's decomposition)."""
     T = X.shape[-1]
-    s = _subset_scores(X, loc, cov)
+    s = cases.subset_scores(X, loc, cov)
     if masks == "independent":
         by_size = [torch.stack([v for M, v in s.items() if len(M) == m]) for m in range(1, T)]
         return sum(v.var(0, unbiased=False) for v in by_size)
@@ -125,3 +107,19 @@ def test_affine_masks_at_six_tokens_are_not_independent_masks():
     affine = _exact_draw_variance(X, p["loc"], cov, "affine")
     independent = _exact_draw_variance(X, p["loc"], cov, "independent")
     assert (((affine - independent) / independent).abs() > 0.01).any(), (affine, independent)
+
+
+def test_independent_draw_law_is_unbiased_and_matches_the_exact_variance():
+    """The enumerated law of one independent-mask draw (``calibration_cases``, used on the
+    Reliability page to simulate the interval's coverage) has mean :math:`\\log p(x_n)`
+    (the MPT identity; the dense Gaussian's log-density, to 1e-10) and the independent
+    masks' exact variance (to 1e-10)."""
+    X, p, cov = _data(3, 4)
+    values = cases.independent_draw_values(X, p["loc"], cov)
+    assert values.shape == (4 * 6 * 4 * 1, 3)
+    exact = torch.distributions.MultivariateNormal(p["loc"], cov).log_prob(X)
+    assert torch.allclose(values.mean(0), exact, rtol=0, atol=1e-10)
+    variance = _exact_draw_variance(X, p["loc"], cov, "independent")
+    assert torch.allclose(values.var(0, unbiased=False), variance, rtol=0, atol=1e-10)
+    cover, _, _ = cases.simulated_coverage(values, float(exact.sum()), K=8, reps=2000)
+    assert 0.85 <= cover <= 1.0  # 2000 reps: the t interval near its level
