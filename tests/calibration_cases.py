@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from itertools import combinations
 
 import pyro
 import pyro.distributions as dist
@@ -89,21 +90,23 @@ def _reference(seed_data=0):
     return run
 
 
-def settings():
-    """name -> ``seed -> (estimate, exact)``, the rows of the issue's table."""
+def settings(masks=None):
+    """name -> ``seed -> (estimate, exact)``, the rows of the issue's table; ``masks``: the
+    stratified rows' masks (``None``: the default, ``"auto"``)."""
     X, params, exact = _ppca_data()
     # importance conditionals: a posterior close enough to the prior for S = 512 draws
     Xi, params_i, exact_i = _ppca_data(N=10, T=4, K=1, noise=1.0)
     y, features, exact_r = _regression_data()
     out = {
         "per-sequence masks, K=4": _masked(
-            ppca_collapsed, (X, *params.values()), exact, num_masks=4
+            ppca_collapsed, (X, *params.values()), exact, num_masks=4, masks=masks
         ),
         "one sequence, K=2": _masked(
             regression,
             (y, features),
             exact_r,
             num_masks=2,
+            masks=masks,
             token_plate="data",
             conditionals="quadrature",  # 80^2 points: 1e-6 from exact, no particle error
             quadrature_points=80,
@@ -122,6 +125,7 @@ def settings():
             (Xi, *params_i.values()),
             exact_i,
             num_masks=8,
+            masks=masks,
             conditionals="importance",
             num_samples=512,
         ),
@@ -129,7 +133,12 @@ def settings():
     }
     for K in (2, 4, 8):
         out[f"shared masks, K={K}"] = _masked(
-            ppca_collapsed, (X, *params.values()), exact, num_masks=K, share_masks=True
+            ppca_collapsed,
+            (X, *params.values()),
+            exact,
+            num_masks=K,
+            share_masks=True,
+            masks=masks,
         )
     return out
 
@@ -175,15 +184,18 @@ def trust_rates(N_seq, noise, S, seeds):
     return accurate / n, flagged / n, flagged_any / n, false_alarms / max(accurate, 1)
 
 
-def hard_settings():
+def hard_settings(masks=None):
     """name -> ``seed -> (estimate, exact)``: importance conditionals where the posterior is
     far from the prior (PPCA N=20, T=6, two latents, noise 0.3, S=256; the ESS warning
-    fires), the regime of the particles' jackknife bias correction."""
+    fires), the regime of the particles' jackknife bias correction; ``masks``: the stratified
+    row's masks (``None``: the default)."""
     X, params, exact = _ppca_data(noise=0.3)
     args = (X, *params.values())
     common = dict(conditionals="importance", num_samples=256)
     return {
-        "hard, stratified, K=8": _masked(ppca_latent, args, exact, num_masks=8, **common),
+        "hard, stratified, K=8": _masked(
+            ppca_latent, args, exact, num_masks=8, masks=masks, **common
+        ),
         "hard, chain": _masked(ppca_latent, args, exact, estimator="chain", num_masks=2, **common),
     }
 
@@ -211,7 +223,7 @@ def smc_setting(num_samples):
     return run
 
 
-def hard_curve_setting(num_masks=8):
+def hard_curve_setting(num_masks=8, masks="auto"):
     """``seed -> (curve, exact)``: :func:`~pyro_mpt.mpt_curve` in the hard regime of
     :func:`hard_settings` (its area corrected for the particles' bias as a whole)."""
     X, params, exact = _ppca_data(noise=0.3)
@@ -223,6 +235,7 @@ def hard_curve_setting(num_masks=8):
             X,
             *params.values(),
             num_masks=num_masks,
+            masks=masks,
             conditionals="importance",
             num_samples=256,
         )
@@ -248,3 +261,62 @@ def mpt_trust_rates(run, seeds, level=0.95):
         false_alarms += ok and not est.reliable
     n = len(seeds)
     return accurate / n, flagged / n, false_alarms / max(accurate, 1)
+
+
+def subset_scores(X, loc, cov):
+    r"""``{M: (N,) s(M)}`` for every non-empty subset ``M`` of the ``T`` tokens of ``X``
+    ``(N, T)`` under :math:`\mathcal N(\mathrm{loc}, \mathrm{cov})`:
+    :math:`s(M) = \frac1m\sum_{j\in M}\log p(x_j \mid x_{-M})` from the dense Gaussian's
+    conditionals (no pyro_mpt)."""
+    T = X.shape[-1]
+    out = {}
+    for m in range(1, T + 1):
+        for M in combinations(range(T), m):
+            O = [t for t in range(T) if t not in M]
+            total = torch.zeros(X.shape[0], dtype=X.dtype)
+            for j in M:
+                k = cov[j, O] @ torch.linalg.inv(cov[O][:, O]) if O else cov.new_zeros(0)
+                mean = loc[j] + (X[:, O] - loc[O]) @ k
+                var = cov[j, j] - k @ cov[O, j]
+                total += torch.distributions.Normal(mean, var.sqrt()).log_prob(X[:, j])
+            out[M] = total / m
+    return out
+
+
+def independent_draw_values(X, loc, cov):
+    r"""``(D, N)``: the :math:`D = \prod_m \binom{T}{m}` equally likely values of one
+    stratified draw :math:`\sum_m s(M_m)` with independent uniform masks (small ``T``;
+    :func:`subset_scores`), every sequence's exact law."""
+    s = subset_scores(X, loc, cov)
+    values = torch.zeros(1, X.shape[0], dtype=X.dtype)
+    for m in range(1, X.shape[-1] + 1):
+        size = torch.stack([v for M, v in s.items() if len(M) == m])  # (C(T, m), N)
+        values = (values.unsqueeze(1) + size.unsqueeze(0)).reshape(-1, X.shape[0])
+    return values
+
+
+def simulated_coverage(values, exact, K, reps=100_000, seed=0, level=0.95):
+    r"""``(coverage, corr(|error|, se), mean z)`` of the package's interval for the total
+    of ``K`` draws per sequence (mean of the draws, variance
+    :math:`\sum_n \widehat{\mathrm{Var}}(d_n)/K`, Student-t on Welch-Satterthwaite's dof),
+    simulated ``reps`` times from the exact law ``values`` ``(D, N)``
+    (:func:`independent_draw_values`) around ``exact`` :math:`\log p(X)`."""
+    from scipy.stats import t
+
+    g = torch.Generator().manual_seed(seed)
+    errs, ses, hits = [], [], 0
+    for start in range(0, reps, 20_000):  # chunks bound the (reps, K, N) draws
+        R = min(20_000, reps - start)
+        idx = torch.randint(values.shape[0], (R, K, values.shape[1]), generator=g)
+        draws = values[idx, torch.arange(values.shape[1])]
+        v = draws.var(1) / K
+        se = v.sum(-1).sqrt()
+        dof = v.sum(-1) ** 2 / (v**2 / (K - 1)).sum(-1)
+        q = torch.as_tensor(t.ppf(0.5 * (1 + level), dof.numpy()), dtype=se.dtype)
+        err = draws.mean(1).sum(-1) - exact
+        hits += int((err.abs() <= q * se).sum())
+        errs.append(err)
+        ses.append(se)
+    err, se = torch.cat(errs), torch.cat(ses)
+    corr = float(torch.corrcoef(torch.stack([err.abs(), se]))[0, 1])
+    return hits / reps, corr, float((err / se).mean())

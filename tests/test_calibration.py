@@ -173,10 +173,17 @@ def test_coverage_fast(name):
     assert 0.85 <= cover <= 1.0, (name, cover)
 
 
+#: settings whose coverage lies near the band's edge get more seeds: the easy stratified
+#: one covers about 0.93 (K=8 draws of a skewed law, docs/reliability.rst "The default
+#: (affine) masks"), 2 binomial s.e. of a 200-seed coverage above 0.90; 1000 seeds: s.e. 0.008
+SLOW_SEEDS = {"importance conditionals, stratified, K=8": range(1000, 2000)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SETTINGS) + list(HARD))
 def test_coverage_slow(name):
-    cover, _, _ = cases.coverage({**SETTINGS, **HARD}[name], range(1000, 1200))
+    seeds = SLOW_SEEDS.get(name, range(1000, 1200))
+    cover, _, _ = cases.coverage({**SETTINGS, **HARD}[name], seeds)
     assert 0.90 <= cover <= 0.99, (name, cover)
 
 
