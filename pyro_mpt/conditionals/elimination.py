@@ -228,7 +228,7 @@ class EliminationScorer(Scorer):
         r"""``(B, N)``: :math:`\log p(x_{n, E_b})` for the evidence sets
         ``evidence`` (bool ``(B, N, T)``), by variable elimination, one traced run per
         chunk of items under ``max_elements`` (an item's factors, their contraction and
-        its temporaries: :data:`EVIDENCE_FACTOR` times ``item_cost``).
+        its temporaries: ``EVIDENCE_FACTOR`` times ``item_cost``).
 
         :raises ValueError: naming ``max_elements`` when not even one item fits."""
         B = evidence.shape[0]
