@@ -103,7 +103,7 @@ def test_eight_schools_grid_matches_fixed_tau_closed_form():
 def test_smc_reference_within_three_standard_errors(case):
     model, args, kwargs, plate, exact = CASES[case]()
     ref = log_marginal_likelihood(
-        model, *args, **kwargs, method="smc", num_samples=512, token_plate=plate
+        model, *args, **kwargs, method="smc", num_samples=1024, token_plate=plate
     )
     assert ref.method == "smc" and ref.trustworthy
     assert 0 < ref.stderr < 2.0
@@ -112,7 +112,7 @@ def test_smc_reference_within_three_standard_errors(case):
     if case == "ppca_hard":  # informative tokens: the particles are resampled along the way
         assert float(ref.resamples.mean()) >= 1
     assert ref.ess is not None and (ref.ess > 0).all()
-    assert "(smc, P=64 per run)" in str(ref)
+    assert "(smc, P=128 per run)" in str(ref)
 
 
 @pytest.mark.parametrize("case", ["ppca_hard", "regression", "schools_latent"])
@@ -204,12 +204,14 @@ def test_auto_escalates_to_smc_when_importance_fails(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # importance's warnings are not re-raised
         ref = log_marginal_likelihood(gamma_poisson, x, num_samples=512)
-    assert ref.method == "smc" and ref.trustworthy
+    assert ref.method == "smc" and ref.trustworthy and ref.num_samples == 128  # per run
     ladder = [m for m in ref.messages if m.startswith("auto ladder")]
     assert len(ladder) == 1 and "importance rung failed its diagnostics" in ladder[0]
+    assert "the SMC rung with num_samples=1024 answered" in ladder[0]
     assert "Pareto k-hat" in ladder[0]
-    # 4 SE, not 3: with 8 runs of 64 particles the runs' spread under-states the error
-    # (measured z over seeds 0-3: -3.9, -0.9, 0.6, 0.4; more particles cover, see the note)
+    # 4 SE, not 3: with 8 runs of 64 particles the runs' spread under-stated the error
+    # (measured z over seeds 0-3: -3.9, -0.9, 0.6, 0.4); the SMC rung now takes at least
+    # 1024 samples (128 per run), below which the reference is flagged
     assert abs(float(ref.total) - exact) < 4 * ref.stderr
 
 
@@ -264,6 +266,8 @@ def test_mpt_curve_with_smc_has_an_area_near_the_exact_value():
     assert abs(float(curve.area) - exact) < 1.0  # one stratified draw, ~0.3 nats spread
 
 
+# below 1024 samples the reference is flagged (no particle-count check); values only
+@pytest.mark.filterwarnings("ignore:UNRELIABLE. particle-count check skipped:UserWarning")
 def test_smc_sweeps_are_chunked_under_max_elements(caplog):
     model, args, kwargs, plate, exact = schools_fixed()
     caplog.set_level("DEBUG", logger="pyro_mpt")
@@ -321,6 +325,8 @@ def _coverage(seeds, num_samples):
     return torch.tensor(z)
 
 
+# below 1024 samples the reference is flagged (no particle-count check); values only
+@pytest.mark.filterwarnings("ignore:UNRELIABLE. particle-count check skipped:UserWarning")
 def test_smc_reference_coverage_quick():
     """20 seeds: at least 18 within 3 SE (a t7 variable is within 3 about 98% of the time)."""
     z = _coverage(range(20), 256)
@@ -369,6 +375,8 @@ def test_smc_reference_on_a_kalman_chain():
     assert abs(float(ref.total) - exact) < 3 * ref.stderr, (float(ref.total), exact, ref.stderr)
 
 
+# below 1024 samples the reference is flagged (no particle-count check); values only
+@pytest.mark.filterwarnings("ignore:UNRELIABLE. particle-count check skipped:UserWarning")
 def test_smc_scores_a_broadcast_event_shape():
     """An event of shape (1,) scored against 5 columns (Pyro broadcasts the data): the
     tokens are the data's 5 columns, x_ab ~ N(0, 0.25 I + 1 1^T) for each of the 12 pairs."""
@@ -387,6 +395,8 @@ def test_smc_scores_a_broadcast_event_shape():
     assert abs(float(ref.total) - exact) < 4 * ref.stderr + 0.05
 
 
+# below 1024 samples the reference is flagged (no particle-count check); values only
+@pytest.mark.filterwarnings("ignore:UNRELIABLE. particle-count check skipped:UserWarning")
 def test_smc_with_float32_priors_and_float64_data():
     """A prior built from float32 constants with float64 observations (mixed dtypes, as a
     model written under the float32 default and fed float64 data has): SMC proposes in the
