@@ -20,7 +20,8 @@ flagged (not trustworthy) when they disagree (:math:`\mathrm{ESS}_n < R/4`: a sp
 :math:`\log \hat Z_r` beyond about a nat), or when the Metropolis moves barely move
 (acceptance below :data:`MIN_ACCEPTANCE`), or when the estimate still drifts with the
 particle count (:mod:`pyro_mpt.reference.smc_drift`: ``R`` more runs of a quarter of the
-particles; a significant drift widens the standard error by the implied bias).
+particles; a significant drift widens the standard error by the implied bias), or when
+there are too few particles for that check to run (``num_samples`` below 1024).
 
 Also here: the ``"auto"`` ladder (:func:`auto_ladder`): importance first, SMC when
 importance fails its diagnostics, with a message saying which rung answered and why.
