@@ -62,7 +62,9 @@ def test_single_chunk_runs_eagerly():
     """With one chunk nothing is compiled (the compile cost would not pay off): no compile
     message, the eager estimate."""
     X, t = ppca_data()
-    est = log_marginal_likelihood(latent_model(t), X, num_samples=256, compile="graph")
+    est = log_marginal_likelihood(
+        latent_model(t), X, method="importance", num_samples=256, compile="graph"
+    )
     assert not any(m.startswith("compile=") for m in est.messages)
 
 
@@ -73,7 +75,7 @@ def test_compiled_chunks_agree_with_exact(mode):
     X, t = ppca_data()
     exact = ppca_log_marginal(X, t["W"], t["loc"], t["noise_scale"])
     est = log_marginal_likelihood(
-        latent_model(t), X, num_samples=40_000, chunk_size=8192, compile=mode
+        latent_model(t), X, method="importance", num_samples=40_000, chunk_size=8192, compile=mode
     )
     assert any(m.startswith(f"compile='{mode}':") for m in est.messages), est.messages
     assert abs(float(est.total - exact)) < 4 * est.stderr + est.stderr**2 / 2
@@ -93,7 +95,7 @@ def test_compiled_graph_is_reused_only_while_it_reproduces_the_model():
 
     def run(num_samples=4096):
         est = log_marginal_likelihood(
-            model, X, num_samples=num_samples, chunk_size=1024, compile="graph"
+            model, X, method="importance", num_samples=num_samples, chunk_size=1024, compile="graph"
         )
         exact = ppca_log_marginal(X, params["W"], t["loc"], t["noise_scale"])
         assert abs(float(est.total - exact)) < 4 * est.stderr + est.stderr**2 / 2
@@ -116,7 +118,9 @@ def test_importance_on_cuda():
     X = X.cuda()
     t = {k: v.cuda() for k, v in t.items()}
     exact = ppca_log_marginal(X, t["W"], t["loc"], t["noise_scale"])
-    est = log_marginal_likelihood(latent_model(t), X, num_samples=2**16, chunk_size=2**14)
+    est = log_marginal_likelihood(
+        latent_model(t), X, method="importance", num_samples=2**16, chunk_size=2**14
+    )
     assert est.device.type == "cuda"
     for value in (est.total, est.per_sequence, est.per_sequence_stderr, est.ess, est.khat):
         assert value.device.type == "cuda"
@@ -135,7 +139,12 @@ def test_compiled_graph_on_cuda():
     t = {k: v.cuda() for k, v in t.items()}
     exact = ppca_log_marginal(X, t["W"], t["loc"], t["noise_scale"])
     est = log_marginal_likelihood(
-        latent_model(t), X, num_samples=2**16, chunk_size=2**13, compile="graph"
+        latent_model(t),
+        X,
+        method="importance",
+        num_samples=2**16,
+        chunk_size=2**13,
+        compile="graph",
     )
     how = [m for m in est.messages if m.startswith("compile=")][-1]
     assert "captured by make_fx" in how and "unrolled" in how, how
