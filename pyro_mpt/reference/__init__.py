@@ -24,8 +24,9 @@ methods in :data:`METHODS`, one module each:
   tokens (Beta-Bernoulli/Binomial, Dirichlet-Categorical, Gamma-Poisson/Exponential),
   integrated in closed form;
 - ``"auto"``: ``"exact"`` when every latent is enumerated (or there is none),
-  ``"conjugate"`` for one conjugate latent, ``"gaussian"`` for a linear-Gaussian model, otherwise ``"importance"``, escalating to
-  ``"smc"`` when importance fails its diagnostics
+  ``"conjugate"`` for one conjugate latent, ``"gaussian"`` for a linear-Gaussian model,
+  otherwise ``"importance"``, escalating to ``"smc_importance"`` when importance fails its
+  diagnostics and to ``"smc"`` when that fails too
   (:func:`~pyro_mpt.reference.smc.auto_ladder`; the messages say which rung answered).
 
 A method is a function ``(problem, options, messages) -> LMLEstimate``
@@ -183,7 +184,8 @@ def log_marginal_likelihood(
     :param model: a Pyro model; ``*args`` and ``**kwargs`` are passed to it (so they must
         not use the keyword names below).
     :param str method: ``"auto"`` (default: exact where possible, else importance, else
-        SMC when importance fails its diagnostics), or a name in :data:`METHODS`:
+        ``"smc_importance"`` when importance fails its diagnostics, else SMC), or a name in
+        :data:`METHODS`:
         ``"conjugate"``, ``"exact"``, ``"gaussian"``, ``"importance"``, ``"quadrature"``,
         ``"smc"``, ``"smc_importance"``.
     :param int num_samples: :math:`S`, draws per sequence for importance sampling.
@@ -266,6 +268,6 @@ def log_marginal_likelihood(
         if guide is not None and method != "importance":
             messages.append(f"guide ignored: method={method!r} does not sample from a proposal")
         logger.info("log_marginal_likelihood: method %r", method)
-        if auto and method == "importance":  # escalates to SMC if importance fails
+        if auto and method == "importance":  # escalates if importance fails
             return auto_ladder(problem, options, messages)
         return METHODS[method](problem, options, messages)

@@ -51,6 +51,7 @@ from .smc_drift import (
     particle_drift,
     pool_runs,
 )
+from .smc_importance import smc_importance_reference
 
 __all__ = ["MIN_ACCEPTANCE", "SMC_RUNS", "auto_ladder", "smc_reference"]
 
@@ -160,10 +161,11 @@ def smc_reference(problem, options, messages) -> LMLEstimate:
 
 def auto_ladder(problem, options, messages) -> LMLEstimate:
     """The ``"auto"`` rungs for continuous latents: importance sampling; if it fails its
-    diagnostics (Pareto k-hat, ESS) and SMC can move the model's latents, SMC with the same
-    ``num_samples`` (at least the 1024 that its particle-count check needs,
-    :mod:`~pyro_mpt.reference.smc_drift`) answers instead, and ``messages`` say which rung
-    answered and why.
+    diagnostics (Pareto k-hat, ESS) and SMC can move the model's latents,
+    ``"smc_importance"`` with the same ``num_samples``
+    (:mod:`~pyro_mpt.reference.smc_importance`); if that fails its own diagnostics too,
+    SMC (at least the 1024 samples that its particle-count check needs,
+    :mod:`~pyro_mpt.reference.smc_drift`). ``messages`` say which rung answered and why.
     Importance's warnings are re-raised only when its answer is the one returned; below
     ``MIN_SAMPLES`` draws it never escalates (too small a budget for either rung)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -184,13 +186,25 @@ def auto_ladder(problem, options, messages) -> LMLEstimate:
         first.messages.append(f"auto ladder: the importance rung answered ({note})")
         return first
     failed = [m[len(UNRELIABLE) :] for m in first.messages if m.startswith(UNRELIABLE)]
+    said = f"importance said: {'; '.join(failed)}; importance estimate {float(first.total):.4f}"
+    # the second rung: importance from Student-t fits to short SMC sweeps, about ten times
+    # cheaper than the SMC reference at one budget (docs/benchmarks.rst) and as well covered
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second = smc_importance_reference(problem, options, list(messages))
+    if second.trustworthy:
+        second.messages.append(
+            "auto ladder: the importance rung failed its diagnostics, so the smc_importance "
+            f"rung answered (its diagnostics passed); {said}"
+        )
+        return second
     # the SMC rung takes at least the particles its own particle-count check needs
     checked = SMC_RUNS * DRIFT_FACTOR * MIN_DRIFT_PARTICLES
     more = f" with num_samples={checked}" if options.num_samples < checked else ""
     messages.append(
-        f"auto ladder: the importance rung failed its diagnostics, so the SMC rung{more} "
-        f"answered; importance said: {'; '.join(failed)}; importance estimate "
-        f"{float(first.total):.4f}"
+        "auto ladder: the importance and smc_importance rungs failed their diagnostics, so "
+        f"the SMC rung{more} answered; {said}; smc_importance estimate "
+        f"{float(second.total):.4f}"
     )
     if more:
         options = dataclasses.replace(options, num_samples=checked)
