@@ -320,3 +320,48 @@ def simulated_coverage(values, exact, K, reps=100_000, seed=0, level=0.95):
     err, se = torch.cat(errs), torch.cat(ses)
     corr = float(torch.corrcoef(torch.stack([err.abs(), se]))[0, 1])
     return hits / reps, corr, float((err / se).mean())
+
+
+def ladder_settings(method, num_samples=2048):
+    """``{name: seed -> (reference, exact)}``: the reference ``method`` (the upper rungs of
+    the "auto" ladder, ``"smc_importance"`` and ``"smc"``) on eight schools with a latent
+    tau (exact by a grid) and on latent PPCA far from its prior (N=50, T=8, two latents,
+    noise 0.5, ``benchmarks/bench_smc.py``'s regime; exact by the dense Gaussian)."""
+    from pyro_mpt.models import ppca_latent as ppca_z
+    from pyro_mpt.models import sample_ppca
+    from tests.test_smc import SIGMA, Y, eight_schools, eight_schools_latent_exact
+
+    schools_exact = eight_schools_latent_exact()
+    g = torch.Generator().manual_seed(0)
+    X, truth = sample_ppca(50, 8, 2, 0.5, generator=g)
+    X, truth = X.double(), {k: v.double() for k, v in truth.items()}
+    noise_var = truth["noise_scale"] ** 2 * torch.ones(8, dtype=torch.float64)
+    ppca_exact = float(
+        dist.LowRankMultivariateNormal(truth["loc"], truth["W"], noise_var).log_prob(X).sum()
+    )
+
+    def schools(seed):
+        pyro.set_rng_seed(seed)
+        ref = log_marginal_likelihood(
+            eight_schools,
+            Y,
+            SIGMA,
+            method=method,
+            num_samples=num_samples,
+            token_plate="schools",
+            progress=False,
+        )
+        return ref, schools_exact
+
+    def ppca(seed):
+        pyro.set_rng_seed(seed)
+        ref = log_marginal_likelihood(
+            lambda X: ppca_z(X, 2, **truth),
+            X,
+            method=method,
+            num_samples=num_samples,
+            progress=False,
+        )
+        return ref, ppca_exact
+
+    return {"eight schools, latent tau": schools, "latent PPCA, noise 0.5": ppca}
