@@ -67,3 +67,23 @@ def test_smc_importance_refuses_models_without_continuous_latents():
         log_marginal_likelihood(
             multivariate_normal, X, torch.zeros(3), torch.eye(3), method="smc_importance"
         )
+
+
+def test_data_outside_the_support_is_flagged_not_a_crash():
+    """A sequence that no latent value can explain (x = 10 beyond a Uniform(m - 1, m + 1)
+    with m in (-1, 1)) loses every particle: its estimate is -inf and flagged, the other
+    sequence within 3 s.e. of log(1/2) (its weights vary: the proposal is a fitted
+    Student-t, not the prior)."""
+
+    def model(X):
+        with pyro.plate("data", X.shape[0]):
+            m = pyro.sample("m", dist.Uniform(-1.0, 1.0))
+            pyro.sample("x", dist.Uniform(m - 1.0, m + 1.0), obs=X)
+
+    X = torch.tensor([0.0, 10.0])
+    pyro.set_rng_seed(0)
+    with pytest.warns(UserWarning, match=r"1 of 2 sequences have a non-finite estimate"):
+        ref = log_marginal_likelihood(model, X, method="smc_importance", num_samples=2048)
+    assert not ref.trustworthy and ref.per_sequence[1] == -math.inf
+    se = float(ref.per_sequence_stderr[0])
+    assert 0 < se < 0.05 and abs(float(ref.per_sequence[0]) - math.log(0.5)) < 3 * se

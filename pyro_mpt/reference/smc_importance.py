@@ -77,6 +77,13 @@ def _proposal(pm, P: int, budget: int, progress: bool) -> dist.MixtureSameFamily
     run = sweep_in_chunks(pm, order, full, P, DEFAULT_MOVES, False, budget, progress, fit=True)
     loc = run.fit_mean[:, 0].transpose(0, 1)  # (N, R, d)
     scale_tril = INFLATE**0.5 * run.fit_chol.transpose(0, 1)  # (N, R, d, d)
+    # a sequence whose every particle lost its weight (the data outside the model's
+    # support) has no cloud to fit: a standard Student-t there, so that its estimate comes
+    # out -inf and is flagged (flag_nonfinite) instead of failing the distribution's checks
+    lost = ~(torch.isfinite(loc).all(-1) & torch.isfinite(scale_tril).flatten(-2).all(-1))
+    eye = torch.eye(loc.shape[-1], dtype=loc.dtype, device=device)
+    loc = torch.where(lost.unsqueeze(-1), 0.0, loc)
+    scale_tril = torch.where(lost[..., None, None], eye, scale_tril)
     df = torch.tensor(DF, dtype=loc.dtype, device=device)
     weights = dist.Categorical(logits=loc.new_zeros(N, R))
     return dist.MixtureSameFamily(weights, dist.MultivariateStudentT(df, loc, scale_tril))
