@@ -148,6 +148,7 @@ def _one_draw_per_weights(scorer, estimator, layout, weights, *, share_masks, ma
                 max_elements=max_elements,
                 share_masks=share_masks,
                 generator=generator,
+                present=layout.present,  # Pyro's masks: the estimate's own ragged masks
             )
             rows.append(draws[0])
     return torch.stack(rows).to(torch.float64)

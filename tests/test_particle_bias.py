@@ -9,6 +9,7 @@ particle groups can be computed by hand from the prior draws' likelihood table.
 import math
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 
@@ -165,3 +166,45 @@ def test_curve_area_is_corrected_as_a_whole():
     deterministic = mpt_curve(cases.ppca_collapsed, Xc, *pc.values(), num_masks=2)
     assert deterministic.particle_bias == 0.0
     assert_close(deterministic.area, deterministic.scores.sum(), atol=0, rtol=0)
+
+
+def test_particle_groups_score_the_ragged_masks_of_the_estimate():
+    """With Pyro's masks (``obs_mask``) the estimate draws its masks over each sequence's
+    present tokens (pyro_mpt.ragged); the particle groups must score those same masks, or
+    their variance and bias belong to another estimator. The full weighting's draw equals
+    the engine's draw on the same generator, sequence by sequence."""
+    from pyro_mpt.engine import MPTOptions, prepare, score_masks
+    from pyro_mpt.estimators import StratifiedEstimator
+    from pyro_mpt.particle_error import _one_draw_per_weights
+    from tests.test_pyro_semantics import _data
+
+    def model(x, present):
+        with pyro.plate("seq", x.shape[0], dim=-2):
+            m = pyro.sample("m", dist.Normal(torch.zeros((), dtype=x.dtype), 2.0))
+            with pyro.plate("tokens", x.shape[1], dim=-1):
+                pyro.sample("x", dist.Normal(m, 1.0), obs=x, obs_mask=present)
+
+    x, present = _data()
+    pyro.set_rng_seed(0)
+    options = MPTOptions(conditionals="importance", num_samples=64, token_plate="tokens")
+    layout, scorer, backend = prepare(model, (x.double(), present), {}, options)
+    assert backend.name == "importance" and layout.present is not None
+    estimator = StratifiedEstimator()
+    torch.manual_seed(3)
+    rows = _one_draw_per_weights(
+        scorer, estimator, layout, [scorer.log_w0], share_masks=False, max_elements=None
+    )
+    torch.manual_seed(3)  # the seed the groups draw their masks from
+    seed = int(torch.randint(0, 2**62, ()))
+    expected, _ = score_masks(
+        scorer,
+        estimator,
+        1,
+        num_sequences=layout.num_sequences,
+        num_tokens=layout.num_tokens,
+        dtype=layout.dtype,
+        device=layout.device,
+        generator=torch.Generator().manual_seed(seed),
+        present=layout.present,
+    )
+    assert_close(rows[0], expected[0].double(), atol=1e-12)
