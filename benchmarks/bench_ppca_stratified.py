@@ -63,7 +63,12 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-baseline", action="store_true")
-    parser.add_argument("--skip-independent", action="store_true")
+    parser.add_argument(
+        "--skip-per-sequence",
+        "--skip-independent",
+        action="store_true",
+        help="skip the default (masks per sequence), the slowest",
+    )
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     T, N, K = args.num_tokens, args.num_data, args.latent_dim
@@ -88,20 +93,20 @@ def main(argv=None):
             f"exact LML, dense MVN (Cholesky of T x T): {t_exact * 1e3:9.1f} ms  "
             f"LML = {exact.item():.2f}"
         )
-        shared = MaskedELBO(estimator="stratified", share_masks=True)
+        t_default = None
+        if not args.skip_per_sequence:  # the default options first: masks per sequence
+            default = MaskedELBO()
+            t_default, est = timed(lambda: default.estimate(model, None, X).total, 1)
+            print(
+                f"MPT stratified, default (per sequence):  {t_default * 1e3:9.1f} ms  "
+                f"estimate = {est.item():.2f}"
+            )
+        shared = MaskedELBO(share_masks=True)
         t_shared, est = timed(lambda: shared.estimate(model, None, X).total, args.repeats)
         print(
             f"MPT stratified, masks shared per step:   {t_shared * 1e3:9.1f} ms  "
             f"estimate = {est.item():.2f}"
         )
-        t_indep = None
-        if not args.skip_independent:
-            indep = MaskedELBO(estimator="stratified")
-            t_indep, est = timed(lambda: indep.estimate(model, None, X).total, 1)
-            print(
-                f"MPT stratified, masks per sequence:      {t_indep * 1e3:9.1f} ms  "
-                f"estimate = {est.item():.2f}"
-            )
         t_base = None
         if not args.skip_baseline:
             t_base, est = timed(lambda: paper_per_mask_dense(X, loc, cov, None), 1)
@@ -110,15 +115,18 @@ def main(argv=None):
                 f"estimate = {est.item():.2f}"
             )
     print("ratios (same process):")
-    print(f"  shared-mask MPT / exact dense LML     = {t_shared / t_exact:8.1f}x  (target <= 15x)")
-    if t_indep is not None:
-        print(f"  per-sequence MPT / exact dense LML    = {t_indep / t_exact:8.1f}x")
-    if t_base is not None:
+    if t_default is not None:
         print(
-            f"  paper baseline / shared-mask MPT      = {t_base / t_shared:8.1f}x  (target >= 100x)"
+            f"  default MPT / exact dense LML         = {t_default / t_exact:8.1f}x  (target <= 15x)"
         )
-        if t_indep is not None:
-            print(f"  paper baseline / per-sequence MPT     = {t_base / t_indep:8.1f}x")
+        if t_base is not None:
+            print(
+                f"  paper baseline / default MPT          = {t_base / t_default:8.1f}x"
+                "  (target >= 150x)"
+            )
+    print(f"  shared-mask MPT / exact dense LML     = {t_shared / t_exact:8.1f}x")
+    if t_base is not None:
+        print(f"  paper baseline / shared-mask MPT      = {t_base / t_shared:8.1f}x")
 
 
 if __name__ == "__main__":
