@@ -38,6 +38,10 @@ CASES = {
         "ppca_latent1",
         {"conditionals": "quadrature", "quadrature_points": 20, "estimator": "uniform"},
     ),
+    "mixed (GMM per token)": (
+        "gmm",
+        {"conditionals": "mixed", "num_samples": 64, "estimator": "uniform", "token_plate": "t"},
+    ),
     "reference exact": ("ppca_collapsed", {"method": "exact"}),
     "reference gaussian": ("ppca_latent", {"method": "gaussian"}),
     "reference importance": ("ppca_latent", {"method": "importance", "num_samples": 64}),
@@ -45,7 +49,7 @@ CASES = {
 }
 
 _CHILD = r"""
-import json, resource, sys, warnings, torch
+import json, resource, sys, warnings, torch, pyro, pyro.distributions as dist
 warnings.simplefilter("ignore")  # diagnostics of a tiny importance run are not the point
 torch.set_num_threads(1)
 torch.set_default_dtype(torch.float64)
@@ -53,8 +57,17 @@ from pyro_mpt import MaskedELBO
 from pyro_mpt.models import hmm, ppca_collapsed, ppca_latent, sample_hmm, sample_ppca
 from pyro_mpt.reference import log_marginal_likelihood
 family, opts, N, T, budget = json.loads(sys.argv[1])
+def gmm(X):  # a per-sequence shift (drawn) and a per-token component (summed out)
+    with pyro.plate("n", X.shape[0], dim=-2):
+        shift = pyro.sample("shift", dist.Normal(0.0, 2.0))
+        with pyro.plate("t", X.shape[1], dim=-1):
+            c = pyro.sample("c", dist.Categorical(torch.tensor([0.4, 0.6])),
+                            infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(shift + 2.0 * c - 1.0, 0.5), obs=X)
 def data(N, T):
     g = torch.Generator().manual_seed(0)
+    if family == "gmm":
+        return gmm, torch.randn(N, T, generator=g), ()
     if family == "hmm":  # 4 states, 6 symbols
         init, trans = torch.full((4,), 0.25), torch.full((4, 4), 0.1) + 0.6 * torch.eye(4)
         emit = torch.softmax(torch.randn(4, 6, generator=g), -1)

@@ -144,7 +144,7 @@ class ImportanceConditionals(Conditionals):
 
         def draw(start: int, size: int):
             tr = particle_trace(model, args, kwargs, layout, num_particles=size)
-            drawn = _drawn_values(tr, layout)  # replayed: every call sees the same draws
+            drawn = drawn_values(tr, layout)  # replayed: every call sees the same draws
 
             def kernels() -> list:
                 again = particle_trace(
@@ -157,7 +157,7 @@ class ImportanceConditionals(Conditionals):
         return chunked_particle_scorer(layout, S, chunk, draw)
 
 
-def _drawn_values(trace, layout: TokenLayout) -> poutine.Trace:
+def drawn_values(trace, layout: TokenLayout) -> poutine.Trace:
     """A trace holding only the drawn values of the continuous latents of ``trace`` (the
     enumerated ones are enumerated again), for :func:`pyro.poutine.replay`."""
     drawn = poutine.Trace()

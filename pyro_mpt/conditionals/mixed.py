@@ -37,9 +37,15 @@ from pyro.poutine.messenger import Messenger
 
 from ..options import check_positive_int, resolve_max_elements
 from .base import Conditionals, Scorer
+from .chunked import chunked_particle_scorer, particle_chunk_size, particle_elements
 from .elimination import EliminationScorer
 from .evidence import MASK_PLATE, EvidenceMessenger, contract_evidence
-from .importance import JointEnumerationError, check_discrete_latents, particle_scorer
+from .importance import (
+    JointEnumerationError,
+    check_discrete_latents,
+    drawn_values,
+    particle_scorer,
+)
 from .kernels import FactorizedKernel
 from .particles import ParticleScorer, enumerated_dims, flatten_particles, particle_trace
 
@@ -159,6 +165,38 @@ class MixedEliminationScorer(EliminationScorer):
         return torch.where(observed, out.new_zeros(()), out)
 
 
+def _particle_route(trace, layout: TokenLayout):
+    """The particle scorer builder that applies to a one-particle ``trace``: ``"importance"``'s
+    (the enumerated sites enumerated jointly with the draws), :func:`per_token_scorer`, or
+    ``None`` (variable elimination for each draw is needed)."""
+    try:
+        particle_scorer(trace, layout, 1)
+        return particle_scorer
+    except JointEnumerationError:
+        pass  # a Markov chain or a per-token site: eliminate it for each draw
+    return per_token_scorer if per_token_scorer(trace, layout, 1) is not None else None
+
+
+def _chunk_drawer(model, args, kwargs, layout: TokenLayout, num_samples: int, build):
+    """``draw(start, size)`` for :func:`~pyro_mpt.conditionals.chunked.chunked_particle_scorer`:
+    ``size`` prior draws, scored by ``build``, and a function that replays the same draws
+    (only one chunk's ``(size, N, T)`` tables are alive at a time)."""
+
+    def draw(start: int, size: int):
+        tr = particle_trace(model, args, kwargs, layout, num_particles=size)
+        drawn = drawn_values(tr, layout)
+
+        def kernels() -> list:
+            again = particle_trace(
+                poutine.replay(model, trace=drawn), args, kwargs, layout, num_particles=size
+            )
+            return build(again, layout, num_samples).kernels
+
+        return build(tr, layout, num_samples), kernels
+
+    return draw
+
+
 def _check_independent_of_enumerated(trace, values: dict, layout: TokenLayout) -> None:
     """A continuous latent drawn with enumeration dims left of the particle plate depends on
     an enumerated site: its draws would differ per enumerated value, which prior draws
@@ -244,18 +282,22 @@ class MixedConditionals(Conditionals):
             (when elimination is needed), naming it."""
         self.check(layout, trace)
         S = self.num_samples
+        budget = resolve_max_elements(self.max_elements, layout.device)
+        # which route applies is a matter of the model's structure: ask one particle
+        device = layout.device
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # the probe leaves the draws' stream alone
+            one = particle_trace(model, args, kwargs, layout, num_particles=1)
+        build = _particle_route(one, layout)
+        if build is not None:
+            chunk = particle_chunk_size(S, particle_elements(trace, layout), budget, self.name)
+            return chunked_particle_scorer(
+                layout, S, chunk, _chunk_drawer(model, args, kwargs, layout, S, build)
+            )
         tr = particle_trace(model, args, kwargs, layout, num_particles=S)
-        try:
-            return particle_scorer(tr, layout, S)
-        except JointEnumerationError:
-            pass  # a Markov chain or a per-token site: eliminate it for each draw
-        fast = per_token_scorer(tr, layout, S)
-        if fast is not None:
-            return fast
         enumerated = set(layout.enumerated)
         values = {n: tr.nodes[n]["value"] for n in layout.latents if n not in enumerated}
         _check_independent_of_enumerated(tr, values, layout)
-        budget = resolve_max_elements(self.max_elements, layout.device)
         return MixedEliminationScorer(model, args, kwargs, layout, values, S, tr, budget)
 
     def __repr__(self) -> str:
