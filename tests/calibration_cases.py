@@ -365,3 +365,38 @@ def ladder_settings(method, num_samples=2048):
         return ref, ppca_exact
 
     return {"eight schools, latent tau": schools, "latent PPCA, noise 0.5": ppca}
+
+
+def ladder_settings_linear(method, num_samples=2048):
+    """``{name: seed -> (reference, exact)}``: the reference ``method`` on two linear-Gaussian
+    models of issue 13 treated as if they were not Gaussian: the Kalman chain of
+    ``tests/test_smc.py`` (10 sequences of 6 steps, one latent site per step under
+    ``pyro.markov``) and its Bayesian linear regression with a global latent (30 data
+    points, 3 weights); exact values by the dense Gaussian."""
+    from tests.test_smc import kalman, kalman_exact, regression
+
+    x = torch.randn(10, 6, generator=torch.Generator().manual_seed(0))
+    kalman_value = kalman_exact(x)
+    model, args, kwargs, plate, regression_value = regression()
+
+    def kalman_run(seed):
+        pyro.set_rng_seed(seed)
+        ref = log_marginal_likelihood(
+            kalman, x, method=method, num_samples=num_samples, progress=False
+        )
+        return ref, kalman_value
+
+    def regression_run(seed):
+        pyro.set_rng_seed(seed)
+        ref = log_marginal_likelihood(
+            model,
+            *args,
+            method=method,
+            num_samples=num_samples,
+            token_plate=plate,
+            progress=False,
+            **kwargs,
+        )
+        return ref, regression_value
+
+    return {"Kalman chain": kalman_run, "Bayesian linear regression": regression_run}
