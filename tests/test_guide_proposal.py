@@ -313,3 +313,39 @@ def test_enumerated_model_refuses_a_proposal():
 
     with pytest.raises(ValueError, match=r"site\(s\) \['c'\] are enumerated"):
         _score(model, torch.randn(4, 3), ImportanceConditionals(16, proposal=guide))
+
+
+def test_gradient_with_a_guide_matches_the_exact_gradient():
+    # MaskedELBO's chain loss telescopes to -[LSE_s a_T - LSE_s log w0]; at fixed guide draws
+    # its gradient in the model's loc is the self-normalised posterior mean of
+    # d/dloc log p(x | z), here against autograd of the collapsed Gaussian (not pyro_mpt).
+    # Measured over seeds 0-2 (256 draws): relative error 0.03-0.11 with the guide, 1.0-1.1
+    # with the prior.
+    X, truth, _ = _data()
+    W, s = truth["W"], truth["noise_scale"]
+    guide = _exact_guide(truth)
+    loc0 = truth["loc"].clone()
+
+    exact_loc = loc0.clone().requires_grad_()
+    dist.LowRankMultivariateNormal(exact_loc, W, (s**2).expand(T)).log_prob(X).sum().backward()
+
+    def grad_error(proposal):
+        loc = loc0.clone().requires_grad_()
+
+        def model(X):
+            ppca_latent(X, K, W=W, loc=loc, noise_scale=s)
+
+        elbo = MaskedELBO(
+            conditionals=ImportanceConditionals(256, proposal=proposal),
+            estimator="chain",
+            num_masks=1,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            elbo.loss_and_grads(model, None, X)
+        # the loss is -log p(X): its gradient is minus the log-likelihood's
+        return float((-loc.grad - exact_loc.grad).norm() / exact_loc.grad.norm())
+
+    guided, prior = grad_error(guide), grad_error(None)
+    assert guided < 0.15, guided
+    assert prior > 4 * guided, (prior, guided)
