@@ -349,3 +349,15 @@ def test_gradient_with_a_guide_matches_the_exact_gradient():
     guided, prior = grad_error(guide), grad_error(None)
     assert guided < 0.15, guided
     assert prior > 4 * guided, (prior, guided)
+
+
+def test_chunked_draws_from_a_guide():
+    # max_elements forces 4 chunks of 64 draws (8 x 80 elements per particle): each chunk
+    # is its own defensive mixture, and the estimate stays within its error
+    X, truth, exact = _data()
+    model, guide = _model(truth), _exact_guide(truth)
+    conditionals = ImportanceConditionals(256, proposal=guide, max_elements=8 * 80 * 64)
+    assert "proposal=Proposal(guide, prior_fraction=0.25)" in repr(conditionals)
+    (total, se), *_ = _masked(model, X, lambda: conditionals, "chain", [0])
+    assert abs(total - exact) < 3 * se + 1e-3, (total, exact, se)
+    assert se < 1.0

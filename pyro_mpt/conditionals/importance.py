@@ -145,6 +145,10 @@ class ImportanceConditionals(Conditionals):
         self.max_elements = check_positive_int("max_elements", max_elements, allow_none=True)
         self.proposal = as_proposal(proposal, prior_fraction)
 
+    def __repr__(self) -> str:
+        proposal = "" if self.proposal is None else f", proposal={self.proposal!r}"
+        return f"ImportanceConditionals(num_samples={self.num_samples}{proposal})"
+
     @property
     def num_particles(self) -> int:
         """The old name of ``num_samples``."""

@@ -386,4 +386,7 @@ class SMCConditionals(Conditionals):
         return SMCScorer(pm, layout, self.num_samples, self.num_moves, budget)
 
     def __repr__(self) -> str:
-        return f"SMCConditionals(num_samples={self.num_samples}, num_moves={self.num_moves})"
+        proposal = "" if self.proposal is None else f", proposal={self.proposal!r}"
+        return (
+            f"SMCConditionals(num_samples={self.num_samples}, num_moves={self.num_moves}{proposal})"
+        )
