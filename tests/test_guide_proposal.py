@@ -472,3 +472,33 @@ def test_guide_over_globals_and_locals_is_refused():
         ValueError, match=r"samples site\(s\) \['mu'\] that are not latent in the model"
     ):
         _score(model, X, ImportanceConditionals(16, proposal=guide))
+
+
+def test_subsampled_guide_takes_the_model_indices():
+    # a minibatched model and guide (pyro.plate subsample_size): the proposal's draws are
+    # replayed on the model's indices; exact x_n ~ N(0, I + 1 1^T), scaled FULL / B
+    D, FULL, B = 3, 40, 8
+    x = torch.randn(FULL, D, generator=torch.Generator().manual_seed(4)) + 1.0
+
+    def model(x, seen):
+        with pyro.plate("data", FULL, subsample_size=B) as idx:
+            seen.append(("model", idx))
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z.unsqueeze(-1), 1.0).to_event(1), obs=x[idx])
+
+    def guide(x, seen):
+        with pyro.plate("data", FULL, subsample_size=B) as idx:
+            seen.append(("guide", idx))
+            pyro.sample("z", dist.Normal(x[idx].mean(-1) * D / (D + 1), 0.6))
+
+    seen = []
+    conditionals = ImportanceConditionals(512, proposal=guide)
+    e = MaskedELBO(conditionals=conditionals, estimator="chain", num_masks=4).estimate(
+        model, None, x, seen
+    )
+    indices = [i for _, i in seen]
+    assert {w for w, _ in seen} == {"model", "guide"}
+    assert all(torch.equal(i, indices[0]) for i in indices)
+    cov = torch.eye(D) + torch.ones(D, D)
+    exact = FULL / B * dist.MultivariateNormal(torch.zeros(D), cov).log_prob(x[indices[0]]).sum()
+    assert abs(float(e.total) - float(exact)) < 3 * e.stderr + 1e-3, (e.total, exact, e.stderr)

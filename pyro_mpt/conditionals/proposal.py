@@ -49,6 +49,7 @@ from torch.distributions import biject_to
 
 from ..options import check_probability
 from ..tokens import PARTICLE_PLATE
+from ..tokens.subsample import replay_subsample
 from .particles import flatten_particles, latent_log_prob
 from .smc_moves import ParticleModel
 
@@ -194,6 +195,7 @@ class Proposal:
             )
         self.guide, self.prior_fraction = guide, alpha
         self._auxiliary: dict = {}
+        self._run = guide  # the guide as run: with the model's subsample (check)
 
     def check(self, args: tuple, kwargs: dict, layout: TokenLayout, trace) -> None:
         """Checks the guide against the model (:func:`check_guide`, value shapes, no
@@ -207,8 +209,10 @@ class Proposal:
                 "sites are summed out for each prior draw)"
             )
         names = list(layout.latents)
+        # the guide's subsampled plates take the model's indices, as the model's own traces do
+        self._run = replay_subsample(self.guide, trace)
         with torch.no_grad():
-            gtr = check_guide(self.guide, args, kwargs, layout, names)
+            gtr = check_guide(self._run, args, kwargs, layout, names)
         _check_shapes(gtr, trace, names)
         aux = {n for n, s in guide_sites(gtr).items() if s["infer"].get("is_auxiliary")}
         self._auxiliary = {n: n + UNCONSTRAINED for n in names if n + UNCONSTRAINED in aux}
@@ -222,7 +226,7 @@ class Proposal:
 
     def _guide_trace(self, args, kwargs, layout, size, values=None):
         dim = -layout.max_plate_nesting - 1
-        guide = self.guide if values is None else poutine.replay(self.guide, trace=values)
+        guide = self._run if values is None else poutine.replay(self._run, trace=values)
 
         def particle_guide(*a, **k):
             with pyro.plate(PARTICLE_PLATE, size, dim=dim):
