@@ -388,3 +388,27 @@ def test_subsampled_guide_takes_the_model_indices():
     cov = torch.eye(D) + torch.ones(D, D)
     exact = FULL / B * dist.MultivariateNormal(torch.zeros(D), cov).log_prob(x[indices[0]]).sum()
     assert abs(float(e.total) - float(exact)) < 3 * e.stderr + 1e-3, (e.total, exact, e.stderr)
+
+
+def test_svi_training_with_a_guide_proposal_leaves_the_guide_alone():
+    # SVI(model, None, ..., MaskedELBO(...proposal=guide)): the optimiser sees the guide's
+    # parameters (the guide runs inside the loss) but they get no gradient, so they stay;
+    # the model's W moves
+    X, truth, _ = _data()
+
+    def model(X):
+        ppca_latent(X, K, loc=truth["loc"], noise_scale=truth["noise_scale"])
+
+    guide = AutoNormal(_model(truth))
+    guide(X)
+    guide_params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    elbo = MaskedELBO(conditionals=ImportanceConditionals(64, proposal=guide), num_masks=2)
+    svi = SVI(model, None, Adam({"lr": 0.05}), elbo)
+    assert math.isfinite(svi.step(X))
+    store = pyro.get_param_store()
+    W_first = store["W"].detach().clone()
+    for _ in range(2):
+        assert math.isfinite(svi.step(X))
+    for k, v in guide_params.items():
+        assert torch.equal(store[k].detach(), v), k
+    assert not torch.allclose(store["W"].detach(), W_first)
