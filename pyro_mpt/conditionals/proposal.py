@@ -171,6 +171,14 @@ def _check_shapes(guide_trace, model_trace, names) -> None:
             )
 
 
+def blocks(tensors: list, groups: int, size: int) -> torch.Tensor:
+    """``size`` rows from ``tensors`` (each ``(groups * n_i, ...)``): each of the ``groups``
+    blocks takes its share of every tensor in turn (an SMC sweep's guide draws, then its
+    prior draws)."""
+    parts = [t.reshape(groups, -1, *t.shape[1:]) for t in tensors]
+    return torch.cat(parts, 1).reshape(size, *parts[0].shape[2:])
+
+
 class Proposal:
     r"""A guide, with a defensive share of prior draws, as the proposal of particles (see
     the module docstring).
@@ -262,28 +270,30 @@ class Proposal:
             :meth:`log_weight`)."""
         names, block = list(layout.latents), size // groups
         n_prior = min(block - 1, round(self.prior_fraction * block)) if block > 1 else 0
-        traces = []
+        drawn = []  # (guide trace, particles): the guide's own draws, then the prior's
         with torch.no_grad():
             if block - n_prior:
-                traces.append(self._guide_trace(args, kwargs, layout, groups * (block - n_prior)))
+                n = groups * (block - n_prior)
+                drawn.append((self._guide_trace(args, kwargs, layout, n), n))
             if n_prior:
-                replayed = self._replay_values(prior_trace(groups * n_prior), names)
-                traces.append(self._guide_trace(args, kwargs, layout, groups * n_prior, replayed))
+                n = groups * n_prior
+                replayed = self._replay_values(prior_trace(n), names)
+                drawn.append((self._guide_trace(args, kwargs, layout, n, replayed), n))
 
-        def blocks(tensors):  # each block: its guide draws, then its prior draws
-            parts = [t.reshape(groups, -1, *t.shape[1:]) for t in tensors]
-            return torch.cat(parts, 1).reshape(size, *parts[0].shape[2:])
-
+            # the densities too: a guide's distributions hold its parameters, which must
+            # get no gradient from the estimate
+            log_q = blocks([self._log_q(tr, layout, n) for tr, n in drawn], groups, size)
         values = poutine.Trace()
         for name in names:
-            value = blocks([tr.nodes[name]["value"] for tr in traces])
+            value = blocks([tr.nodes[name]["value"] for tr, _ in drawn], groups, size)
             values.add_node(name, type="sample", is_observed=False, value=value, infer={})
-        log_q = blocks([self._log_q(tr, layout) for tr in traces])
         return values, log_q, n_prior / block
 
-    def _log_q(self, guide_trace, layout) -> torch.Tensor:
+    @staticmethod
+    def _log_q(guide_trace, layout, size: int) -> torch.Tensor:
+        """``(size, N)``: every guide site's log-density (an auxiliary site's and its
+        Delta's log-Jacobian included), per particle and sequence."""
         sites = list(guide_sites(guide_trace))
-        size = guide_trace.nodes[sites[0]]["value"].shape[0]
         return sum(
             flatten_particles(lp, layout, (size,), 0)
             for lp in latent_log_prob(guide_trace, sites, layout)
@@ -296,7 +306,7 @@ class Proposal:
         with a fixed proposal); ``alpha`` as :meth:`draw` returned it."""
         if alpha == 0:
             return log_p - log_q
-        mix = torch.logaddexp(math.log(alpha) + log_p.detach(), math.log1p(-alpha) + log_q)
+        mix = torch.logaddexp(math.log(alpha) + log_p, math.log1p(-alpha) + log_q)
         return log_p - mix.detach()
 
     def __repr__(self) -> str:

@@ -105,8 +105,9 @@ def smc_reference(problem, options, messages) -> LMLEstimate:
     pooled as in the module docstring. With ``options.guide`` the initial particles are the
     guide's (:func:`_particle_model`).
 
-    :raises ValueError: for a guide that does not match the model, or a model SMC cannot move (no continuous latent, a discrete one,
-        or tokens not independent given the latents), naming the site.
+    :raises ValueError: for a guide that does not match the model, or a model SMC cannot
+        move (no continuous latent, a discrete one, or tokens not independent given the
+        latents), naming the site.
     :warns UserWarning: when the runs fail the diagnostics of the module docstring."""
     layout, R = problem.layout, SMC_RUNS
     check_smc_model(layout, problem.trace, "smc")
