@@ -457,3 +457,31 @@ def test_stage_zero_weights_of_an_autonormal_with_a_constrained_latent():
     # measured: |mean - 1| < 0.0035 (s.e. 0.0032); without the Delta's log-Jacobian
     # 0.079-0.082 (36 s.e.)
     _assert_mean_one(log_w0.reshape(-1, 3))
+
+
+def test_auto_ladder_says_the_smc_importance_rung_does_not_use_the_guide():
+    # a scale latent (auto: importance); a guide far off fails importance's diagnostics, so
+    # the ladder escalates to smc_importance, which fits its own proposal. Exact: a 1-d
+    # integral over log s on a fine grid (torch.trapezoid)
+    N_, T_ = 4, 6
+    X = torch.randn(N_, T_) * 1.5
+
+    def model(X):
+        with pyro.plate("data", X.shape[0]):
+            s = pyro.sample("s", dist.LogNormal(0.0, 0.5))
+            pyro.sample("x", dist.Normal(0.0, s[..., None] * torch.ones(T_)).to_event(1), obs=X)
+
+    def far_guide(X):
+        with pyro.plate("data", X.shape[0]):
+            pyro.sample("s", dist.LogNormal(2.0, 0.05))
+
+    u = torch.linspace(-6.0, 6.0, 20001)  # log s; prior sd 0.5
+    log_lik = torch.distributions.Normal(0.0, u.exp()[:, None, None]).log_prob(X).sum(-1)
+    log_f = torch.distributions.Normal(0.0, 0.5).log_prob(u)[:, None] + log_lik  # (G, N)
+    exact = torch.trapezoid(log_f.exp(), u, dim=0).log().sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # importance's failure is re-raised only if returned
+        ref = log_marginal_likelihood(model, X, guide=far_guide, num_samples=2048, progress=False)
+    assert ref.method == "smc_importance", ref.messages
+    assert any("smc_importance rung fits its own proposal" in m for m in ref.messages)
+    assert abs(float(ref.total) - float(exact)) < 3 * ref.stderr + 1e-3, (ref.total, exact)

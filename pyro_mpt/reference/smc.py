@@ -179,6 +179,17 @@ def smc_reference(problem, options, messages) -> LMLEstimate:
     )
 
 
+def _without_guide(options, messages) -> list:
+    """A copy of ``messages``, saying that the smc_importance rung does not use the guide."""
+    if options.guide is None:
+        return list(messages)
+    return [
+        *messages,
+        "auto ladder: the smc_importance rung fits its own proposal to SMC sweeps and does "
+        "not use the guide",
+    ]
+
+
 def auto_ladder(problem, options, messages) -> LMLEstimate:
     """The ``"auto"`` rungs for continuous latents: importance sampling; if it fails its
     diagnostics (Pareto k-hat, ESS) and SMC can move the model's latents,
@@ -211,7 +222,7 @@ def auto_ladder(problem, options, messages) -> LMLEstimate:
     # cheaper than the SMC reference at one budget (docs/benchmarks.rst) and as well covered
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        second = smc_importance_reference(problem, options, list(messages))
+        second = smc_importance_reference(problem, options, _without_guide(options, messages))
     if second.trustworthy:
         second.messages.append(
             "auto ladder: the importance rung failed its diagnostics, so the smc_importance "
