@@ -105,6 +105,14 @@ def _check_sites(proposed, layout, continuous):
             if enumerated
             else ""
         )
+        unobserved = [n for n in extra if n.endswith("_unobserved")]
+        if unobserved:  # Pyro's obs_mask: the missing values of 'x' are a site 'x_unobserved'
+            hide = [m for n in unobserved for m in (n, n + UNCONSTRAINED)]
+            note += (
+                f" ({unobserved} hold the values obs_mask leaves out, which are not scored: "
+                f"pass proposal=poutine.block(guide, hide={hide}), exact for a guide whose "
+                "draws of the latents do not depend on them, such as AutoNormal)"
+            )
         parts.append(f"it samples site(s) {extra} that are not latent in the model{note}")
     raise ValueError(
         "the guide does not match the model: "
