@@ -66,7 +66,10 @@ class MaskedELBO(ELBO):
     The guide is ignored (pass ``None``): every latent is integrated by the backend. A
     guide that could do something (anything but ``None`` or a function that refers to no
     name, such as ``def guide(*args): pass``) is warned about once per ``MaskedELBO``: it is
-    never run, so its parameters are never created.
+    never run, so its parameters are never created. A trained guide can still serve as the
+    particles' proposal, by an explicit opt-in:
+    ``conditionals=ImportanceConditionals(proposal=guide)``
+    (:mod:`~pyro_mpt.conditionals.proposal`).
 
     Data must be torch tensors (NumPy arrays and lists are refused with a ``TypeError``,
     as Pyro's ELBOs need tensors too); continuous sites need float32 or float64 data, and
@@ -247,7 +250,9 @@ class MaskedELBO(ELBO):
         warnings.warn(
             f"MaskedELBO ignores the guide {getattr(guide, '__name__', type(guide).__name__)}: "
             "it is never run and its parameters are never created (every latent is "
-            "integrated by the conditionals); pass guide=None, e.g. SVI(model, None, ...)",
+            "integrated by the conditionals); pass guide=None, e.g. SVI(model, None, ...). To "
+            "draw the particles from a trained guide, opt in with conditionals="
+            "ImportanceConditionals(proposal=guide) (or SMCConditionals(proposal=guide))",
             UserWarning,
             stacklevel=4,
         )

@@ -20,6 +20,7 @@ Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import TYPE_CHECKING
 
 import pyro.poutine as poutine
@@ -32,9 +33,11 @@ from .particles import (
     PerTokenLatent,
     combine_log_weights,
     enumerated_dims,
+    flatten_particles,
     latent_log_prob,
     particle_trace,
 )
+from .proposal import as_proposal
 from .sites import build_kernels
 
 if TYPE_CHECKING:
@@ -93,15 +96,28 @@ class ImportanceConditionals(Conditionals):
     :param int num_particles: deprecated name of ``num_samples``.
     :param int max_elements: memory budget of one chunk of draws
         (:mod:`~pyro_mpt.conditionals.chunked`); ``None``: the device's default.
+    :param proposal: a guide to draw the latents from instead of the prior (e.g. an
+        ``AutoNormal`` trained by ``Trace_ELBO``), or a
+        :class:`~pyro_mpt.conditionals.proposal.Proposal`; ``None``: the prior. It gets no
+        gradients (:mod:`~pyro_mpt.conditionals.proposal`).
+    :param float prior_fraction: with a guide, the share :math:`\alpha` of the draws taken
+        from the prior (the defensive mixture of :mod:`~pyro_mpt.conditionals.proposal`).
 
     With :math:`z_s \sim p(z)`, :math:`s = 1..S`, the self-normalised estimate
     :math:`p(x_j \mid x_O) \approx \sum_s \bar w_s\, p(x_j \mid x_O, z_s)`,
-    :math:`\bar w_s \propto p(x_O \mid z_s)`; consistent as :math:`S \to \infty`.
+    :math:`\bar w_s \propto p(x_O \mid z_s)`; consistent as :math:`S \to \infty`. With a
+    proposal, :math:`z_s \sim \tilde q = \alpha p + (1 - \alpha) q` and
+
+    .. math:: \bar w_s \propto \frac{p(z_s)}{\tilde q(z_s)}\, p(x_O \mid z_s).
 
     Example::
 
         elbo = MaskedELBO(conditionals=ImportanceConditionals(num_samples=1024))
         elbo.estimate(ppca_latent, None, X, 2).total
+        guide = AutoNormal(model)   # trained by SVI(model, guide, Adam(...), Trace_ELBO())
+        MaskedELBO(conditionals=ImportanceConditionals(256, proposal=guide)).estimate(
+            model, None, X
+        )
     """
 
     name = "importance"
@@ -114,6 +130,8 @@ class ImportanceConditionals(Conditionals):
         *,
         num_particles: int | None = None,
         max_elements: int | None = None,
+        proposal=None,
+        prior_fraction: float | None = None,
     ):
         num_samples = renamed_keyword(
             "ImportanceConditionals",
@@ -125,6 +143,11 @@ class ImportanceConditionals(Conditionals):
         )
         self.num_samples = check_positive_int("num_samples", num_samples)
         self.max_elements = check_positive_int("max_elements", max_elements, allow_none=True)
+        self.proposal = as_proposal(proposal, prior_fraction)
+
+    def __repr__(self) -> str:
+        proposal = "" if self.proposal is None else f", proposal={self.proposal!r}"
+        return f"ImportanceConditionals(num_samples={self.num_samples}{proposal})"
 
     @property
     def num_particles(self) -> int:
@@ -141,6 +164,14 @@ class ImportanceConditionals(Conditionals):
         S = self.num_samples
         budget = resolve_max_elements(self.max_elements, layout.device)
         chunk = particle_chunk_size(S, particle_elements(trace, layout), budget, self.name)
+        if self.proposal is not None:
+            self.proposal.check(args, kwargs, layout, trace)
+            return chunked_particle_scorer(
+                layout,
+                S,
+                chunk,
+                partial(_draw_proposal, self.proposal, model, args, kwargs, layout, S),
+            )
 
         def draw(start: int, size: int):
             tr = particle_trace(model, args, kwargs, layout, num_particles=size)
@@ -155,6 +186,32 @@ class ImportanceConditionals(Conditionals):
             return particle_scorer(tr, layout, S), kernels
 
         return chunked_particle_scorer(layout, S, chunk, draw)
+
+
+def _draw_proposal(proposal, model, args, kwargs, layout, num_samples, start, size):
+    r"""One chunk of ``size`` draws from ``proposal``: its scorer, with
+    :math:`\log w^0 = \log p(z) - \log \tilde q(z) - \log S`, and its kernels again."""
+    drawn, log_q, alpha = proposal.draw(
+        args,
+        kwargs,
+        layout,
+        size,
+        lambda n: particle_trace(model, args, kwargs, layout, num_particles=n),
+    )
+    replayed = poutine.replay(model, trace=drawn)
+    tr = particle_trace(replayed, args, kwargs, layout, num_particles=size)
+    log_p = sum(
+        flatten_particles(lp, layout, (size,), 0)
+        for lp in latent_log_prob(tr, layout.latents, layout)
+    )
+    log_w = proposal.log_weight(log_p, log_q, alpha)
+
+    def kernels() -> list:
+        again = particle_trace(replayed, args, kwargs, layout, num_particles=size)
+        return build_kernels(again, layout)[0]
+
+    kernels_now, _ = build_kernels(tr, layout)
+    return ParticleScorer(kernels_now, layout, log_w - math.log(num_samples)), kernels
 
 
 def drawn_values(trace, layout: TokenLayout) -> poutine.Trace:

@@ -38,6 +38,7 @@ import torch
 from ..options import check_positive_int, resolve_max_elements
 from ..progress import logger, progress_bar
 from .base import Conditionals, Scorer
+from .proposal import ProposalParticleModel, as_proposal
 from .smc_moves import (
     ParticleModel,
     check_smc_model,
@@ -171,11 +172,13 @@ def smc_sweep(
     B, N, T = order.shape
     P = num_particles
     with torch.no_grad():
-        u, log_prior, table = pm.draw(B, P)
+        u, log_prior, table, log_w0 = pm.draw_weighted(B, P)
         state = {"u": u, "log_prior": log_prior, "table": table}
-        log_w = torch.zeros_like(log_prior)  # (B, P, N)
+        log_w = torch.zeros_like(log_prior) if log_w0 is None else log_w0  # (B, P, N)
         rev = log_w.new_zeros(B, N, T)  # each token's power in the current target
         log_z, final = log_w.new_zeros(B, N), log_w.new_zeros(B, N, T)
+        if log_w0 is not None:  # stage 0 of a proposal's draws: the mean of p(z) / q(z)
+            log_z = torch.logsumexp(log_w0, 1) - math.log(P)
         suffix = log_w.new_zeros(B, N, T) if full_orders else None
         stats = {"min_ess": log_w.new_full((B, N), float(P))}
         stats.update({k: log_w.new_zeros(B, N) for k in ("resamples", "acceptance", "moves")})
@@ -328,6 +331,12 @@ class SMCConditionals(Conditionals):
         ``max(1, d - 1)`` for ``d`` latent dimensions per sequence.
     :param int max_elements: memory budget of one chunk of sweeps; ``None``: the default of
         the data's device.
+    :param proposal: a guide to draw the initial particles from (or a
+        :class:`~pyro_mpt.conditionals.proposal.Proposal`), weighted by
+        :math:`p(z)/\tilde q(z)` (:class:`~pyro_mpt.conditionals.proposal.ProposalParticleModel`);
+        ``None``: the prior.
+    :param float prior_fraction: with a guide, the share of the particles drawn from the
+        prior (:mod:`~pyro_mpt.conditionals.proposal`).
 
     Example::
 
@@ -338,10 +347,18 @@ class SMCConditionals(Conditionals):
     draws_latents = True
     options = {"num_samples": "num_samples", "max_elements": "max_elements"}
 
-    def __init__(self, num_samples: int = 256, num_moves: int = DEFAULT_MOVES, max_elements=None):
+    def __init__(
+        self,
+        num_samples: int = 256,
+        num_moves: int = DEFAULT_MOVES,
+        max_elements=None,
+        proposal=None,
+        prior_fraction: float | None = None,
+    ):
         self.num_samples = check_positive_int("num_samples", num_samples)
         self.num_moves = check_positive_int("num_moves", num_moves)
         self.max_elements = check_positive_int("max_elements", max_elements, allow_none=True)
+        self.proposal = as_proposal(proposal, prior_fraction)
 
     def check(self, layout: TokenLayout, trace) -> None:
         check_smc_model(layout, trace, self.name)
@@ -361,8 +378,15 @@ class SMCConditionals(Conditionals):
                 "(MaskedELBO.loss and svi.evaluate_loss do)"
             )
         budget = resolve_max_elements(self.max_elements, layout.device)
-        pm = ParticleModel(model, args, kwargs, layout)
+        if self.proposal is None:
+            pm = ParticleModel(model, args, kwargs, layout)
+        else:
+            self.proposal.check(args, kwargs, layout, trace)
+            pm = ProposalParticleModel(model, args, kwargs, layout, self.proposal)
         return SMCScorer(pm, layout, self.num_samples, self.num_moves, budget)
 
     def __repr__(self) -> str:
-        return f"SMCConditionals(num_samples={self.num_samples}, num_moves={self.num_moves})"
+        proposal = "" if self.proposal is None else f", proposal={self.proposal!r}"
+        return (
+            f"SMCConditionals(num_samples={self.num_samples}, num_moves={self.num_moves}{proposal})"
+        )

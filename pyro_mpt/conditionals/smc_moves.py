@@ -115,7 +115,17 @@ class ParticleModel:
     def draw(self, B: int, P: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """``B * P`` prior draws: ``(u, log_prior, table)`` with ``u`` a dict of ``(B, P, N,
         E)`` tensors, ``log_prior`` ``(B, P, N)`` and ``table`` ``(B, P, N, T)``."""
-        tr = self._trace(B * P)
+        return self.unconstrain(self._trace(B * P), B, P)
+
+    def draw_weighted(self, B: int, P: int) -> tuple:
+        """:meth:`draw` and the draws' log-weights ``(B, P, N)`` under the prior: ``None``
+        for prior draws (all equal); a proposal's draws weigh :math:`p(z)/q(z)`
+        (:class:`~pyro_mpt.conditionals.proposal.ProposalParticleModel`)."""
+        return (*self.draw(B, P), None)
+
+    def unconstrain(self, tr, B: int, P: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """``(u, log_prior, table)`` of the latents' values in the trace ``tr`` of ``B * P``
+        particles, as :meth:`draw` returns them."""
         u = {}
         for name in self.layout.latents:
             site = tr.nodes[name]

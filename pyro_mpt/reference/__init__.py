@@ -189,9 +189,11 @@ def log_marginal_likelihood(
         ``"conjugate"``, ``"exact"``, ``"gaussian"``, ``"importance"``, ``"quadrature"``,
         ``"smc"``, ``"smc_importance"``.
     :param int num_samples: :math:`S`, draws per sequence for importance sampling.
-    :param guide: a proposal for ``"importance"`` (e.g. an
+    :param guide: a proposal for ``"importance"`` and ``"smc"`` (e.g. an
         :class:`~pyro.infer.autoguide.AutoNormal` trained by SVI) sampling exactly the
         model's continuous latent sites, inside the sequence plates; the prior if ``None``.
+        SMC starts from its draws (a quarter from the prior, defensively) weighted by
+        :math:`p(z)/\tilde q(z)` (:mod:`pyro_mpt.conditionals.proposal`).
     :param int chunk_size: particles per chunk; by default as many as ``max_elements``
         allows.
     :param str token_plate: mask along this plate (see :func:`pyro_mpt.tokens.read_layout`):
@@ -265,7 +267,7 @@ def log_marginal_likelihood(
         if problem.continuous and method in ("importance", "quadrature", "smc", "smc_importance"):
             # particles will be drawn: a model not vectorised over them fails now, clearly
             probe_particles(model, problem.args, problem.kwargs, layout, trace)
-        if guide is not None and method != "importance":
+        if guide is not None and method not in ("importance", "smc"):
             messages.append(f"guide ignored: method={method!r} does not sample from a proposal")
         logger.info("log_marginal_likelihood: method %r", method)
         if auto and method == "importance":  # escalates if importance fails

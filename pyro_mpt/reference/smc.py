@@ -38,6 +38,7 @@ import warnings
 
 import torch
 
+from ..conditionals.proposal import Proposal, ProposalParticleModel
 from ..conditionals.smc import DEFAULT_MOVES, sweep_in_chunks
 from ..conditionals.smc_moves import ParticleModel, check_smc_model
 from ..intervals import satterthwaite_dof
@@ -81,19 +82,38 @@ def _check_runs(ess_runs, acceptance, R, per_seq, messages) -> bool:
     )
 
 
+def _particle_model(problem, guide, messages) -> ParticleModel:
+    """The particles' model: prior draws, or a guide's (with a defensive share of prior
+    draws, :mod:`~pyro_mpt.conditionals.proposal`) weighted by p(z) / q(z) at stage 0."""
+    p = problem
+    if guide is None:
+        return ParticleModel(p.model, p.args, p.kwargs, p.layout)
+    proposal = Proposal(guide)
+    proposal.check(p.args, p.kwargs, p.layout, p.trace)
+    messages.append(
+        f"smc: initial particles from the guide {type(guide).__name__} mixed with "
+        f"{proposal.prior_fraction:.0%} prior draws, weighted by p(z) / (a p(z) + (1 - a) "
+        "q(z)); the sweep's evidence starts at their mean (unbiased), the annealing path "
+        "and the moves are unchanged"
+    )
+    return ProposalParticleModel(p.model, p.args, p.kwargs, p.layout, proposal)
+
+
 def smc_reference(problem, options, messages) -> LMLEstimate:
     """``SMC_RUNS`` independent SMC sweeps of every sequence along random token orders,
     ``options.num_samples // SMC_RUNS`` particles each (at least ``MIN_PARTICLES``),
-    pooled as in the module docstring.
+    pooled as in the module docstring. With ``options.guide`` the initial particles are the
+    guide's (:func:`_particle_model`).
 
-    :raises ValueError: for a model SMC cannot move (no continuous latent, a discrete one,
-        or tokens not independent given the latents), naming the site.
+    :raises ValueError: for a guide that does not match the model, or a model SMC cannot
+        move (no continuous latent, a discrete one, or tokens not independent given the
+        latents), naming the site.
     :warns UserWarning: when the runs fail the diagnostics of the module docstring."""
     layout, R = problem.layout, SMC_RUNS
     check_smc_model(layout, problem.trace, "smc")
     P = max(MIN_PARTICLES, options.num_samples // R)
     N, T, device = layout.num_sequences, layout.num_tokens, layout.device
-    pm = ParticleModel(problem.model, problem.args, problem.kwargs, layout)
+    pm = _particle_model(problem, options.guide, messages)
     order = torch.rand(R, N, T, device=device).argsort(-1)
     full = torch.full((R, N), T, dtype=torch.long, device=device)
     budget = resolve_max_elements(options.max_elements, device)
@@ -159,6 +179,17 @@ def smc_reference(problem, options, messages) -> LMLEstimate:
     )
 
 
+def _without_guide(options, messages) -> list:
+    """A copy of ``messages``, saying that the smc_importance rung does not use the guide."""
+    if options.guide is None:
+        return list(messages)
+    return [
+        *messages,
+        "auto ladder: the smc_importance rung fits its own proposal to SMC sweeps and does "
+        "not use the guide",
+    ]
+
+
 def auto_ladder(problem, options, messages) -> LMLEstimate:
     """The ``"auto"`` rungs for continuous latents: importance sampling; if it fails its
     diagnostics (Pareto k-hat, ESS) and SMC can move the model's latents,
@@ -191,7 +222,7 @@ def auto_ladder(problem, options, messages) -> LMLEstimate:
     # cheaper than the SMC reference at one budget (docs/benchmarks.rst) and as well covered
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        second = smc_importance_reference(problem, options, list(messages))
+        second = smc_importance_reference(problem, options, _without_guide(options, messages))
     if second.trustworthy:
         second.messages.append(
             "auto ladder: the importance rung failed its diagnostics, so the smc_importance "
