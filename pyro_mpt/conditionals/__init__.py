@@ -35,6 +35,7 @@ from .importance import ImportanceConditionals
 from .linear_gaussian import LinearGaussianConditionals, detect_linear_gaussian
 from .mixed import MixedConditionals, has_mixed_latents
 from .particles import ParticleScorer
+from .proposal import Proposal
 from .quadrature import QuadratureConditionals, check_bounds
 from .smc import SMCConditionals
 
@@ -51,6 +52,7 @@ __all__ = [
     "LinearGaussianConditionals",
     "MixedConditionals",
     "ParticleScorer",
+    "Proposal",
     "QuadratureConditionals",
     "SMCConditionals",
     "Scorer",
