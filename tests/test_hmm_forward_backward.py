@@ -336,14 +336,46 @@ def test_masked_elbo_gradients_match_the_old_route(monkeypatch):
     assert_close(grads[0], grads[1], atol=1e-8)
 
 
+def per_sequence_hmm(data, init, trans, emit):
+    """Each sequence its own transition matrix (``trans`` (N, C, C)), by ``Vindex``."""
+    N, T = data.shape
+    with pyro.plate("sequences", N, dim=-1) as n:
+        z = None
+        for t in pyro.markov(range(T)):
+            probs = init if z is None else Vindex(trans)[n, z]
+            z = pyro.sample(f"z_{t}", dist.Categorical(probs), infer={"enumerate": "parallel"})
+            pyro.sample(f"x_{t}", dist.Categorical(Vindex(emit)[z]), obs=data[:, t])
+
+
+def test_transitions_are_shared_only_when_every_sequence_reads_the_same_parameters():
+    """A plate-expanded matrix is one table (one matrix product per step); per-sequence
+    matrices, even equal ones (distinct parameters), stay per sequence, and each gets its
+    own gradient, as the elimination's."""
+    X, init, trans, emit = sample_hmm_data(3, 5, C, V, seed=23)
+    shared = _scorer(lambda X: hmm(X, init, trans, emit), (X,))
+    assert shared.chain.trans.shape == (4, 1, C, C) and shared.chain.init.shape == (1, C)
+    logits = trans.log().expand(3, C, C).clone().requires_grad_()  # equal values, 3 leaves
+    scorer = _scorer(lambda X: per_sequence_hmm(X, init, logits.softmax(-1), emit), (X,))
+    assert scorer.chain.trans.shape == (4, 3, C, C)
+    observed, scored = _splits(4, 3, 5, seed=24)
+    weight = torch.arange(3.0).view(1, 3, 1) + 1  # sequences weigh differently
+    fast = scorer(observed, scored)
+    (g_fast,) = torch.autograd.grad((fast * weight).sum(), logits)
+    scorer.route = "differences"
+    (g_old,) = torch.autograd.grad((scorer(observed, scored) * weight).sum(), logits)
+    assert not torch.allclose(g_fast[0], g_fast[1], atol=1e-3)
+    assert_close(g_fast, g_old, atol=1e-8)
+
+
 # ----------------------------------------------------------------------------------------
 # Memory budget, devices
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rows_per_budget", [2, 0.34])
+@pytest.mark.parametrize("rows_per_budget", [2, 0.7, 0.34])
 def test_rows_and_sequences_are_chunked_under_max_elements(rows_per_budget):
-    """A budget of 2 rows: chunks of 2 rows; of a third of a row: one sequence at a time."""
+    """A budget of 2 rows: chunks of 2 rows; of 0.7 rows: 2 sequences, then 1; of a third
+    of a row: one sequence at a time."""
     X, init, trans, emit = sample_hmm_data(3, 6, C, V, seed=15)
     model = lambda X: hmm(X, init, trans, emit)  # noqa: E731
     big = _scorer(model, (X,))
