@@ -284,9 +284,10 @@ def test_steps_far_below_exp_range_are_shifted():
 # ----------------------------------------------------------------------------------------
 
 
-# The probe route's gradients are NaN with ragged lengths (a site mask kept under its
-# probes): it is compared on full-length sequences.
-@pytest.mark.parametrize("route, ragged", [("probe", False), ("differences", True)])
+@pytest.mark.parametrize(
+    "route, ragged",
+    [("probe", False), ("differences", True), ("probe", True)],
+)
 def test_gradients_equal_the_elimination_routes(route, ragged):
     seqs, lengths, px, py = _tones_data(seed=10)
     lengths = lengths if ragged else torch.full_like(lengths, seqs.shape[1])

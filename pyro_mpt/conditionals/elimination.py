@@ -246,8 +246,10 @@ class EliminationScorer(Scorer):
 
         Differentiable (double backward) when gradients are enabled."""
         grad, logc = self._probe_gradients(observed, lambda logz: logz)
-        # observed tokens have no probe (gradient 0): keep log(0) out of the graph
-        out = torch.where(observed, torch.ones_like(grad), grad).log() + logc
+        # observed tokens have no probe (gradient 0), nor have tokens a site's own mask drops
+        # (ragged lengths): keep log(0) out of the graph (0 * inf would be a NaN gradient)
+        tiny = torch.finfo(grad.dtype).tiny
+        out = torch.where(observed, torch.ones_like(grad), grad).clamp_min(tiny).log() + logc
         return torch.where(observed, out.new_zeros(()), out)
 
     def log_evidence(self, evidence: torch.Tensor) -> torch.Tensor:
