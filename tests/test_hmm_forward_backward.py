@@ -78,6 +78,38 @@ def tones_hmm(sequences, lengths, probs_x, probs_y, evidence=None):
                             pyro.sample(f"y_{t}", y, obs=sequences[:, t])
 
 
+def ar_tones_hmm(sequences, lengths, probs_x, probs_y):
+    """Pyro's arHMM (examples/hmm.py style): each tone also depends on its previous
+    observed value, ``probs_y[x, y, tones]``."""
+    N, T, tones = sequences.shape
+    tones_plate = pyro.plate("tones", tones, dim=-1)
+    with pyro.plate("sequences", N, dim=-2):
+        x, y = 0, 0
+        for t in pyro.markov(range(T)):
+            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                x = pyro.sample(
+                    f"x_{t}", dist.Categorical(probs_x[x]), infer={"enumerate": "parallel"}
+                )
+                with tones_plate as k:
+                    y = pyro.sample(
+                        f"y_{t}", dist.Bernoulli(probs_y[x, y, k]), obs=sequences[:, t]
+                    ).long()
+
+
+def test_autoregressive_tones_equal_the_elimination():
+    """Observed parents (the previous tone) enter each step's emission as a fixed value:
+    the chain is still one state per step, scored as the elimination scores it."""
+    seqs, lengths, px, _ = _tones_data(seed=25)
+    py = torch.sigmoid(torch.randn(C, 2, D, generator=torch.Generator().manual_seed(26)))
+    scorer = _scorer(lambda s, n: ar_tones_hmm(s, n, px, py), (seqs, lengths), "tones")
+    assert scorer.chain is not None
+    observed, scored = _splits(3, 3, 4 * D, seed=27)
+    observed, scored = observed & scorer.layout.present, scored & scorer.layout.present
+    fast = scorer(observed, scored)
+    scorer.route = "differences"
+    assert_close(fast, scorer(observed, scored), atol=1e-10)
+
+
 def _tones_data(N=3, T=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     probs_x = torch.softmax(torch.randn(C, C, generator=g), -1)  # row 0: the initial state
