@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FB_FACTOR", "MarkovChain", "markov_chain"]
 
-#: Distributions of enumerated sites whose parameters :meth:`_Tables.shared` can read.
+#: Distributions of enumerated sites whose parameters ``_Tables.shared`` can read.
 SHARED_TYPES = (
     dist.Categorical,
     dist.OneHotCategorical,
