@@ -110,6 +110,32 @@ def test_autoregressive_tones_equal_the_elimination():
     assert_close(fast, scorer(observed, scored), atol=1e-10)
 
 
+def hmm_missing(data, present, init, trans, emit):
+    """An HMM with missing symbols marked by ``obs_mask`` (Pyro imputes them)."""
+    N, T = data.shape
+    with pyro.plate("sequences", N, dim=-1):
+        z = None
+        for t in pyro.markov(range(T)):
+            probs = init if z is None else Vindex(trans)[z]
+            z = pyro.sample(f"z_{t}", dist.Categorical(probs), infer={"enumerate": "parallel"})
+            x = dist.Categorical(Vindex(emit)[z])
+            pyro.sample(f"x_{t}", x, obs=data[:, t], obs_mask=present[:, t])
+
+
+def test_obs_mask_missing_symbols_equal_the_elimination():
+    """The imputed sites of ``obs_mask`` are no factors; the missing symbols are absent."""
+    X, init, trans, emit = sample_hmm_data(3, 5, C, V, seed=28)
+    present = torch.rand(3, 5, generator=torch.Generator().manual_seed(29)) < 0.7
+    model = lambda X, p: hmm_missing(X, p, init, trans, emit)  # noqa: E731
+    scorer = _scorer(model, (X, present))
+    assert scorer.chain is not None and (scorer.layout.present == present).all()
+    observed, scored = _splits(4, 3, 5, seed=30)
+    observed, scored = observed & present, scored & present
+    fast = scorer(observed, scored)
+    scorer.route = "differences"
+    assert_close(fast, scorer(observed, scored), atol=1e-10)
+
+
 def _tones_data(N=3, T=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     probs_x = torch.softmax(torch.randn(C, C, generator=g), -1)  # row 0: the initial state

@@ -202,6 +202,8 @@ class MarkovChain:
         r"""``(R, N)``: :math:`\log p(x_{n, O_r})`, the forward pass alone.
 
         :param observed: bool ``(R, N, T)``."""
+        if observed.shape[0] == 0:
+            return self.emission.new_zeros(0, self.emission.shape[0])
         out = self._map(lambda chain, obs: chain._forward_backward(obs, False)[0], observed)
         return out.transpose(0, 1)
 
