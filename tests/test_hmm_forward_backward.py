@@ -281,6 +281,23 @@ def test_identities_exhaustive_area_and_chain_are_the_lml():
     assert_close(rows.sum(), exact, atol=1e-9)
 
 
+def single_sequence_hmm(x, init, trans, emit):
+    """One sequence, no plate: the whole model is the sequence."""
+    z = None
+    for t in pyro.markov(range(x.shape[0])):
+        probs = init if z is None else Vindex(trans)[z]
+        z = pyro.sample(f"z_{t}", dist.Categorical(probs), infer={"enumerate": "parallel"})
+        pyro.sample(f"x_{t}", dist.Categorical(Vindex(emit)[z]), obs=x[t])
+
+
+def test_single_sequence_without_plate():
+    X, init, trans, emit = sample_hmm_data(1, 6, C, V, seed=33)
+    model = lambda x: single_sequence_hmm(x, init, trans, emit)  # noqa: E731
+    assert _scorer(model, (X[0],)).chain is not None
+    curve = mpt_curve(model, X[0], exhaustive=True)
+    assert_close(curve.area, _brute_log_p(X[0], init, trans, emit), atol=1e-9)
+
+
 def test_tones_exhaustive_area_is_trace_enum_lml():
     seqs, lengths, px, py = _tones_data(N=2, T=4, seed=7)
     model = lambda s, n: tones_hmm(s, n, px, py)  # noqa: E731
@@ -335,6 +352,19 @@ def test_steps_far_below_exp_range_are_shifted():
     fast = scorer(observed, scored)
     scorer.route = "differences"
     assert_close(fast, scorer(observed, scored), atol=1e-7, rtol=1e-12)
+
+
+def test_float32_conditionals_follow_float64():
+    """Single precision (a GPU's usual dtype) over 200 steps: the scaled recursions keep
+    every conditional within 1e-4 of float64."""
+    X, init, trans, emit = sample_hmm_data(4, 200, C, V, seed=31)
+    observed, scored = _splits(3, 4, 200, seed=32)
+    want = _scorer(lambda X: hmm(X, init, trans, emit), (X,))(observed, scored)
+    params = [p.float() for p in (init, trans, emit)]
+    scorer = _scorer(lambda X: hmm(X, *params), (X,))
+    got = scorer(observed, scored)
+    assert got.dtype == torch.float32
+    assert_close(got, want, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------
