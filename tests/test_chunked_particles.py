@@ -252,12 +252,15 @@ def test_training_loss_and_gradient_equal_across_budgets():
         assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
-def test_enumerated_hmm_evidence_in_chunks_of_items():
+def test_enumerated_hmm_evidence_in_chunks_of_items(monkeypatch):
     """Variable elimination (conditionals='enumerate') on an HMM runs its evidence items a
     chunk at a time: with room for one item per chunk the chain estimate still equals the
     forward algorithm (hmm_log_marginal) to 1e-10, and a budget below one item is refused
-    before any elimination."""
-    from pyro_mpt.conditionals.elimination import EVIDENCE_FACTOR
+    before any elimination. (An HMM is scored by its forward-backward by default, which
+    chunks sequences too: tests/test_hmm_forward_backward.py; the elimination is forced.)"""
+    from pyro_mpt.conditionals.elimination import EVIDENCE_FACTOR, EliminationScorer
+
+    monkeypatch.setattr(EliminationScorer, "_forward_backward", None)
     from pyro_mpt.models import hmm, hmm_log_marginal, sample_hmm
     from tests.conftest import random_hmm_params
 

@@ -23,6 +23,11 @@ item per scored token :math:`j` with evidence :math:`O_r \cup \{j\}` (or, by the
 route, one item per distinct :math:`O_r`). The evidence masks and the contraction are in
 :mod:`pyro_mpt.conditionals.evidence`.
 
+When the enumerated sites form one ``pyro.markov`` chain of states with emissions (an
+HMM), the same conditionals come from a scaled forward-backward in probability space,
+every masked token of a row at once and no model run per chunk
+(:mod:`pyro_mpt.conditionals.forward_backward`); ``route`` selects it by default.
+
 Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
 """
@@ -40,6 +45,7 @@ from pyro.poutine.util import site_is_subsample
 from ..options import resolve_max_elements
 from .base import Scorer
 from .evidence import MASK_PLATE, EvidenceMessenger, ProbeMessenger, contract_evidence
+from .forward_backward import markov_chain
 from .particles import particle_trace
 
 if TYPE_CHECKING:
@@ -63,6 +69,10 @@ class EliminationScorer(Scorer):
     chain estimator needs. Being a ratio of this scorer's own evidences, the chain rule
     telescopes (:attr:`~pyro_mpt.conditionals.base.Scorer.telescopes`): any order sums to
     :math:`\log p(x_{1..T}) - \log p(x_\emptyset)`.
+
+    A ``pyro.markov`` chain of states (:attr:`chain` not ``None``) is scored by its
+    forward-backward (:class:`~pyro_mpt.conditionals.forward_backward.MarkovChain`), the
+    same values by another exact route, unless ``route`` names an elimination route.
 
     :param model: the Pyro model; ``args`` and ``kwargs`` are passed to it.
     :param layout: the :class:`~pyro_mpt.tokens.TokenLayout` of the model.
@@ -92,7 +102,8 @@ class EliminationScorer(Scorer):
         self.kwargs = dict(kwargs or {})
         self.layout = layout
         self.max_elements = resolve_max_elements(max_elements, layout.device)
-        #: ``"auto"`` (fewer eliminations), ``"probe"`` or ``"differences"``
+        #: ``"auto"`` (the forward-backward of a chain, else fewer eliminations),
+        #: ``"forward_backward"``, ``"probe"`` or ``"differences"``
         self.route = "auto"
         missing = [n for n in layout.latents if n not in layout.enumerated]
         if missing:
@@ -111,6 +122,19 @@ class EliminationScorer(Scorer):
         if trace is None:
             trace = particle_trace(model, self.args, self.kwargs, layout)
         self.item_cost = self._item_cost(trace)
+        #: the :class:`~pyro_mpt.conditionals.forward_backward.MarkovChain` when the
+        #: enumerated sites form one ``pyro.markov`` chain (an HMM), else ``None``
+        self.chain = markov_chain(trace, layout, self.max_elements)
+
+    @property
+    def _forward_backward(self):
+        """The chain, when it scores (``route`` ``"auto"`` or ``"forward_backward"``)."""
+        if self.route == "forward_backward" and self.chain is None:
+            raise ValueError(
+                "route='forward_backward' needs the enumerated sites to form one pyro.markov "
+                "chain of states with emissions; use route='auto'"
+            )
+        return self.chain if self.route in ("auto", "forward_backward") else None
 
     # ------------------------------------------------------------------------------------
     # Sizes
@@ -136,6 +160,8 @@ class EliminationScorer(Scorer):
         :math:`O\\cup\\{j\\}`); rows scoring more tokens need more items, which
         :meth:`__call__` chunks under ``max_elements`` itself. The same whether or not the
         row's mask is ``shared`` by all sequences (the factors span every sequence)."""
+        if self._forward_backward is not None:
+            return self._forward_backward.row_cost()
         return 2 * self.item_cost
 
     # ------------------------------------------------------------------------------------
@@ -220,8 +246,10 @@ class EliminationScorer(Scorer):
 
         Differentiable (double backward) when gradients are enabled."""
         grad, logc = self._probe_gradients(observed, lambda logz: logz)
-        # observed tokens have no probe (gradient 0): keep log(0) out of the graph
-        out = torch.where(observed, torch.ones_like(grad), grad).log() + logc
+        # observed tokens have no probe (gradient 0), nor have tokens a site's own mask drops
+        # (ragged lengths): keep log(0) out of the graph (0 * inf would be a NaN gradient)
+        tiny = torch.finfo(grad.dtype).tiny
+        out = torch.where(observed, torch.ones_like(grad), grad).clamp_min(tiny).log() + logc
         return torch.where(observed, out.new_zeros(()), out)
 
     def log_evidence(self, evidence: torch.Tensor) -> torch.Tensor:
@@ -231,6 +259,8 @@ class EliminationScorer(Scorer):
         its temporaries: ``EVIDENCE_FACTOR`` times ``item_cost``).
 
         :raises ValueError: naming ``max_elements`` when not even one item fits."""
+        if self._forward_backward is not None:  # a chain: its forward pass
+            return self._forward_backward.log_evidence(evidence)
         B = evidence.shape[0]
         need = EVIDENCE_FACTOR * self.item_cost
         if need > self.max_elements:
@@ -291,6 +321,8 @@ class EliminationScorer(Scorer):
         if R == 0 or not bool(scored.any()):
             return torch.zeros(R, N, T, dtype=self.layout.dtype, device=device)
         observed, scored = observed.bool(), scored.bool()
+        if self._forward_backward is not None:  # a chain: every row in one sweep each way
+            return self._forward_backward(observed, scored)
         # Two exact routes; take the one with fewer eliminations. A probe costs one
         # elimination and one backward pass (about 3 eliminations, more when the result must
         # stay differentiable) per distinct conditioning set and scores every masked token

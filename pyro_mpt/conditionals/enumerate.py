@@ -6,7 +6,9 @@ support is a set of particles with weights :math:`w^0_c = p(z = c)` and the mixt
 of :mod:`pyro_mpt.conditionals.particles` is exact. Markov chains (:func:`pyro.markov` recycles
 enumeration dims, so the joint support grows as :math:`C^T`) are scored by variable
 elimination with the masked tokens' evidence removed (the theory page of the docs,
-section 2b), see :mod:`pyro_mpt.conditionals.elimination`.
+section 2b), see :mod:`pyro_mpt.conditionals.elimination`; one chain of states with
+emissions (an HMM) by its scaled forward-backward
+(:mod:`pyro_mpt.conditionals.forward_backward`).
 
 Reference: P. Moreno-Muñoz, P. G. Recasens, S. Hauberg, "On Masked Pre-training and the
 Marginal Likelihood", NeurIPS 2023, arXiv:2306.00520.
