@@ -18,6 +18,13 @@ estimate; at every stage the same particles give :math:`p(x_j \mid x_{O_k})` for
 unrevealed ``j``, the rows of the nested stratified estimator. ``B`` sweeps (draws or mask
 rows), ``P`` particles and ``N`` sequences are one batch; only the ``T`` reveal steps loop.
 
+Each such term is the log of a ratio of particle averages, low by :math:`O(1/P)` (Jensen),
+and the terms of a sweep add up: on hard PPCA (N=20, T=6, 128 particles) the nested
+stratified total was 2.3 nats low. The sweep subtracts from every term the delete-a-block
+jackknife estimate of its bias from the same particles
+(:func:`~pyro_mpt.conditionals.smc_terms.mixture_jackknife`); each draw being an independent
+sweep, the draws' spread counts the correction's noise too.
+
 The backend is for evaluation: its estimates carry no gradient (the particles are moved by
 accept/reject steps), so :class:`SMCConditionals` refuses to score with gradients enabled
 for a model with parameters that require them; ``MaskedELBO.loss``, ``svi.evaluate_loss``
@@ -45,6 +52,7 @@ from .smc_moves import (
     random_walk_move,
     systematic_resample,
 )
+from .smc_terms import mixture_jackknife
 
 if TYPE_CHECKING:
     from ..tokens import TokenLayout
@@ -81,11 +89,6 @@ class SweepResult:
     acceptance: torch.Tensor
     fit_mean: torch.Tensor | None = None
     fit_chol: torch.Tensor | None = None
-
-
-def _mixture(log_w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    r"""``(B, N, T)``: :math:`\log \sum_s W_s e^{l_{s,t}}` with :math:`W = \mathrm{softmax}_s`."""
-    return torch.logsumexp(torch.log_softmax(log_w, 1).unsqueeze(-1) + table, 1)
 
 
 def _resample(state: dict, log_w: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
@@ -155,6 +158,7 @@ def smc_sweep(
     num_moves: int = DEFAULT_MOVES,
     full_orders: bool = False,
     fit: bool = False,
+    correct: bool = True,
 ) -> SweepResult:
     r"""``B`` independent SMC sweeps (see the module docstring), one per row of ``order``.
 
@@ -167,6 +171,9 @@ def smc_sweep(
         then ``T`` everywhere).
     :param bool fit: also return the weighted mean and covariance factor of the final
         particles (``fit_mean``, ``fit_chol``).
+    :param bool correct: subtract the jackknife estimate of each conditional's bias
+        (:func:`~pyro_mpt.conditionals.smc_terms.mixture_jackknife`) from ``final`` and
+        ``suffix``.
     """
     B, N, T = order.shape
     P = num_particles
@@ -182,8 +189,11 @@ def smc_sweep(
         dead = torch.zeros(B, N, dtype=torch.bool, device=order.device)
         steps = int(num_reveal.max()) if num_reveal.numel() else 0
         for k in range(steps + 1):
-            cond = _mixture(log_w, state["table"])  # p(x_t | x_{O_k}) for every t
-            final = torch.where((num_reveal == k).unsqueeze(-1), cond, final)
+            if suffix is not None or bool((num_reveal == k).any()):
+                # p(x_t | x_{O_k}) for every t, less its jackknife bias estimate
+                cond, bias = mixture_jackknife(log_w, state["table"])
+                cond = cond - bias if correct else cond
+                final = torch.where((num_reveal == k).unsqueeze(-1), cond, final)
             if suffix is not None and k < T:
                 suffix[..., k] = torch.where(rev > 0, 0.0, cond).sum(-1)
             if k == steps:
