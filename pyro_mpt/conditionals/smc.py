@@ -48,7 +48,6 @@ from .base import Conditionals, Scorer
 from .smc_moves import (
     ParticleModel,
     check_smc_model,
-    fit_gaussian,
     random_walk_move,
     systematic_resample,
 )
@@ -76,9 +75,6 @@ class SweepResult:
     :ivar min_ess: ``(B, N)`` the smallest ESS before resampling, over the stages.
     :ivar resamples: ``(B, N)`` how many times the particles were resampled.
     :ivar acceptance: ``(B, N)`` the mean Metropolis acceptance rate.
-    :ivar fit_mean: ``(B, 1, N, d)`` the weighted mean of the final particles (unconstrained,
-        the latents concatenated), with ``fit=True``; else ``None``.
-    :ivar fit_chol: ``(B, N, d, d)`` the Cholesky factor of their weighted covariance.
     """
 
     log_evidence: torch.Tensor
@@ -87,8 +83,6 @@ class SweepResult:
     min_ess: torch.Tensor
     resamples: torch.Tensor
     acceptance: torch.Tensor
-    fit_mean: torch.Tensor | None = None
-    fit_chol: torch.Tensor | None = None
 
 
 def _resample(state: dict, log_w: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
@@ -157,7 +151,6 @@ def smc_sweep(
     num_particles: int,
     num_moves: int = DEFAULT_MOVES,
     full_orders: bool = False,
-    fit: bool = False,
     correct: bool = True,
 ) -> SweepResult:
     r"""``B`` independent SMC sweeps (see the module docstring), one per row of ``order``.
@@ -169,8 +162,6 @@ def smc_sweep(
     :param int num_moves: Metropolis steps after each tempering step.
     :param bool full_orders: also return the suffix sums of every prefix (``num_reveal`` is
         then ``T`` everywhere).
-    :param bool fit: also return the weighted mean and covariance factor of the final
-        particles (``fit_mean``, ``fit_chol``).
     :param bool correct: subtract the jackknife estimate of each conditional's bias
         (:func:`~pyro_mpt.conditionals.smc_terms.mixture_jackknife`) from ``final`` and
         ``suffix``.
@@ -208,17 +199,11 @@ def smc_sweep(
             dead = dead | (log_z == -math.inf) | log_z.isnan()
         log_z = torch.where(dead, -math.inf, log_z)
         acceptance = stats["acceptance"] / stats["moves"].clamp(min=1)
-        cloud = (None, None)
-        if fit:
-            x = torch.cat(list(state["u"].values()), -1)
-            cloud = fit_gaussian(x, torch.softmax(log_w, 1).unsqueeze(-1).to(x.dtype))
-    return SweepResult(
-        log_z, suffix, final, stats["min_ess"], stats["resamples"], acceptance, *cloud
-    )
+    return SweepResult(log_z, suffix, final, stats["min_ess"], stats["resamples"], acceptance)
 
 
 def sweep_in_chunks(
-    pm, order, num_reveal, P, num_moves, full_orders, max_elements, progress=False, fit=False
+    pm, order, num_reveal, P, num_moves, full_orders, max_elements, progress=False
 ) -> SweepResult:
     """:func:`smc_sweep` over chunks of sweeps whose ``(chunk, P, N, T)`` tables (a few of
     them at once) stay under ``max_elements``; the results concatenated along ``B``. A
@@ -231,7 +216,7 @@ def sweep_in_chunks(
     with progress_bar(len(starts), progress, "SMC sweeps", unit="chunk") as bar:
         for i in starts:
             sl = slice(i, i + chunk)
-            parts.append(smc_sweep(pm, order[sl], num_reveal[sl], P, num_moves, full_orders, fit))
+            parts.append(smc_sweep(pm, order[sl], num_reveal[sl], P, num_moves, full_orders))
             bar.update(1)
     return SweepResult(
         **{
