@@ -81,7 +81,10 @@ def test_data_outside_the_support_is_flagged_not_a_crash():
             pyro.sample("x", dist.Uniform(m - 1.0, m + 1.0), obs=X)
 
     X = torch.tensor([0.0, 10.0])
-    pyro.set_rng_seed(0)
+    # seed 1: on sequence 0's nearly constant weights (ESS ~2040 of 2048) ArviZ's k-hat
+    # misfires in about 1 seed of 20 (1.32 at seed 0 with the tempered fits, 3.62 at seed 5
+    # with the sweeps before them), an extra warning this test is not about
+    pyro.set_rng_seed(1)
     with pytest.warns(UserWarning, match=r"1 of 2 sequences have a non-finite estimate"):
         ref = log_marginal_likelihood(model, X, method="smc_importance", num_samples=2048)
     assert not ref.trustworthy and ref.per_sequence[1] == -math.inf

@@ -18,6 +18,13 @@ estimate; at every stage the same particles give :math:`p(x_j \mid x_{O_k})` for
 unrevealed ``j``, the rows of the nested stratified estimator. ``B`` sweeps (draws or mask
 rows), ``P`` particles and ``N`` sequences are one batch; only the ``T`` reveal steps loop.
 
+Each such term is the log of a ratio of particle averages, low by :math:`O(1/P)` (Jensen),
+and the terms of a sweep add up: on hard PPCA (N=20, T=6, 128 particles) the nested
+stratified total was 2.3 nats low. The sweep subtracts from every term the delete-a-block
+jackknife estimate of its bias from the same particles
+(:func:`~pyro_mpt.conditionals.smc_terms.mixture_jackknife`); each draw being an independent
+sweep, the draws' spread counts the correction's noise too.
+
 The backend is for evaluation: its estimates carry no gradient (the particles are moved by
 accept/reject steps), so :class:`SMCConditionals` refuses to score with gradients enabled
 for a model with parameters that require them; ``MaskedELBO.loss``, ``svi.evaluate_loss``
@@ -42,10 +49,10 @@ from .proposal import ProposalParticleModel, as_proposal
 from .smc_moves import (
     ParticleModel,
     check_smc_model,
-    fit_gaussian,
     random_walk_move,
     systematic_resample,
 )
+from .smc_terms import mixture_jackknife
 
 if TYPE_CHECKING:
     from ..tokens import TokenLayout
@@ -69,9 +76,6 @@ class SweepResult:
     :ivar min_ess: ``(B, N)`` the smallest ESS before resampling, over the stages.
     :ivar resamples: ``(B, N)`` how many times the particles were resampled.
     :ivar acceptance: ``(B, N)`` the mean Metropolis acceptance rate.
-    :ivar fit_mean: ``(B, 1, N, d)`` the weighted mean of the final particles (unconstrained,
-        the latents concatenated), with ``fit=True``; else ``None``.
-    :ivar fit_chol: ``(B, N, d, d)`` the Cholesky factor of their weighted covariance.
     """
 
     log_evidence: torch.Tensor
@@ -80,13 +84,6 @@ class SweepResult:
     min_ess: torch.Tensor
     resamples: torch.Tensor
     acceptance: torch.Tensor
-    fit_mean: torch.Tensor | None = None
-    fit_chol: torch.Tensor | None = None
-
-
-def _mixture(log_w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    r"""``(B, N, T)``: :math:`\log \sum_s W_s e^{l_{s,t}}` with :math:`W = \mathrm{softmax}_s`."""
-    return torch.logsumexp(torch.log_softmax(log_w, 1).unsqueeze(-1) + table, 1)
 
 
 def _resample(state: dict, log_w: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
@@ -155,7 +152,7 @@ def smc_sweep(
     num_particles: int,
     num_moves: int = DEFAULT_MOVES,
     full_orders: bool = False,
-    fit: bool = False,
+    correct: bool = True,
 ) -> SweepResult:
     r"""``B`` independent SMC sweeps (see the module docstring), one per row of ``order``.
 
@@ -166,8 +163,9 @@ def smc_sweep(
     :param int num_moves: Metropolis steps after each tempering step.
     :param bool full_orders: also return the suffix sums of every prefix (``num_reveal`` is
         then ``T`` everywhere).
-    :param bool fit: also return the weighted mean and covariance factor of the final
-        particles (``fit_mean``, ``fit_chol``).
+    :param bool correct: subtract the jackknife estimate of each conditional's bias
+        (:func:`~pyro_mpt.conditionals.smc_terms.mixture_jackknife`) from ``final`` and
+        ``suffix``.
     """
     B, N, T = order.shape
     P = num_particles
@@ -185,8 +183,11 @@ def smc_sweep(
         dead = torch.zeros(B, N, dtype=torch.bool, device=order.device)
         steps = int(num_reveal.max()) if num_reveal.numel() else 0
         for k in range(steps + 1):
-            cond = _mixture(log_w, state["table"])  # p(x_t | x_{O_k}) for every t
-            final = torch.where((num_reveal == k).unsqueeze(-1), cond, final)
+            if suffix is not None or bool((num_reveal == k).any()):
+                # p(x_t | x_{O_k}) for every t, less its jackknife bias estimate
+                cond, bias = mixture_jackknife(log_w, state["table"])
+                cond = cond - bias if correct else cond
+                final = torch.where((num_reveal == k).unsqueeze(-1), cond, final)
             if suffix is not None and k < T:
                 suffix[..., k] = torch.where(rev > 0, 0.0, cond).sum(-1)
             if k == steps:
@@ -201,17 +202,11 @@ def smc_sweep(
             dead = dead | (log_z == -math.inf) | log_z.isnan()
         log_z = torch.where(dead, -math.inf, log_z)
         acceptance = stats["acceptance"] / stats["moves"].clamp(min=1)
-        cloud = (None, None)
-        if fit:
-            x = torch.cat(list(state["u"].values()), -1)
-            cloud = fit_gaussian(x, torch.softmax(log_w, 1).unsqueeze(-1).to(x.dtype))
-    return SweepResult(
-        log_z, suffix, final, stats["min_ess"], stats["resamples"], acceptance, *cloud
-    )
+    return SweepResult(log_z, suffix, final, stats["min_ess"], stats["resamples"], acceptance)
 
 
 def sweep_in_chunks(
-    pm, order, num_reveal, P, num_moves, full_orders, max_elements, progress=False, fit=False
+    pm, order, num_reveal, P, num_moves, full_orders, max_elements, progress=False
 ) -> SweepResult:
     """:func:`smc_sweep` over chunks of sweeps whose ``(chunk, P, N, T)`` tables (a few of
     them at once) stay under ``max_elements``; the results concatenated along ``B``. A
@@ -224,7 +219,7 @@ def sweep_in_chunks(
     with progress_bar(len(starts), progress, "SMC sweeps", unit="chunk") as bar:
         for i in starts:
             sl = slice(i, i + chunk)
-            parts.append(smc_sweep(pm, order[sl], num_reveal[sl], P, num_moves, full_orders, fit))
+            parts.append(smc_sweep(pm, order[sl], num_reveal[sl], P, num_moves, full_orders))
             bar.update(1)
     return SweepResult(
         **{

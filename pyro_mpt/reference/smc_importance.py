@@ -1,22 +1,23 @@
-r"""Reference method ``"smc_importance"``: importance sampling from a proposal fitted to an
-SMC sweep's final particles.
+r"""Reference method ``"smc_importance"``: importance sampling from a proposal fitted to the
+final particles of tempered SMC runs.
 
-:data:`NUM_FITS` independent data-annealed SMC sweeps per sequence
-(:mod:`pyro_mpt.conditionals.smc`, ``P`` particles each) end with weighted particles of
-:math:`p(u \mid x_n)` on the unconstrained space; the weighted mean :math:`m_{n,r}` and
-covariance :math:`\Sigma_{n,r}` of sweep :math:`r` define a multivariate Student-t, and the
-proposal is their equal mixture :math:`q_n = \frac1R \sum_r t_\nu(m_{n,r}, c\,\Sigma_{n,r})`
+:data:`NUM_FITS` independent likelihood-tempered SMC runs per sequence
+(:mod:`pyro_mpt.conditionals.smc_fit`, ``P`` particles each; the whole likelihood tempered
+at once: 7 steps where revealing the tokens one by one took 29, on hard PPCA) end with
+weighted particles of :math:`p(u \mid x_n)` on the unconstrained space; the weighted mean
+:math:`m_{n,r}` and covariance :math:`\Sigma_{n,r}` of run :math:`r` define a multivariate
+Student-t, and the proposal is their equal mixture :math:`q_n = \frac1R \sum_r t_\nu(m_{n,r}, c\,\Sigma_{n,r})`
 (:data:`DF` :math:`\nu = 10`, :data:`INFLATE` :math:`c = 1`: each component's covariance
 is :math:`\tfrac{\nu}{\nu-2}\Sigma = 1.25\,\Sigma`, and its tails, heavier than a Gaussian
 posterior's, keep the weights bounded; a wider one, :math:`\nu = 5, c = 1.5`, doubled the
-standard error on PPCA). Sweeps that settle in different modes each cover theirs; when
+standard error on PPCA). Runs that settle in different modes each cover theirs; when
 all settle in one mode, the others are missed and nothing here can see it (as for any
 importance sampler). Then ``S`` fresh draws :math:`u_s \sim q_n` give
 
 .. math:: \log \hat p(x_n) = \log \frac1S \sum_{s=1}^S
     \frac{p_U(u_s)\, p(x_n \mid T(u_s))}{q_n(u_s)},
 
-unbiased in :math:`\exp` given the fit (the draws are independent of the sweep that fitted
+unbiased in :math:`\exp` given the fit (the draws are independent of the runs that fitted
 :math:`q_n`), with the importance reference's delta-method standard error, its
 :math:`\mathrm{se}_n^2/2` bias term added back, ESS and Pareto :math:`\hat k`
 (flagged when any sequence's :math:`\hat k` exceeds ArviZ's threshold, or when the bias
@@ -38,7 +39,8 @@ import math
 import pyro.distributions as dist
 import torch
 
-from ..conditionals.smc import DEFAULT_MOVES, sweep_in_chunks
+from ..conditionals.smc import DEFAULT_MOVES
+from ..conditionals.smc_fit import tempered_fit
 from ..conditionals.smc_moves import ParticleModel, check_smc_model, split_latents
 from ..diagnostics import effective_sample_size, khat_threshold, pareto_khat
 from ..options import resolve_max_elements
@@ -52,11 +54,11 @@ DF = 10.0
 #: The fitted covariance is scaled by this (a wider proposal than the posterior).
 INFLATE = 1.0
 
-#: Independent SMC sweeps per sequence, one mixture component each: sweeps that settle
-#: in different modes of a multimodal posterior each cover theirs.
+#: Independent tempered SMC runs per sequence, one mixture component each: runs that
+#: settle in different modes of a multimodal posterior each cover theirs.
 NUM_FITS = 4
 
-#: Each sweep has ``num_samples // FIT_FRACTION`` particles.
+#: Each run has ``num_samples // FIT_FRACTION`` particles.
 FIT_FRACTION = 64
 
 #: Their fewest particles.
@@ -67,16 +69,14 @@ MIN_FIT_PARTICLES = 32
 MAX_BAD_FRACTION = 0.0
 
 
-def _proposal(pm, P: int, budget: int, progress: bool) -> dist.MixtureSameFamily:
-    """:data:`NUM_FITS` SMC sweeps per sequence, each final cloud fitted by a Student-t;
-    their equal mixture, batch shape ``(N,)``."""
+def _proposal(pm, P: int, budget: int, progress: bool):
+    """:data:`NUM_FITS` tempered SMC runs per sequence, each final cloud fitted by a
+    Student-t: ``(their equal mixture, batch shape (N,); the tempering steps)``."""
     layout = pm.layout
-    N, T, device, R = layout.num_sequences, layout.num_tokens, layout.device, NUM_FITS
-    order = torch.rand(R, N, T, device=device).argsort(-1)
-    full = torch.full((R, N), T, dtype=torch.long, device=device)
-    run = sweep_in_chunks(pm, order, full, P, DEFAULT_MOVES, False, budget, progress, fit=True)
-    loc = run.fit_mean[:, 0].transpose(0, 1)  # (N, R, d)
-    scale_tril = INFLATE**0.5 * run.fit_chol.transpose(0, 1)  # (N, R, d, d)
+    N, device, R = layout.num_sequences, layout.device, NUM_FITS
+    run = tempered_fit(pm, R, P, budget, DEFAULT_MOVES, progress)
+    loc = run.mean[:, 0].transpose(0, 1)  # (N, R, d)
+    scale_tril = INFLATE**0.5 * run.chol.transpose(0, 1)  # (N, R, d, d)
     # a sequence whose every particle lost its weight (the data outside the model's
     # support) has no cloud to fit: a standard Student-t there, so that its estimate comes
     # out -inf and is flagged (flag_nonfinite) instead of failing the distribution's checks
@@ -86,7 +86,25 @@ def _proposal(pm, P: int, budget: int, progress: bool) -> dist.MixtureSameFamily
     scale_tril = torch.where(lost[..., None, None], eye, scale_tril)
     df = torch.tensor(DF, dtype=loc.dtype, device=device)
     weights = dist.Categorical(logits=loc.new_zeros(N, R))
-    return dist.MixtureSameFamily(weights, dist.MultivariateStudentT(df, loc, scale_tril))
+    q = dist.MixtureSameFamily(weights, dist.MultivariateStudentT(df, loc, scale_tril))
+    return q, run.steps
+
+
+def _sample(q: dist.MixtureSameFamily, n: int) -> torch.Tensor:
+    r"""``(n, N, d)`` draws of the equal mixture ``q`` of Student-t's: a component
+    :math:`c` uniform, then :math:`m_c + L_c \varepsilon / \sqrt{g / \nu}`,
+    :math:`\varepsilon \sim \mathcal N(0, I)`, :math:`g \sim \chi^2_\nu`; the same law as
+    ``q.sample`` (which draws every component and keeps one), at a fraction of its cost."""
+    t = q.component_distribution
+    N, R, d = t.loc.shape
+    c = torch.randint(R, (n, N, 1, 1), device=t.loc.device)
+    loc = t.loc.expand(n, N, R, d).gather(2, c.expand(n, N, 1, d))[:, :, 0]
+    tril = t.scale_tril.expand(n, N, R, d, d)
+    tril = tril.gather(2, c.unsqueeze(-1).expand(n, N, 1, d, d))[:, :, 0]
+    eps = torch.randn(n, N, d, 1, dtype=loc.dtype, device=loc.device)
+    df = loc.new_tensor(DF)  # every component's (q's df is broadcast to (N, R))
+    g = dist.Chi2(df).sample((n, N, 1))
+    return loc + (tril @ eps).squeeze(-1) / (g / df).sqrt()
 
 
 def _log_weights(pm, q, S: int, budget: int) -> torch.Tensor:
@@ -98,7 +116,7 @@ def _log_weights(pm, q, S: int, budget: int) -> torch.Tensor:
     for start in range(0, S, chunk):
         n = min(chunk, S - start)
         like, _, _ = pm.draw(1, n)  # the sites' shapes at n particles, for evaluate
-        u = q.sample((n,))  # (n, N, d)
+        u = _sample(q, n)  # (n, N, d)
         log_prior, table = pm.evaluate(split_latents(u.unsqueeze(0), like), 1, n)
         parts.append(log_prior[0] + table[0].sum(-1) - q.log_prob(u).to(log_prior.dtype))
     return torch.cat(parts)
@@ -106,8 +124,8 @@ def _log_weights(pm, q, S: int, budget: int) -> torch.Tensor:
 
 def smc_importance_reference(problem, options, messages) -> LMLEstimate:
     """``options.num_samples`` importance draws per sequence from a Student-t proposal
-    mixture fitted to ``NUM_FITS`` SMC sweeps of ``num_samples // FIT_FRACTION`` particles (at least
-    ``MIN_FIT_PARTICLES``); see the module docstring.
+    mixture fitted to ``NUM_FITS`` tempered SMC runs of ``num_samples // FIT_FRACTION``
+    particles (at least ``MIN_FIT_PARTICLES``); see the module docstring.
 
     :raises ValueError: for a model SMC cannot move, naming the site.
     :warns UserWarning: when k-hat fails for many sequences, the bias term exceeds the
@@ -118,14 +136,15 @@ def smc_importance_reference(problem, options, messages) -> LMLEstimate:
     budget = resolve_max_elements(options.max_elements, layout.device)
     pm = ParticleModel(problem.model, problem.args, problem.kwargs, layout)
     with torch.no_grad():
-        q = _proposal(pm, P, budget, options.progress)
+        q, steps = _proposal(pm, P, budget, options.progress)
         lw = _log_weights(pm, q, S, budget)
     ess = effective_sample_size(lw, 0)
     se = ((S / ess - 1).clamp(min=0) / max(S - 1, 1)).sqrt()
     per_seq = torch.logsumexp(lw, 0) - math.log(S) + torch.nan_to_num(se**2 / 2)
     khat = torch.as_tensor(pareto_khat(lw, 0), dtype=lw.dtype, device=lw.device)
     messages.append(
-        f"smc_importance: {NUM_FITS} SMC sweeps of {P} particles per sequence, each fitted by "
+        f"smc_importance: {NUM_FITS} tempered SMC runs of {P} particles per sequence "
+        f"({steps} tempering steps), each fitted by "
         f"a Student-t (df {DF:g}, scale x {INFLATE:g}) on the unconstrained latents; {S} "
         "importance "
         "draws from it; log p(x_n) = logmeanexp_s log w_s + se_n^2/2, delta-method "
