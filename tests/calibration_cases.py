@@ -400,3 +400,41 @@ def ladder_settings_linear(method, num_samples=2048):
         return ref, regression_value
 
     return {"Kalman chain": kalman_run, "Bayesian linear regression": regression_run}
+
+
+def smc_conditionals_settings(estimator, num_samples=128, num_masks=6):
+    """``{name: seed -> (estimate, exact)}``: ``MaskedELBO`` with ``conditionals="smc"``
+    (``estimator`` ``"chain"`` or ``"stratified"``, nested masks for the latter) on the
+    Kalman chain and the Bayesian regression of ``tests/test_smc.py``, treated as if they
+    were not Gaussian; and (``"stratified"`` only) hard PPCA with the default masks."""
+    from tests.test_smc import kalman, kalman_exact, regression
+
+    x = torch.randn(10, 6, generator=torch.Generator().manual_seed(0))
+    model, args, kwargs, plate, regression_value = regression()
+    nested = {"masks": "nested"} if estimator == "stratified" else {}
+
+    def runner(fn, fn_args, fn_kwargs, exact, **options):
+        elbo = MaskedELBO(
+            estimator=estimator,
+            conditionals="smc",
+            num_samples=num_samples,
+            num_masks=num_masks,
+            **options,
+        )
+
+        def run(seed):
+            pyro.set_rng_seed(seed)
+            return elbo.estimate(fn, None, *fn_args, **fn_kwargs), exact
+
+        return run
+
+    out = {
+        "Kalman chain": runner(kalman, (x,), {}, kalman_exact(x), **nested),
+        "Bayesian linear regression": runner(
+            model, args, kwargs, regression_value, token_plate=plate, **nested
+        ),
+    }
+    if estimator == "stratified":
+        X, params, exact = _ppca_data()
+        out["PPCA hard, default masks"] = runner(ppca_latent, (X,), params, exact)
+    return out
