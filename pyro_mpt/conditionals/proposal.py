@@ -215,8 +215,9 @@ class Proposal:
         self._run = guide  # the guide as run: with the model's subsample (check)
 
     def check(self, args: tuple, kwargs: dict, layout: TokenLayout, trace) -> None:
-        """Checks the guide against the model (:func:`check_guide`, value shapes, no
-        enumerated latent, auxiliary sites it can be replayed on).
+        """Checks the guide against the model
+        (:func:`~pyro_mpt.conditionals.proposal.check_guide`, value shapes, no enumerated
+        latent, auxiliary sites it can be replayed on).
 
         :raises ValueError: naming the site and the fix."""
         if layout.enumerated:
