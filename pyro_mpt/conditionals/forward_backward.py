@@ -45,6 +45,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from ..compat import enumerate_dim
+from ..progress import logger
 from ..tokens.masks import imputed_sites, is_deterministic
 from .sites import site_token_log_probs
 
@@ -134,6 +135,8 @@ class MarkovChain:
             )
         rows = max(1, self.max_elements // (unit * N))
         seqs = min(N, self.max_elements // unit)
+        msg = "pyro_mpt: forward-backward, %d row(s) of %d sequence(s) per chunk (of %d x %d)"
+        logger.debug(msg, min(rows, R), seqs, R, N)
         pieces = []
         for n0 in range(0, N, seqs):  # one piece unless one row of all sequences is too big
             chain = self if seqs == N else self._sequences(n0, min(n0 + seqs, N))
