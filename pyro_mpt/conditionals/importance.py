@@ -43,7 +43,7 @@ from .sites import build_kernels
 if TYPE_CHECKING:
     from ..tokens import TokenLayout
 
-__all__ = ["ImportanceConditionals", "JointEnumerationError", "particle_scorer"]
+__all__ = ["ImportanceConditionals", "JointEnumerationError", "drawn_values", "particle_scorer"]
 
 
 class JointEnumerationError(ValueError):
